@@ -1,0 +1,34 @@
+"""diffeqkit: write an ODE once, solve and differentiate it on JAX, PyTorch or SciPy.
+
+Importing diffeqkit imports no backend framework; each backend loads on first use.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import array_namespace as array_namespace
+
+from ._errors import BackendNotInstalledError as BackendNotInstalledError
+from ._errors import DiffEqKitError as DiffEqKitError
+from ._errors import InvalidProblemError as InvalidProblemError
+from ._errors import SolveError as SolveError
+from ._errors import UnsupportedError as UnsupportedError
+from ._info import support_matrix as support_matrix
+from ._problem import ODEProblem as ODEProblem
+from ._solution import Solution as Solution
+from ._solve import solve as solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotInstalledError",
+    "DiffEqKitError",
+    "InvalidProblemError",
+    "ODEProblem",
+    "Solution",
+    "SolveError",
+    "UnsupportedError",
+    "__version__",
+    "array_namespace",
+    "solve",
+    "support_matrix",
+]

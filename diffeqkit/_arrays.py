@@ -1,0 +1,61 @@
+"""Framework-free array inspection: what is an array, is it concrete, which dtype.
+
+Uses array-api-compat's type tests, which import no framework.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import array_api_compat as aac
+import numpy as np
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "dtype_name",
+    "is_array",
+    "is_concrete",
+    "is_native_array",
+    "is_real_number",
+    "to_numpy",
+]
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def is_array(x: object) -> bool:
+    """True for NumPy, torch and JAX arrays (anything with a shape and a dtype)."""
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def is_native_array(x: object) -> bool:
+    """True for framework arrays (torch, JAX, ...), False for NumPy and Python data."""
+    return is_array(x) and not isinstance(x, np.ndarray | np.generic)
+
+
+def is_concrete(x: object) -> bool:
+    """False for values that cannot be read now (JAX tracers under jit/grad/vmap)."""
+    return not (is_array(x) and aac.is_lazy_array(x))
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32' for np.float32, torch.float32, jnp.float32, 'float32', ..."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text[len("torch.") :]
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return text
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A concrete array(-like) as a NumPy array; device arrays are copied to host."""
+    if aac.is_torch_array(x):
+        return x.detach().cpu().numpy()  # pyright: ignore[reportAttributeAccessIssue]
+    return np.asarray(x)
+
+
+def is_real_number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

@@ -1,0 +1,108 @@
+"""The diffeqkit exception hierarchy and the helpers that word its messages.
+
+Every message names the argument (or step) as the user wrote it, shows what was
+received and says what to do next. Build messages here so the wording is the same
+across the core and every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "BackendNotInstalledError",
+    "DiffEqKitError",
+    "InvalidProblemError",
+    "SolveError",
+    "UnsupportedError",
+]
+
+
+class DiffEqKitError(Exception):
+    """Base class of every error diffeqkit raises on purpose."""
+
+
+class InvalidProblemError(DiffEqKitError, ValueError):
+    """An argument of `ODEProblem` or `solve` is invalid (wrong shape, value, type)."""
+
+
+class UnsupportedError(DiffEqKitError, NotImplementedError):
+    """A backend cannot do what was asked (alg, sensealg, device, dtype)."""
+
+
+class BackendNotInstalledError(DiffEqKitError, ImportError):
+    """The packages a backend needs are not installed."""
+
+
+class SolveError(DiffEqKitError, RuntimeError):
+    """The integration failed (max steps, step size too small, non-finite state).
+
+    Attributes
+    ----------
+    solution : Solution
+        The partial solution up to the failure (`success` is False).
+    """
+
+    def __init__(self, message: str, solution: Any = None) -> None:
+        super().__init__(message)
+        self.solution = solution
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """`repr` of a value, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def invalid(argument: str, problem: str, got: Any, fix: str) -> InvalidProblemError:
+    """`<argument> <problem>; got <argument>=<got>. <fix>`"""
+    return InvalidProblemError(
+        f"{argument} {problem}; got {argument}={short(got)}. {fix}"
+    )
+
+
+def listing(names: Iterable[str]) -> str:
+    return ", ".join(names) or "(none)"
+
+
+def unsupported_alg(
+    alg: str, backend: str, offered: Iterable[str], offered_by: Iterable[str]
+) -> UnsupportedError:
+    by = list(offered_by)
+    where = (
+        f"'{alg}' is offered by: {listing(by)}."
+        if by
+        else f"'{alg}' is not offered by any backend."
+    )
+    return UnsupportedError(
+        f"alg='{alg}' is not available on backend='{backend}'. "
+        f"{backend} offers: {listing(offered)}. {where}"
+    )
+
+
+def unknown_alg(alg: object, known: Iterable[str]) -> UnsupportedError:
+    return UnsupportedError(
+        f"alg={short(alg)} is not a solver diffeqkit knows. "
+        f"Known solvers: {listing(known)}."
+    )
+
+
+def backend_not_installed(
+    backend: str, missing: Iterable[str], extra: str
+) -> BackendNotInstalledError:
+    names = " and ".join(missing)
+    return BackendNotInstalledError(
+        f"backend='{backend}' needs {names}, which are not installed. "
+        f'Run: pip install "diffeqkit[{extra}]"'
+    )
+
+
+def solve_failed(
+    t: float, tspan: tuple[float, float], status: str, steps: int | None, hint: str
+) -> str:
+    counted = f" ({steps} steps)" if steps is not None else ""
+    return (
+        f"integration stopped at t={t:.6g} of tspan=({tspan[0]!r}, {tspan[1]!r}) "
+        f"with status '{status}'{counted}. {hint}"
+    ).rstrip()

@@ -1,0 +1,91 @@
+"""`support_matrix()` and the `python -m diffeqkit info` report."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+from . import backends
+
+__all__ = ["format_report", "info_report", "support_matrix"]
+
+
+def support_matrix(*, installed_only: bool = True) -> dict[str, dict[str, list[str]]]:
+    """The algs, sensealgs and devices each backend supports.
+
+    Parameters
+    ----------
+    installed_only : bool, default True
+        List only the backends whose packages are installed.
+
+    Returns
+    -------
+    dict
+        ``{backend: {"algs": [...], "sensealgs": [...], "devices": [...]}}``.
+
+    Examples
+    --------
+    >>> import diffeqkit as dk
+    >>> "tsit5" in dk.support_matrix()["scipy"]["algs"]
+    True
+    """
+    return {
+        name: {
+            "algs": list(spec.capabilities.algs),
+            "sensealgs": list(spec.capabilities.sensealgs),
+            "devices": list(spec.capabilities.devices),
+        }
+        for name, spec in backends.SPECS.items()
+        if not installed_only or backends.installed(name)
+    }
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info_report() -> dict[str, Any]:
+    """Everything `info` prints, as data (also its ``--json`` output)."""
+    from . import __version__
+
+    report: dict[str, Any] = {
+        "diffeqkit": __version__,
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "array-api-compat": _version("array-api-compat"),
+        "backends": {},
+    }
+    for name, spec in backends.SPECS.items():
+        entry: dict[str, Any] = {
+            "installed": backends.installed(name),
+            "versions": {req: _version(req) for req in spec.requires},
+            "extra": f'pip install "diffeqkit[{spec.extra}]"',
+        }
+        if entry["installed"]:
+            entry.update(backends.load(name).describe())
+            entry["algs"] = list(spec.capabilities.algs)
+            entry["sensealgs"] = list(spec.capabilities.sensealgs)
+        report["backends"][name] = entry
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"diffeqkit {report['diffeqkit']} (Python {report['python']}, "
+        f"numpy {report['numpy']}, array-api-compat {report['array-api-compat']})",
+        "",
+    ]
+    for name, entry in report["backends"].items():
+        versions = ", ".join(f"{k} {v}" for k, v in entry["versions"].items())
+        if not entry["installed"]:
+            lines.append(f"{name:<6} not installed ({versions}); {entry['extra']}")
+            continue
+        lines.append(f"{name:<6} {versions}")
+        lines.append(f"       devices:   {', '.join(entry.get('devices', []))}")
+        lines.append(f"       algs:      {', '.join(entry['algs'])}")
+        lines.append(f"       sensealgs: {', '.join(entry['sensealgs']) or '-'}")
+    return "\n".join(lines)

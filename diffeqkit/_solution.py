@@ -1,0 +1,117 @@
+"""`Solution`, and the status table: every status with its message and hint."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["STATUSES", "Solution", "Status", "failure_hint"]
+
+
+@dataclass(frozen=True)
+class Status:
+    """One outcome of an integration, with the words users see for it."""
+
+    name: str
+    success: bool
+    message: str
+    hint: str = ""
+
+
+STATUSES: Mapping[str, Status] = {
+    s.name: s
+    for s in (
+        Status("success", True, "The integration reached t1."),
+        Status(
+            "max_steps_reached",
+            False,
+            "The solver took max_steps steps without reaching t1.",
+            "Raise max_steps, loosen rtol/atol, or {stiff}",
+        ),
+        Status(
+            "step_size_too_small",
+            False,
+            "The step size fell below what the solver can represent.",
+            "The solution may blow up (a singularity) near this time, or {stiff}",
+        ),
+        Status(
+            "nonfinite",
+            False,
+            "The state or f(u, p, t) became NaN or inf.",
+            "Check f for division by zero or overflow near this time, or {stiff}",
+        ),
+        Status(
+            "solver_failed",
+            False,
+            "The solver reported a failure (for an implicit solver: Newton did "
+            "not converge).",
+            "Tighten rtol/atol or supply jac; {stiff}",
+        ),
+    )
+}
+
+
+def failure_hint(status: str, stiff_algs: list[str], alternatives: str = "") -> str:
+    """The hint for a failed status, naming implicit algs to try."""
+    if stiff_algs:
+        names = " or ".join(f"alg='{a}'" for a in stiff_algs[:2])
+        stiff = f"the problem looks stiff: try {names}."
+    else:
+        stiff = "the problem looks stiff: this backend has no implicit solver; " + (
+            alternatives or "try another backend."
+        )
+    hint = STATUSES[status].hint
+    return hint.format(stiff=stiff) if hint else ""
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """The result of `dk.solve`.
+
+    Attributes
+    ----------
+    t : array, shape ``(m,)``
+        The save times, in the backend's array type, on the solve's device.
+    u : array, shape ``(m, *u0.shape)``
+        The state at the save times. When the integration failed
+        (``success=False``), rows at save times that were not reached are NaN.
+    stats : dict
+        At least ``nfev`` (evaluations of `f`), ``naccept`` and ``nreject``
+        (accepted and rejected steps); ints, or None where a backend cannot tell.
+    status : str
+        ``"success"``, ``"max_steps_reached"``, ``"step_size_too_small"``,
+        ``"nonfinite"`` or ``"solver_failed"``.
+    success : bool
+        Whether the integration reached ``t1``.
+    message : str
+        A sentence describing the status.
+    backend, alg : str
+        What actually ran.
+    sensealg : object or None
+        The gradient method used, or None when none was involved.
+    """
+
+    t: Any
+    u: Any
+    stats: dict[str, Any]
+    status: str
+    backend: str
+    alg: str
+    sensealg: Any = None
+    message: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.message:
+            object.__setattr__(self, "message", STATUSES[self.status].message)
+
+    @property
+    def success(self) -> bool:
+        return STATUSES[self.status].success
+
+    def __repr__(self) -> str:
+        shape = tuple(getattr(self.u, "shape", ()))
+        return (
+            f"Solution(status={self.status!r}, backend={self.backend!r}, "
+            f"alg={self.alg!r}, u shape={shape}, stats={self.stats})"
+        )

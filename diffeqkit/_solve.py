@@ -1,0 +1,216 @@
+"""`solve()`: validate and normalise every argument once, pick the backend, hand
+it a `SolveRequest`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import backends
+from ._algs import get_alg
+from ._arrays import FLOAT_DTYPES, dtype_name, is_array, is_concrete, is_real_number
+from ._errors import InvalidProblemError, UnsupportedError, invalid, short
+from ._problem import ODEProblem
+from ._saveat import save_times, step_grid
+from ._solution import Solution
+from .backends._protocol import SolveRequest
+
+__all__ = ["solve"]
+
+
+def solve(
+    prob: ODEProblem,
+    alg: str = "tsit5",
+    *,
+    backend: str | None = None,
+    saveat: Any = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    dt0: float | None = None,
+    max_steps: int = 100_000,
+    sensealg: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+    throw: bool = True,
+) -> Solution:
+    """Solve an `ODEProblem` on a backend.
+
+    Parameters
+    ----------
+    prob : ODEProblem
+        The problem.
+    alg : str, default "tsit5"
+        A neutral solver name. Fixed step (need `dt0`): ``euler``, ``midpoint``,
+        ``heun``, ``rk4``. Adaptive explicit: ``bosh3``, ``dopri5``, ``tsit5``,
+        ``dopri8``. Implicit (stiff): ``kvaerno5`` (jax), ``bdf``, ``radau``,
+        ``lsoda`` (scipy). `dk.support_matrix()` lists what each backend offers.
+    backend : {"jax", "torch", "scipy", "numpy", None}
+        None infers it from the arrays in `u0` and `p`: torch tensors -> torch,
+        JAX arrays -> jax, anything else -> scipy. ``"numpy"`` is ``"scipy"``.
+    saveat : None, float or 1-D array
+        Times to save at, inside `tspan` and ordered in the direction of
+        integration; a float ``dt`` saves every ``dt`` from ``t0`` plus ``t1``.
+        Default ``[t0, t1]``. Fixed-step methods also step on every save time.
+    rtol, atol : float
+        Relative and absolute tolerances of adaptive methods (RMS error norm
+        ``err / (atol + rtol * max(|u_n|, |u_{n+1}|))``), > 0.
+    dt0 : float, optional
+        Length (> 0; the direction comes from `tspan`) of the first step of an
+        adaptive method (default: chosen by the backend) or of every step of a
+        fixed-step one (required).
+    max_steps : int
+        The most steps the solver may take, >= 1.
+    sensealg : None
+        The gradient method; None for now (the sensealg classes are not yet
+        available; see the roadmap).
+    device : {None, "cpu", "cuda", "cuda:N", "gpu"}
+        None: where the inputs live, else the framework's default.
+    dtype : {None, "float32", "float64"} or a framework dtype
+        None follows the inputs: arrays keep their dtype, lists become the
+        backend's default float (float64 on SciPy, `torch.get_default_dtype()`,
+        JAX's default). diffeqkit never changes a framework's global flags.
+    throw : bool
+        If True a failed integration raises `SolveError`; if False the partial
+        `Solution` is returned with ``success=False``.
+
+    Returns
+    -------
+    Solution
+        ``t`` of shape ``(m,)`` and ``u`` of shape ``(m, *u0.shape)`` in the
+        backend's array type, plus ``stats``, ``status``, ``success``, ``message``,
+        ``backend``, ``alg``, ``sensealg``.
+
+    Raises
+    ------
+    InvalidProblemError
+        An argument is invalid, or `f` returns the wrong shape, dtype or a
+        non-finite value at ``t0``.
+    UnsupportedError
+        The backend does not offer `alg`, `device` or `dtype`.
+    BackendNotInstalledError
+        The backend's packages are missing; the message gives the pip line.
+    SolveError
+        The integration failed and ``throw=True``.
+
+    Examples
+    --------
+    >>> import numpy as np, diffeqkit as dk
+    >>> prob = dk.ODEProblem(lambda u, p, t: -p * u, [1.0], (0.0, 1.0), 2.0)
+    >>> sol = dk.solve(prob, "tsit5", backend="scipy", rtol=1e-10, atol=1e-12)
+    >>> bool(abs(sol.u[-1, 0] - np.exp(-2.0)) < 1e-9)
+    True
+    """
+    if not isinstance(prob, ODEProblem):
+        raise invalid(
+            "prob",
+            "must be a dk.ODEProblem",
+            prob,
+            "Build one with dk.ODEProblem(f, u0, tspan, p).",
+        )
+    info = get_alg(alg)
+    name = backends.resolve_name(backend, prob.u0, prob.p)
+    backends.check_alg(name, info.name)
+    dev = _normalise_device(device)
+    backends.check_device(name, dev)
+    if sensealg is not None:
+        raise UnsupportedError(
+            f"sensealg={short(sensealg)} is not available yet: this version solves "
+            "forward only. Pass sensealg=None; native autodiff of the backend "
+            "framework is not routed through a sensealg yet."
+        )
+    if not isinstance(throw, bool):
+        raise invalid("throw", "must be True or False", throw, "Pass a bool.")
+    tol_fix = "Pass a positive number such as 1e-6."
+    _check_positive("rtol", rtol, tol_fix)
+    _check_positive("atol", atol, tol_fix)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise invalid(
+            "max_steps", "must be an int >= 1", max_steps, "Pass e.g. 100_000."
+        )
+    if dt0 is not None:
+        _check_positive(
+            "dt0", dt0, "dt0 is a step length; the direction comes from tspan."
+        )
+        dt0 = float(dt0)
+    t0, t1 = prob.tspan
+    ts = save_times(saveat, t0, t1)
+    if info.fixed_step:
+        if dt0 is None:
+            raise invalid(
+                "dt0",
+                f"is required by the fixed-step alg='{info.name}'",
+                dt0,
+                "Pass the step length, e.g. dt0=0.01, or use an adaptive alg "
+                "such as 'tsit5'.",
+            )
+        if is_concrete(t0) and is_concrete(t1):
+            nsteps = step_grid(t0, t1, dt0, ts if is_concrete(ts) else None).size - 1
+            if nsteps > max_steps:
+                raise invalid(
+                    "dt0",
+                    f"needs {nsteps} steps over tspan=({t0!r}, {t1!r}), more "
+                    f"than max_steps={max_steps}",
+                    dt0,
+                    "Raise max_steps or pass a larger dt0.",
+                )
+    req = SolveRequest(
+        backend=name,
+        f=prob.f,
+        u0=prob.u0,
+        p=prob.p,
+        jac=prob.jac,
+        t0=t0,
+        t1=t1,
+        saveat=ts,
+        alg=info,
+        rtol=_as_float(rtol),
+        atol=_as_float(atol),
+        dt0=dt0,
+        max_steps=max_steps,
+        dtype=_normalise_dtype(dtype),
+        device=dev,
+        throw=throw,
+        sensealg=None,
+    )
+    return backends.load(name).solve(req)
+
+
+def _as_float(x: Any) -> Any:
+    return x if is_array(x) and not is_concrete(x) else float(x)
+
+
+def _check_positive(name: str, value: Any, fix: str) -> None:
+    if is_array(value) and not is_concrete(value):
+        return
+    ok = is_real_number(value) or (is_array(value) and len(value.shape) == 0)
+    if not ok or not math.isfinite(float(value)) or float(value) <= 0:
+        raise invalid(name, "must be a positive, finite number", value, fix)
+
+
+def _normalise_device(device: Any) -> str | None:
+    if device is None:
+        return None
+    text = str(device)
+    kind, _, index = text.partition(":")
+    kind = {"gpu": "cuda"}.get(kind, kind)
+    if kind in ("cpu", "cuda") and (not index or index.isdigit()):
+        return f"{kind}:{index}" if index else kind
+    raise invalid(
+        "device",
+        "must be None, 'cpu', 'cuda', 'cuda:N' or 'gpu'",
+        device,
+        "Pass e.g. device='cuda', or None to use where the inputs live.",
+    )
+
+
+def _normalise_dtype(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    name = dtype_name(dtype)
+    if name in FLOAT_DTYPES:
+        return name
+    raise InvalidProblemError(
+        f"dtype must be None, 'float32' or 'float64'; got dtype={short(dtype)}. "
+        "Pass dtype='float64' for accuracy or 'float32' for speed, or None to "
+        "follow u0."
+    )

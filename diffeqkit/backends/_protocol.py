@@ -1,0 +1,142 @@
+"""The backend interface: what the core hands a backend and what it gets back.
+
+Imports no framework. The core validates and normalises every argument once and
+hands each backend the same `SolveRequest`; a backend translates neutral names to
+its library and the library's result back into a `Solution` via `conclude`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .._algs import AlgInfo
+from .._arrays import dtype_name, is_array
+from .._errors import SolveError, solve_failed
+from .._pytree import tree_map
+from .._solution import Solution, failure_hint
+
+__all__ = ["Backend", "Capabilities", "SolveRequest", "conclude"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers, as data: messages, `support_matrix` and the test
+    parametrisation all read it, and a test checks it against each backend's own
+    dispatch tables."""
+
+    algs: tuple[str, ...]
+    devices: tuple[str, ...]
+    sensealgs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SolveRequest:
+    """One validated, normalised call of `dk.solve`.
+
+    `u0` and `p` are as the user gave them (backends convert them); `saveat` is a
+    float64 NumPy array of save times in integration order (or a JAX tracer, or
+    None under ``jax.jit`` with traced `tspan`); `dtype` is ``"float32"``,
+    ``"float64"`` or None (follow the inputs); `device` is None, ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"``.
+    """
+
+    backend: str
+    f: Callable[..., Any]
+    u0: Any
+    p: Any
+    jac: Callable[..., Any] | None
+    t0: Any
+    t1: Any
+    saveat: Any
+    alg: AlgInfo
+    rtol: Any
+    atol: Any
+    dt0: float | None
+    max_steps: int
+    dtype: str | None
+    device: str | None
+    throw: bool
+    sensealg: Any = None
+
+    def state_dtype(self, default: str) -> str:
+        """The dtype to integrate in: the one asked for, else u0's if it is an
+        array, else the backend's `default` float."""
+        if self.dtype is not None:
+            return self.dtype
+        if is_array(self.u0):
+            return dtype_name(self.u0.dtype)
+        return default
+
+    def convert_p(self, leaf: Callable[[Any], Any]) -> Any:
+        """`p` with `leaf` applied to every non-None leaf, structure kept."""
+        return tree_map(lambda x: x if x is None else leaf(x), self.p)
+
+
+class Backend(Protocol):
+    """A backend: translates a `SolveRequest` to its library and back."""
+
+    name: str
+
+    def solve(self, req: SolveRequest) -> Solution: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Versions and visible devices, for `python -m diffeqkit info`."""
+        ...
+
+
+def conclude(
+    req: SolveRequest,
+    *,
+    t: Any,
+    u: Any,
+    stats: dict[str, Any],
+    status: str,
+    t_reached: float | None = None,
+) -> Solution:
+    """Build the `Solution`; raise `SolveError` for a failure when ``req.throw``."""
+    sol = Solution(
+        t=t,
+        u=u,
+        stats=stats,
+        status=status,
+        backend=req.backend,
+        alg=req.alg.name,
+        sensealg=req.sensealg,
+    )
+    if sol.success:
+        return sol
+    from . import implicit_algs
+
+    ours = implicit_algs(req.backend)
+    elsewhere = ", ".join(
+        f"backend='{b}' with alg='{a[0]}'"
+        for b, a in ((b, implicit_algs(b)) for b in _other_backends(req.backend))
+        if a
+    )
+    hint = failure_hint(status, ours, f"try {elsewhere}." if elsewhere else "")
+    reached = float("nan") if t_reached is None else float(t_reached)
+    steps = stats.get("naccept")
+    if steps is not None and stats.get("nreject") is not None:
+        steps += stats["nreject"]
+    message = solve_failed(reached, (req.t0, req.t1), status, steps, hint)
+    sol = Solution(
+        t=t,
+        u=u,
+        stats=stats,
+        status=status,
+        backend=req.backend,
+        alg=req.alg.name,
+        sensealg=req.sensealg,
+        message=message,
+    )
+    if req.throw:
+        raise SolveError(message, sol)
+    return sol
+
+
+def _other_backends(name: str) -> list[str]:
+    from . import SPECS
+
+    return [b for b in SPECS if b != name]
