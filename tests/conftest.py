@@ -1,0 +1,69 @@
+"""One suite, every backend.
+
+`backend` is parametrised over the registry's names (ids ``jax``, ``torch``,
+``scipy``; marks of the same names). A backend that is not installed skips with
+its pip line, unless ``DIFFEQKIT_REQUIRE_BACKENDS`` (comma-separated) names it:
+then the skip becomes a failure, so a CI job cannot go green by losing its backend.
+Correctness tests run in float64: JAX's x64 flag is turned on here, in the test
+setup, never by the library.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from diffeqkit import backends
+
+if importlib.util.find_spec("jax") is not None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+REQUIRED = {
+    name.strip()
+    for name in os.environ.get("DIFFEQKIT_REQUIRE_BACKENDS", "").split(",")
+    if name.strip()
+}
+unknown = REQUIRED - set(backends.SPECS)
+if unknown:
+    raise RuntimeError(f"DIFFEQKIT_REQUIRE_BACKENDS names unknown backends {unknown}")
+
+
+def need(name: str) -> str:
+    """Skip (or fail, when required) unless backend `name` is installed."""
+    if not backends.installed(name):
+        spec = backends.SPECS[name]
+        reason = (
+            f'backend {name} is not installed: pip install "diffeqkit[{spec.extra}]"'
+        )
+        if name in REQUIRED:
+            pytest.fail(f"{reason} (DIFFEQKIT_REQUIRE_BACKENDS={name})")
+        pytest.skip(reason)
+    return name
+
+
+def backend_params() -> list:
+    return [
+        pytest.param(name, id=name, marks=getattr(pytest.mark, name))
+        for name in backends.SPECS
+    ]
+
+
+def alg_params(*kinds: str) -> list:
+    """(backend, alg) pairs for every alg each backend declares, of the given kinds."""
+    from diffeqkit._algs import ALGS
+
+    return [
+        pytest.param(name, alg, id=f"{name}-{alg}", marks=getattr(pytest.mark, name))
+        for name, spec in backends.SPECS.items()
+        for alg in spec.capabilities.algs
+        if not kinds or ALGS[alg].kind in kinds
+    ]
+
+
+@pytest.fixture(params=backend_params())
+def backend(request: pytest.FixtureRequest) -> str:
+    return need(request.param)

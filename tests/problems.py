@@ -1,0 +1,70 @@
+"""Test problems with closed-form solutions, written once against the Array API."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import diffeqkit as dk
+
+# A damped rotation: eigenvalues -0.5 +/- 2i, so the solution oscillates and decays.
+LINEAR_A = np.array([[-0.5, 2.0], [-2.0, -0.5]])
+LINEAR_U0 = np.array([1.0, 0.5])
+
+
+def linear(u, p, t):
+    return p @ u
+
+
+def linear_problem(tspan=(0.0, 2.0)) -> dk.ODEProblem:
+    return dk.ODEProblem(linear, LINEAR_U0, tspan, LINEAR_A)
+
+
+def linear_exact(ts, t0: float = 0.0) -> np.ndarray:
+    """exp(A t) u0 in closed form: A = [[a, b], [-b, a]] gives
+    exp(A t) = e^(a t) [[cos bt, sin bt], [-sin bt, cos bt]] (no SciPy needed)."""
+    a, b = LINEAR_A[0, 0], LINEAR_A[0, 1]
+    out = []
+    for t in np.asarray(ts, dtype=np.float64) - t0:
+        c, s = np.cos(b * t), np.sin(b * t)
+        out.append(np.exp(a * t) * (np.array([[c, s], [-s, c]]) @ LINEAR_U0))
+    return np.stack(out)
+
+
+# Logistic growth u' = r u (1 - u / K).
+LOGISTIC_P = {"r": 1.3, "K": 5.0}
+LOGISTIC_U0 = np.array([0.2, 1.0])
+
+
+def logistic(u, p, t):
+    return p["r"] * u * (1 - u / p["K"])
+
+
+def logistic_problem(tspan=(0.0, 4.0)) -> dk.ODEProblem:
+    return dk.ODEProblem(logistic, LOGISTIC_U0, tspan, dict(LOGISTIC_P))
+
+
+def logistic_exact(ts, t0: float = 0.0) -> np.ndarray:
+    r, K = LOGISTIC_P["r"], LOGISTIC_P["K"]
+    e = np.exp(r * (np.asarray(ts)[:, None] - t0))
+    return K * LOGISTIC_U0 * e / (K + LOGISTIC_U0 * (e - 1))
+
+
+def lotka_volterra(u, p, t):
+    xp = dk.array_namespace(u)
+    a, b, c, d = p[0], p[1], p[2], p[3]
+    return xp.stack([a * u[0] - b * u[0] * u[1], -c * u[1] + d * u[0] * u[1]])
+
+
+def lotka_volterra_problem() -> dk.ODEProblem:
+    return dk.ODEProblem(
+        lotka_volterra,
+        np.array([1.0, 1.0]),
+        (0.0, 10.0),
+        np.array([1.5, 1.0, 3.0, 1.0]),
+    )
+
+
+def to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
