@@ -1,0 +1,73 @@
+"""Sessions: tests(backend), tests_all, lint, typecheck (default); bench on demand.
+
+Each `tests(backend)` session installs ONLY that backend's extra into a fresh
+virtualenv and requires that backend's tests to run (DIFFEQKIT_REQUIRE_BACKENDS),
+which proves the other backends are optional. PyTorch is installed first as the
+pinned CPU build so pip never resolves a multi-GB CUDA wheel.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests", "tests_all"]
+nox.options.reuse_existing_virtualenvs = False
+nox.options.error_on_missing_interpreters = True
+
+TORCH = "torch==2.13.0"  # the CPU build; see README
+RUFF = "ruff==0.17.6"
+PYRIGHT = "basedpyright==1.40.2"
+BACKENDS = ["jax", "torch", "scipy"]
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    if "torch" in extras or "all" in extras:
+        session.install(TORCH)
+    session.install(f".[{extras}]")
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def tests(session: nox.Session, backend: str) -> None:
+    """Run the test suite with only one backend installed."""
+    _install(session, f"{backend},test")
+    session.run(
+        "pytest",
+        *session.posargs,
+        env={"DIFFEQKIT_REQUIRE_BACKENDS": backend},
+    )
+
+
+@nox.session
+def tests_all(session: nox.Session) -> None:
+    """Run the test suite with every backend installed (cross-backend agreement)."""
+    _install(session, "all,test")
+    session.run(
+        "pytest",
+        *session.posargs,
+        env={"DIFFEQKIT_REQUIRE_BACKENDS": ",".join(BACKENDS)},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff format --check and ruff check (pass paths to narrow them)."""
+    session.install(RUFF)
+    paths = session.posargs or ["."]
+    session.run("ruff", "format", "--check", *paths)
+    session.run("ruff", "check", *paths)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """basedpyright (standard mode) on diffeqkit/ with every backend installed."""
+    _install(session, "all")
+    session.install(PYRIGHT)
+    session.run("basedpyright", *(session.posargs or ["diffeqkit"]))
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Run the overhead benchmark; results go to benchmarks/results/*.json."""
+    _install(session, "all")
+    session.run("python", "benchmarks/overhead.py", *session.posargs)
