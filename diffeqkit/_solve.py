@@ -7,12 +7,13 @@ import math
 from typing import Any
 
 from . import backends
-from ._algs import get_alg
+from ._algs import AlgInfo, get_alg
 from ._arrays import FLOAT_DTYPES, dtype_name, is_array, is_concrete, is_real_number
 from ._errors import InvalidProblemError, UnsupportedError, invalid, short
 from ._problem import ODEProblem
 from ._saveat import save_times, step_grid
 from ._solution import Solution
+from ._tableaux import get_tableau
 from .backends._protocol import SolveRequest
 
 __all__ = ["solve"]
@@ -171,8 +172,19 @@ def solve(
         device=dev,
         throw=throw,
         sensealg=None,
+        land_on_saves=_lands_on_saves(info),
     )
     return backends.load(name).solve(req)
+
+
+def _lands_on_saves(info: AlgInfo) -> bool:
+    """Whether saved values must be step values (see `SolveRequest`)."""
+    if info.fixed_step:
+        return True
+    if info.tableau is None:
+        return False
+    tableau = get_tableau(info.tableau)
+    return tableau.error_order is not None and tableau.dense_order < tableau.error_order
 
 
 def _as_float(x: Any) -> Any:

@@ -39,7 +39,10 @@ class SolveRequest:
     float64 NumPy array of save times in integration order (or a JAX tracer, or
     None under ``jax.jit`` with traced `tspan`); `dtype` is ``"float32"``,
     ``"float64"`` or None (follow the inputs); `device` is None, ``"cpu"``,
-    ``"cuda"`` or ``"cuda:N"``.
+    ``"cuda"`` or ``"cuda:N"``. `land_on_saves` says that steps must end on every
+    save time: true for fixed-step methods, and for adaptive methods whose dense
+    output is of lower order than their error estimator (dopri8), so that saved
+    values are as accurate as the steps.
     """
 
     backend: str
@@ -59,6 +62,7 @@ class SolveRequest:
     device: str | None
     throw: bool
     sensealg: Any = None
+    land_on_saves: bool = False
 
     def state_dtype(self, default: str) -> str:
         """The dtype to integrate in: the one asked for, else u0's if it is an
