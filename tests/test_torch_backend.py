@@ -1,0 +1,543 @@
+"""The PyTorch backend: its tables, torchdiffeq integration, numerics and adapter.
+
+Tolerances: adaptive solves run at rtol=1e-10, atol=1e-12 (bosh3 at 1e-8, 1e-10)
+unless a test says otherwise; on these short, well-conditioned problems the global
+error is then a small multiple of rtol, and we allow 100 * rtol (dopri8's save
+values come from an order-5 dense output and use most of that room, see
+`test_dense_output_as_accurate_as_step_ends`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+
+import numpy as np
+import pytest
+from problems import (
+    LINEAR_A,
+    LINEAR_U0,
+    linear_exact,
+    linear_problem,
+    lotka_volterra_problem,
+    to_numpy,
+)
+
+import diffeqkit as dk
+from diffeqkit import backends
+from diffeqkit._algs import ALGS
+from diffeqkit._saveat import step_grid
+from diffeqkit._tableaux import get_tableau
+
+torch = pytest.importorskip("torch")
+torchdiffeq = pytest.importorskip("torchdiffeq")
+from diffeqkit.backends import torch as torch_backend  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+ADAPTIVE = [
+    a for a in backends.SPECS["torch"].capabilities.algs if not ALGS[a].fixed_step
+]
+FIXED = [a for a in backends.SPECS["torch"].capabilities.algs if ALGS[a].fixed_step]
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+# bosh3 (3rd order) needs ~3500 steps at 1e-10; 1e-8 keeps this file fast.
+TOLERANCES = {"bosh3": {"rtol": 1e-8, "atol": 1e-10}}
+# The global error of a fixed-step method is C * dt0**order with C ~ 1 here.
+FIXED_DT0 = {"euler": 1e-3, "midpoint": 1e-3, "heun": 1e-3, "rk4": 1e-2}
+
+
+def solve_kwargs(alg: str) -> dict:
+    if ALGS[alg].fixed_step:
+        return {"dt0": FIXED_DT0[alg]}
+    return dict(TOLERANCES.get(alg, TIGHT))
+
+
+def allowed_error(alg: str) -> float:
+    if ALGS[alg].fixed_step:
+        return 10 * FIXED_DT0[alg] ** ALGS[alg].order
+    return 100 * solve_kwargs(alg)["rtol"]
+
+
+def torch_linear_problem(tspan=(0.0, 2.0)) -> dk.ODEProblem:
+    return dk.ODEProblem(
+        lambda u, p, t: p @ u,
+        torch.tensor(LINEAR_U0),
+        tspan,
+        torch.tensor(LINEAR_A),
+    )
+
+
+# --- tables and torchdiffeq integration -------------------------------------------
+
+
+def test_alg_table_matches_registry_declaration():
+    assert tuple(torch_backend._ALGS) == backends.SPECS["torch"].capabilities.algs
+
+
+@pytest.mark.parametrize("alg", list(torch_backend._ALGS))
+def test_solver_classes_are_registered_in_torchdiffeq(alg):
+    solvers = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS
+    assert solvers[f"diffeqkit_{alg}"] is torch_backend._ALGS[alg]
+    # torchdiffeq's own entries are untouched.
+    assert solvers["dopri5"].__module__.startswith("torchdiffeq")
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("alg", list(torch_backend._ALGS))
+def test_odeint_runs_our_solvers_with_the_same_result(alg, backward):
+    # torchdiffeq.odeint (and so odeint_adjoint, later) runs the very classes
+    # dk.solve drives: on an autonomous problem the two agree to the last bit.
+    tspan = (2.0, 0.0) if backward else (0.0, 2.0)
+    ts = np.linspace(*tspan, 5)
+    prob = torch_linear_problem(tspan)
+    kw = {"dt0": 0.01} if ALGS[alg].fixed_step else {"rtol": 1e-6, "atol": 1e-8}
+    sol = dk.solve(prob, alg, saveat=ts, **kw)
+    # dk.solve's adaptive steps land on t1, and dopri8's on every save time
+    step_t = ts[1:] if alg == "dopri8" else ts[-1:]
+    options = (
+        {"step_size": 0.01}
+        if ALGS[alg].fixed_step
+        else {"step_t": torch.tensor(step_t, dtype=torch.float64)}
+    )
+    a = prob.p
+    u = torchdiffeq.odeint(
+        lambda t, y: a @ y,
+        prob.u0,
+        torch.tensor(ts),
+        method=f"diffeqkit_{alg}",
+        options=options,
+        rtol=1e-6,
+        atol=1e-8,
+    )
+    assert torch.equal(u, sol.u)
+
+
+def test_odeint_adjoint_runs_our_solver():
+    k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    u = torchdiffeq.odeint_adjoint(
+        lambda t, y: -k * y,
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.tensor([0.0, 2.0], dtype=torch.float64),
+        method="diffeqkit_tsit5",
+        adjoint_params=(k,),
+        **TIGHT,
+    )
+    (grad,) = torch.autograd.grad(u[-1].sum(), k)
+    # d/dk exp(-2k) = -2 exp(-2k); the adjoint solve is accurate to ~rtol.
+    assert float(grad) == pytest.approx(-2 * math.exp(-1.4), rel=1e-7)
+
+
+def test_describe_lists_devices_and_threads():
+    info = torch_backend.BACKEND.describe()
+    assert info["devices"][0] == "cpu"
+    assert len(info["devices"]) == 1 + torch.cuda.device_count()
+    assert info["threads"] == torch.get_num_threads()
+
+
+# --- numerics ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("alg", list(torch_backend._ALGS))
+def test_every_alg_matches_closed_form(alg, backward):
+    tspan = (2.0, 0.0) if backward else (0.0, 2.0)
+    # Start the backward solve from the exact state at t = 2.
+    u0 = linear_exact([tspan[0]])[0]
+    prob = linear_problem(tspan).remake(u0=torch.tensor(u0))
+    ts = np.linspace(*tspan, 7)
+    sol = dk.solve(prob, alg, saveat=ts, **solve_kwargs(alg))
+    assert sol.success
+    assert sol.u.shape == (7, 2)
+    assert np.array_equal(to_numpy(sol.t), ts)
+    error = np.abs(to_numpy(sol.u) - linear_exact(ts)).max()
+    assert error < allowed_error(alg)
+
+
+def test_rk4_is_the_classical_method_not_the_three_eighths_rule():
+    # One step of h = 1 on u' = t^4 (quadrature of t^4 over [0, 1]): the classical
+    # rule (Simpson) gives 5/24, torchdiffeq's 3/8 rule 11/54.
+    prob = dk.ODEProblem(
+        lambda u, p, t: torch.ones_like(u) * t**4,
+        torch.zeros(1, dtype=torch.float64),
+        (0.0, 1.0),
+    )
+    sol = dk.solve(prob, "rk4", dt0=1.0)
+    assert float(sol.u[-1, 0]) == pytest.approx(5 / 24, rel=1e-15)
+
+
+@pytest.mark.parametrize("alg", FIXED)
+def test_fixed_step_saves_are_step_values_on_the_step_grid(alg):
+    # Save times off the dt0 grid: the steps land on them, so each saved value is
+    # the fixed-step recursion on step_grid, which we replay with the tableau.
+    ts = np.array([0.0, 0.123, 0.5, 0.77, 1.0])
+    dt0 = 0.1
+    sol = dk.solve(torch_linear_problem((0.0, 1.0)), alg, saveat=ts, dt0=dt0)
+    grid = step_grid(0.0, 1.0, dt0, ts)
+    tab = get_tableau(alg)
+    u, saved = LINEAR_U0.copy(), {0.0: LINEAR_U0.copy()}
+    for t0, t1 in itertools.pairwise(grid):
+        h = t1 - t0
+        ks: list[np.ndarray] = []
+        for i in range(tab.n_stages):
+            ks.append(LINEAR_A @ (u + h * sum(tab.a[i, j] * ks[j] for j in range(i))))
+        u = u + h * sum(b * k for b, k in zip(tab.b, ks, strict=True))
+        saved[float(t1)] = u
+    expected = np.stack([saved[float(t)] for t in ts])
+    assert np.allclose(to_numpy(sol.u), expected, rtol=1e-13, atol=1e-15)
+    assert sol.stats == {
+        "nfev": tab.n_stages * (grid.size - 1),
+        "naccept": grid.size - 1,
+        "nreject": 0,
+    }
+
+
+class _StepEnds:
+    """A torchdiffeq func that records the end of every accepted step."""
+
+    def __init__(self, a):
+        self.a = a
+        self.ends: list[float] = []
+
+    def __call__(self, t, y):
+        return self.a @ y
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.ends.append(float(t0 + dt))
+
+
+def _between_step_errors(method: str, rtol: float) -> tuple[float, float]:
+    """Max error at the step ends and at points inside the steps, via odeint."""
+    a, y0, tspan = torch.tensor(LINEAR_A), torch.tensor(LINEAR_U0), (0.0, 2.0)
+    opts = {"step_t": torch.tensor([tspan[1]], dtype=torch.float64)}
+    kw = {"method": method, "rtol": rtol, "atol": rtol * 1e-2, "options": opts}
+    func = _StepEnds(a)
+    torchdiffeq.odeint(func, y0, torch.tensor(tspan), **kw)
+    ends = np.array([tspan[0], *(t for t in func.ends if t <= tspan[1])])
+    inner = np.sort(
+        np.concatenate([ends[:-1] + theta * np.diff(ends) for theta in (0.3, 0.5)])
+    )
+
+    def error(ts):
+        u = torchdiffeq.odeint(_StepEnds(a), y0, torch.tensor(ts), **kw)
+        return np.abs(u.numpy() - linear_exact(ts)).max()
+
+    return error(ends), error(np.concatenate([[tspan[0]], inner]))
+
+
+# rtol per alg: 1e-10 as in the brief; bosh3 at 1e-8 to keep its ~750 steps fast;
+# dopri8 at 1e-12, where its step-end error is ~1e-14.
+DENSE_RTOL = {"bosh3": 1e-8, "dopri5": 1e-10, "tsit5": 1e-10, "dopri8": 1e-12}
+
+
+@pytest.mark.parametrize(
+    "alg",
+    [
+        pytest.param(
+            a,
+            marks=pytest.mark.xfail(
+                a == "dopri8",
+                strict=True,
+                reason="the shared dopri8 dense output (diffeqkit._tableaux) is of "
+                "order 5, not 7: between steps its error is ~6000x the step-end "
+                "error at rtol=1e-12 (still ~170x better than torchdiffeq's own); "
+                "dk.solve therefore ends dopri8 steps on every save time",
+            ),
+        )
+        for a in ADAPTIVE
+    ],
+)
+def test_dense_output_as_accurate_as_step_ends(alg):
+    # Save values come from the tableau's dense output: of the method's order, its
+    # error between steps is of the size of the (global) error at the step ends.
+    # Measured ratios: bosh3 1.0, dopri5 1.0, tsit5 2.1.
+    at_ends, inside = _between_step_errors(f"diffeqkit_{alg}", DENSE_RTOL[alg])
+    assert inside < 5 * at_ends
+
+
+def test_dopri8_dense_output_beats_torchdiffeqs_own_interpolation():
+    # torchdiffeq's dopri8 interpolates with a quartic through a midpoint (order
+    # 4); ours is the shared order-5 dense output. Measured at rtol=1e-12:
+    # ours 8e-11, torchdiffeq's 1.4e-8 between steps (step ends: 1.3e-14 both).
+    ours_ends, ours = _between_step_errors("diffeqkit_dopri8", 1e-12)
+    native_ends, native = _between_step_errors("dopri8", 1e-12)
+    assert ours_ends == pytest.approx(native_ends, rel=0.5)  # the same method
+    assert ours < native / 50
+
+
+@pytest.mark.parametrize("alg", ["tsit5", "dopri8"])
+def test_dense_output_through_dk_solve_between_steps(alg):
+    # dk.solve's save values are as accurate as odeint's step ends: from the dense
+    # output (tsit5), or because steps end on save times (dopri8, whose dense
+    # output is only 5th order: SolveRequest.land_on_saves).
+    rtol = DENSE_RTOL[alg]
+    at_ends, _ = _between_step_errors(f"diffeqkit_{alg}", rtol)
+    ts = np.linspace(0.0, 2.0, 401)
+    sol = dk.solve(torch_linear_problem(), alg, saveat=ts, rtol=rtol, atol=rtol / 100)
+    assert np.abs(to_numpy(sol.u) - linear_exact(ts)).max() < 5 * at_ends
+
+
+# --- stats ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ADAPTIVE)
+def test_adaptive_stats_count_real_evaluations(alg):
+    calls = []
+
+    def f(u, p, t):
+        calls.append(t)
+        return p @ u
+
+    prob = dk.ODEProblem(f, torch.tensor(LINEAR_U0), (0.0, 2.0), torch.tensor(LINEAR_A))
+    sol = dk.solve(prob, alg, rtol=1e-8, atol=1e-10)
+    stats = sol.stats
+    # Every call of f is counted once: the check at t0 is reused as the solver's
+    # first evaluation. Then one call to choose the first step, and n_stages per
+    # step attempt (the FSAL row K[s] = f(t1, y1) is the next step's first stage).
+    assert stats["nfev"] == len(calls)
+    steps = stats["naccept"] + stats["nreject"]
+    assert stats["nfev"] == 2 + get_tableau(alg).n_stages * steps
+    assert stats["naccept"] > 0
+    assert stats["nreject"] >= 0
+
+
+def test_dt0_skips_the_initial_step_selection():
+    sol = dk.solve(torch_linear_problem(), "dopri5", dt0=0.01, rtol=1e-8, atol=1e-10)
+    steps = sol.stats["naccept"] + sol.stats["nreject"]
+    assert sol.stats["nfev"] == 1 + 6 * steps
+
+
+def test_lotka_volterra_close_to_plain_torchdiffeq_dopri5():
+    # torchdiffeq's dopri5 embeds a different 4th-order error estimate (its
+    # c_error is not SciPy's E) and overshoots t1, so the step counts differ a
+    # little (measured: 656 vs 620 evaluations); the solutions agree to tolerance.
+    prob = lotka_volterra_problem()
+    ts = np.linspace(0.0, 10.0, 101)
+    sol = dk.solve(prob, "dopri5", backend="torch", saveat=ts, rtol=1e-6, atol=1e-8)
+    p = torch.tensor(prob.p)
+    nfev = 0
+
+    def func(t, y):
+        nonlocal nfev
+        nfev += 1
+        return torch.stack(
+            [p[0] * y[0] - p[1] * y[0] * y[1], -p[2] * y[1] + p[3] * y[0] * y[1]]
+        )
+
+    u = torchdiffeq.odeint(
+        func,
+        torch.tensor(prob.u0),
+        torch.tensor(ts),
+        rtol=1e-6,
+        atol=1e-8,
+        method="dopri5",
+    )
+    assert abs(sol.stats["nfev"] - nfev) < 0.1 * nfev
+    assert torch.allclose(sol.u, u, rtol=1e-4, atol=1e-6)
+
+
+# --- failures ------------------------------------------------------------------------
+
+
+def test_max_steps_returns_partial_solution():
+    ts = np.linspace(0.0, 2.0, 5)
+    sol = dk.solve(
+        torch_linear_problem(), "dopri5", saveat=ts, max_steps=5, throw=False
+    )
+    assert sol.status == "max_steps_reached"
+    assert not sol.success
+    assert sol.stats["naccept"] + sol.stats["nreject"] == 5
+    assert sol.u.shape == (5, 2)
+    u = to_numpy(sol.u)
+    assert np.isnan(u[-1]).all()
+    assert np.isfinite(u[0]).all()
+    with pytest.raises(dk.SolveError, match="max_steps_reached"):
+        dk.solve(torch_linear_problem(), "dopri5", saveat=ts, max_steps=5)
+
+
+def blow_up(u, p, t):
+    return u**2  # u(t) = 1 / (1 - t): a singularity at t = 1
+
+
+@pytest.mark.parametrize("alg", ADAPTIVE)
+def test_blow_up_stops_with_a_failure_status(alg):
+    prob = dk.ODEProblem(blow_up, torch.tensor([1.0], dtype=torch.float64), (0.0, 2.0))
+    ts = np.array([0.0, 0.5, 1.5, 2.0])
+    # Loose tolerances: fewer steps on the way to the singularity.
+    kw = {"saveat": ts, "rtol": 1e-4, "atol": 1e-6}
+    sol = dk.solve(prob, alg, throw=False, **kw)
+    assert sol.status in ("step_size_too_small", "nonfinite")
+    u = to_numpy(sol.u)[:, 0]
+    assert u[1] == pytest.approx(2.0, rel=1e-2)
+    assert np.isnan(u[2:]).all()
+    with pytest.raises(dk.SolveError, match=r"stopped at t=1\b"):
+        dk.solve(prob, alg, **kw)
+
+
+def nan_after_half(u, p, t):
+    return u * torch.log(0.5 - t)  # NaN for t > 0.5
+
+
+@pytest.mark.parametrize("alg", ["tsit5", "rk4"])
+def test_nonfinite_f_stops_with_status_nonfinite(alg):
+    prob = dk.ODEProblem(nan_after_half, torch.ones(1, dtype=torch.float64), (0.0, 1.0))
+    ts = np.linspace(0.0, 1.0, 5)
+    sol = dk.solve(prob, alg, saveat=ts, dt0=0.1, throw=False)
+    assert sol.status == "nonfinite"
+    u = to_numpy(sol.u)[:, 0]
+    assert np.isfinite(u[:2]).all()
+    assert np.isnan(u[3:]).all()
+
+
+def test_fixed_step_overflow_is_nonfinite():
+    prob = dk.ODEProblem(blow_up, torch.ones(1, dtype=torch.float64), (0.0, 3.0))
+    ts = np.linspace(0.0, 3.0, 7)
+    sol = dk.solve(prob, "euler", dt0=0.1, saveat=ts, throw=False)
+    assert sol.status == "nonfinite"
+    u = to_numpy(sol.u)[:, 0]
+    assert np.isfinite(u[:4]).all()
+    assert np.isnan(u[-1])
+
+
+def test_bad_rhs_output_is_rejected_at_t0():
+    prob = dk.ODEProblem(
+        lambda u, p, t: u[:1], torch.ones(2, dtype=torch.float64), (0.0, 1.0)
+    )
+    with pytest.raises(dk.InvalidProblemError, match=r"returned shape \(1,\)"):
+        dk.solve(prob, "tsit5")
+
+
+# --- dtype, shape, device, parameters, autograd ---------------------------------------
+
+
+def decay(u, p, t):
+    return -p * u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_dtype_is_kept(dtype):
+    prob = dk.ODEProblem(decay, torch.tensor([1.0, 2.0], dtype=dtype), (0.0, 1.0), 2.0)
+    sol = dk.solve(prob, "tsit5", rtol=1e-5, atol=1e-7)
+    assert sol.u.dtype == dtype
+    assert sol.t.dtype == dtype
+    # float32: the error is set by rounding (~1e-7), not by the tolerances.
+    expected = np.array([1.0, 2.0]) * math.exp(-2.0)
+    assert np.allclose(to_numpy(sol.u[-1]), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numpy_dtype_is_kept(dtype):
+    prob = dk.ODEProblem(decay, np.array([1.0], dtype=dtype), (0.0, 1.0), 2.0)
+    sol = dk.solve(prob, "tsit5", backend="torch")
+    assert sol.u.dtype == getattr(torch, dtype)
+
+
+def test_lists_become_torchs_default_dtype():
+    prob = dk.ODEProblem(decay, [1.0, 2.0], (0.0, 1.0), 2.0)
+    sol = dk.solve(prob, "tsit5", backend="torch")
+    assert isinstance(sol.u, torch.Tensor)
+    assert sol.u.dtype == torch.get_default_dtype()
+
+
+def test_dtype_argument_casts():
+    prob = dk.ODEProblem(decay, torch.ones(1, dtype=torch.float32), (0.0, 1.0), 2.0)
+    sol = dk.solve(prob, "tsit5", dtype="float64")
+    assert sol.u.dtype == torch.float64
+
+
+def test_f_sees_tensors_in_the_state_dtype():
+    seen = {}
+    p = torch.tensor(2.0, dtype=torch.float32)
+
+    def f(u, q, t):
+        seen.update(u=u, q=q, t=t)
+        return -q * u
+
+    prob = dk.ODEProblem(f, torch.ones(3, dtype=torch.float32), (0.0, 1.0), p)
+    dk.solve(prob, "dopri5")
+    assert seen["q"] is p  # torch tensors in p are used as they are
+    assert seen["u"].shape == (3,)
+    assert seen["t"].shape == ()
+    assert seen["t"].dtype == torch.float32
+
+
+def test_pytree_p_keeps_structure_and_integer_leaves():
+    seen = {}
+
+    def f(u, p, t):
+        seen.update(p)
+        return -p["k"] * u * p["n"][0]
+
+    p = {"k": np.array(0.5), "n": [np.array(2)]}
+    prob = dk.ODEProblem(f, torch.ones(1, dtype=torch.float32), (0.0, 1.0), p)
+    sol = dk.solve(prob, "tsit5")
+    assert seen["k"].dtype == torch.float32  # floats follow the state
+    assert seen["n"][0].dtype == torch.int64  # integers stay integer
+    assert float(sol.u[-1, 0]) == pytest.approx(math.exp(-1.0), rel=1e-5)
+
+
+def test_matrix_state_keeps_its_shape():
+    # U' = A U for a 2x2 U: U(t) = exp(A t) U0, column by column.
+    u0 = np.array([[1.0, 0.0], [0.5, 2.0]])
+    prob = dk.ODEProblem(
+        lambda u, p, t: p @ u, torch.tensor(u0), (0.0, 1.0), torch.tensor(LINEAR_A)
+    )
+    ts = np.linspace(0.0, 1.0, 3)
+    sol = dk.solve(prob, "tsit5", saveat=ts, **TIGHT)
+    assert sol.u.shape == (3, 2, 2)
+    a, b = LINEAR_A[0, 0], LINEAR_A[0, 1]
+    for i, t in enumerate(ts):
+        c, s = math.cos(b * t), math.sin(b * t)
+        exact = math.exp(a * t) * np.array([[c, s], [-s, c]]) @ u0
+        assert np.allclose(to_numpy(sol.u[i]), exact, rtol=0, atol=1e-9)
+
+
+def test_saveat_without_t0_still_integrates_to_t1():
+    prob = torch_linear_problem()
+    full = dk.solve(prob, "tsit5", saveat=[0.5, 1.0, 2.0], **TIGHT)
+    partial = dk.solve(prob, "tsit5", saveat=[0.5, 1.0], **TIGHT)
+    assert partial.u.shape == (2, 2)
+    assert torch.equal(partial.u, full.u[:2])
+    assert partial.stats == full.stats  # both ran to t1
+
+
+def test_gradient_flows_through_the_steps():
+    # u' = -k u, u(0) = 1: u(T) = exp(-k T), du(T)/dk = -T exp(-k T). Plain autograd
+    # through dk.solve (discretise-then-optimise) matches it and central finite
+    # differences to ~1e-6 (relative).
+    def loss(k):
+        prob = dk.ODEProblem(decay, torch.ones(1, dtype=torch.float64), (0.0, 2.0), k)
+        return dk.solve(prob, "tsit5", **TIGHT).u[-1, 0]
+
+    k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    loss(k).backward()
+    assert k.grad is not None
+    grad = float(k.grad)
+    eps = 1e-5
+    with torch.no_grad():
+        up = float(loss(torch.tensor(0.7 + eps, dtype=torch.float64)))
+        down = float(loss(torch.tensor(0.7 - eps, dtype=torch.float64)))
+    fd = (up - down) / (2 * eps)
+    assert grad == pytest.approx(fd, rel=1e-6)
+    assert grad == pytest.approx(-2.0 * math.exp(-1.4), rel=1e-6)
+
+
+def test_unavailable_cuda_is_unsupported(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    prob = dk.ODEProblem(decay, torch.ones(1), (0.0, 1.0), 2.0)
+    with pytest.raises(dk.UnsupportedError, match=r"device='cuda:1' is not available"):
+        dk.solve(prob, "tsit5", device="cuda:1")
+
+
+@pytest.mark.gpu
+def test_solves_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    prob = dk.ODEProblem(decay, [1.0, 2.0], (0.0, 1.0), 2.0)
+    sol = dk.solve(prob, "tsit5", device="cuda", dtype="float64", **TIGHT)
+    assert sol.u.device.type == "cuda"
+    assert sol.t.device.type == "cuda"
+    expected = np.array([1.0, 2.0]) * math.exp(-2.0)
+    assert np.allclose(to_numpy(sol.u[-1]), expected, rtol=1e-9)
+    fixed = dk.solve(prob, "rk4", device="cuda", dt0=0.01)
+    assert fixed.u.device.type == "cuda"
