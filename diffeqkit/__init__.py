@@ -5,8 +5,7 @@ Importing diffeqkit imports no backend framework; each backend loads on first us
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace as array_namespace
-
+from ._arrays import array_namespace as array_namespace
 from ._errors import BackendNotInstalledError as BackendNotInstalledError
 from ._errors import DiffEqKitError as DiffEqKitError
 from ._errors import InvalidProblemError as InvalidProblemError
