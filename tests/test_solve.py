@@ -27,7 +27,7 @@ from diffeqkit import backends
 from diffeqkit._algs import ALGS
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
-FIXED_DT0 = {"euler": 1e-4, "midpoint": 1e-3, "heun": 1e-3, "rk4": 1e-2}
+FIXED_DT0 = {"euler": 5e-4, "midpoint": 1e-3, "heun": 1e-3, "rk4": 1e-2}
 IMPLICIT_TOL = 1e-6  # implicit methods' error estimates are looser than explicit RK
 
 
@@ -110,7 +110,9 @@ def test_backends_agree_in_float64(alg):
         pytest.skip("needs two installed backends")
     prob = lotka_volterra_problem()
     ts = np.linspace(0.0, 10.0, 21)
-    kw = {"dt0": 1e-3} if ALGS[alg].fixed_step else TIGHT
+    # bosh3 is 3rd order: at 1e-10 it would take ~10^4 steps per backend
+    rtol = 1e-8 if alg == "bosh3" else 1e-10
+    kw = {"dt0": 1e-2} if ALGS[alg].fixed_step else {"rtol": rtol, "atol": rtol / 100}
     sols = {
         b: to_numpy(dk.solve(prob, alg, backend=b, saveat=ts, **kw).u) for b in names
     }
@@ -118,8 +120,9 @@ def test_backends_agree_in_float64(alg):
     for b in names[1:]:
         # Same tableau, tolerances and (for fixed steps) the same steps: fixed-step
         # results agree to rounding; adaptive ones take slightly different steps
-        # (each library's step-size controller), so they agree to the tolerance.
-        atol = 1e-10 if ALGS[alg].fixed_step else 2e-7
+        # (each library's step-size controller), so they agree to the tolerance
+        # times the growth of errors over t in [0, 10] (2000x leaves ~10x margin).
+        atol = 1e-10 if ALGS[alg].fixed_step else 2000 * rtol
         np.testing.assert_allclose(sols[b], ref, rtol=0, atol=atol, err_msg=b)
 
 
