@@ -5,6 +5,7 @@ Uses array-api-compat's type tests, which import no framework.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any
 
@@ -64,11 +65,41 @@ def is_native_array(x: object) -> bool:
 
 def is_concrete(x: object) -> bool:
     """False for values that cannot be read now (JAX tracers under jit/grad/vmap)."""
-    return not (is_array(x) and aac.is_lazy_array(x))
+    if not is_array(x):
+        return True
+    tracer = _jax_tracer_type(type(x))
+    if tracer is not None:
+        return not tracer
+    return not aac.is_lazy_array(x)
+
+
+@functools.cache
+def _jax_tracer_type(cls: type) -> bool | None:
+    """For JAX classes, whether `cls` is a tracer; None for other classes.
+
+    array-api-compat calls every JAX array lazy (it might be a tracer); a JAX
+    array that is not a tracer can be read. Decided from the class, without
+    importing jax.
+    """
+    jax_bases = [b for b in cls.__mro__ if b.__module__.split(".")[0] in _JAX_MODULES]
+    if not jax_bases:
+        return None
+    return any(b.__name__ == "Tracer" for b in jax_bases)
+
+
+_JAX_MODULES = ("jax", "jaxlib")
 
 
 def dtype_name(dtype: Any) -> str:
     """'float32' for np.float32, torch.float32, jnp.float32, 'float32', ..."""
+    try:
+        return _dtype_name(dtype)
+    except TypeError:  # unhashable
+        return _dtype_name.__wrapped__(dtype)
+
+
+@functools.cache
+def _dtype_name(dtype: Any) -> str:
     text = str(dtype)
     if text.startswith("torch."):
         return text[len("torch.") :]
