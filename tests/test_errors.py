@@ -322,6 +322,8 @@ def test_throw_false_returns_partial_solution(backend):
     )  # fmt: skip
     assert not sol.success
     assert sol.status == "max_steps_reached"
+    # max_steps bounds step attempts, accepted or rejected, on every backend
+    assert sol.stats["naccept"] + sol.stats["nreject"] == 3
     u = np.asarray(sol.u.tolist())
     assert u.shape == (5, 2)
     np.testing.assert_allclose(u[0], prob.u0)

@@ -314,8 +314,14 @@ class ScipyBackend:
         with method.guard():
             solver = method.solver(fun, t0, y0, t1, **options)
             nfev0 = solver.nfev
+            # max_steps bounds step attempts (accepted + rejected), as on the other
+            # backends, where they can be told (Runge-Kutta: every attempt costs
+            # n_stages calls of f); BDF/Radau/LSODA hide rejections: accepted steps.
+            limit: int | tuple[int, int, int] = req.max_steps
+            if isinstance(solver, _RungeKutta):
+                limit = (req.max_steps, nfev0, solver.n_stages)
             status, naccept, t_reached, err = _integrate(
-                solver, ts, out, y0, t0, req.max_steps, stops
+                solver, ts, out, y0, t0, limit, stops
             )
         if status in ("step_size_too_small", "solver_failed") and not (
             _finite(last_du) and _finite(solver.y)
@@ -359,11 +365,13 @@ def _integrate(
     out: Any,
     y0: Any,
     t0: float,
-    max_steps: int,
+    max_steps: int | tuple[int, int, int],
     stops: list[float],
 ) -> tuple[str, int, float, ValueError | None]:
     """Step `solver` to its end, filling the rows of `out` at the save times `ts`.
 
+    `max_steps` is the most accepted steps, or ``(most attempts, nfev at the
+    start, calls of f per attempt)`` for solvers whose attempts can be counted.
     Steps end exactly on each time of `stops`: the solver's ``t_bound`` (which
     SciPy's steps never cross) is moved from one stop to the next.
     Returns the status, the number of accepted steps, the time reached and the
@@ -389,8 +397,20 @@ def _integrate(
     step = solver.step
     finite = _finite_check(solver.n)
     naccept = 0
+    if isinstance(max_steps, tuple):
+        limit, nfev0, per_attempt = max_steps
+
+        def attempts() -> int:
+            return (solver.nfev - nfev0) // per_attempt
+
+    else:
+        limit = max_steps
+
+        def attempts() -> int:
+            return naccept
+
     while True:
-        if naccept == max_steps:
+        if attempts() >= limit:
             return "max_steps_reached", naccept, float(solver.t), None
         try:
             message = step()
