@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 import diffeqkit as dk
@@ -62,6 +64,24 @@ def lotka_volterra_problem() -> dk.ODEProblem:
         (0.0, 10.0),
         np.array([1.5, 1.0, 3.0, 1.0]),
     )
+
+
+def replay_fixed_steps(alg: str, grid: np.ndarray) -> dict[float, np.ndarray]:
+    """The linear problem stepped with `alg`'s tableau on `grid`, in NumPy:
+    ``{t: u(t)}`` at every grid point (the independent reference for fixed steps)."""
+    from diffeqkit._tableaux import get_tableau
+
+    tab = get_tableau(alg)
+    u = LINEAR_U0.copy()
+    out = {float(grid[0]): u}
+    for t, t_next in itertools.pairwise(grid):
+        h = t_next - t
+        ks: list[np.ndarray] = []
+        for i in range(tab.n_stages):
+            ks.append(LINEAR_A @ (u + h * sum(tab.a[i, j] * ks[j] for j in range(i))))
+        u = u + h * sum(b * k for b, k in zip(tab.b, ks, strict=True))
+        out[float(t_next)] = u
+    return out
 
 
 def to_numpy(x) -> np.ndarray:

@@ -16,7 +16,6 @@ with C ~ 1 here; we allow 10 * dt0**order.
 from __future__ import annotations
 
 import functools
-import itertools
 
 import numpy as np
 import pytest
@@ -25,7 +24,6 @@ from problems import LINEAR_A, LINEAR_U0, linear_exact, logistic_exact, to_numpy
 import diffeqkit as dk
 from diffeqkit import backends
 from diffeqkit._algs import ALGS
-from diffeqkit._saveat import step_grid
 from diffeqkit._tableaux import get_tableau
 
 jax = pytest.importorskip("jax")
@@ -237,28 +235,6 @@ def test_save_values_between_steps_as_accurate_as_step_ends(alg):
     sol, _ = linear_solution(alg)
     err = np.abs(to_numpy(sol.u) - linear_exact(SAVES)).max(axis=1)
     assert err[1:-1].max() <= 3 * err[-1] + 1e-13, err
-
-
-@pytest.mark.parametrize("alg", FIXED)
-def test_fixed_step_saves_are_the_step_values(alg):
-    # The same method by hand in NumPy, stepping on the same grid: the saved
-    # values agree to rounding (an interpolant between steps would be off by
-    # ~dt0**2 = 1e-6 and more).
-    sol, _ = linear_solution(alg)
-    tab = get_tableau(alg)
-    grid = step_grid(0.0, 2.0, FIXED_DT0[alg], SAVES)
-    ys, y = {0.0: LINEAR_U0}, LINEAR_U0
-    for t, t_next in itertools.pairwise(grid):
-        h = t_next - t
-        k: list[np.ndarray] = []
-        for i in range(tab.n_stages):
-            k.append(LINEAR_A @ (y + h * sum(tab.a[i, j] * k[j] for j in range(i))))
-        y = y + h * sum(b * ki for b, ki in zip(tab.b, k, strict=True))
-        ys[float(t_next)] = y
-    expected = np.stack([ys[float(t)] for t in SAVES])
-    np.testing.assert_allclose(to_numpy(sol.u), expected, rtol=1e-12, atol=0)
-    assert sol.stats["naccept"] == len(grid) - 1
-    assert sol.stats["nreject"] == 0
 
 
 def test_logistic_with_pytree_p_and_integer_leaf():

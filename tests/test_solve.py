@@ -19,12 +19,14 @@ from problems import (
     logistic_exact,
     logistic_problem,
     lotka_volterra_problem,
+    replay_fixed_steps,
     to_numpy,
 )
 
 import diffeqkit as dk
 from diffeqkit import backends
 from diffeqkit._algs import ALGS
+from diffeqkit._saveat import step_grid
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 FIXED_DT0 = {"euler": 5e-4, "midpoint": 1e-3, "heun": 1e-3, "rk4": 1e-2}
@@ -96,6 +98,23 @@ def test_fixed_step_backward_and_off_grid_save_times(backend, alg):
     np.testing.assert_allclose(
         to_numpy(sol.u), linear_exact(ts, t0=2.0), rtol=0, atol=10 * allowed_error(alg)
     )
+
+
+@pytest.mark.parametrize(("backend", "alg"), alg_params("fixed"))
+def test_fixed_step_saves_are_the_tableau_recursion_on_the_step_grid(backend, alg):
+    # Save times off the dt0 grid: the steps land on them (step_grid), so every
+    # saved value is a step value. Replaying the tableau in NumPy on that grid
+    # gives the same numbers to rounding; an interpolant between steps would be
+    # off by ~dt0**2 = 1e-2 and more.
+    need(backend)
+    ts = np.array([0.0, 0.123, 0.5, 0.77, 1.0])
+    grid = step_grid(0.0, 1.0, 0.1, ts)
+    sol = dk.solve(linear_problem((0.0, 1.0)), alg, backend=backend, saveat=ts, dt0=0.1)
+    replay = replay_fixed_steps(alg, grid)
+    expected = np.stack([replay[float(t)] for t in ts])
+    np.testing.assert_allclose(to_numpy(sol.u), expected, rtol=1e-12, atol=1e-15)
+    assert sol.stats["naccept"] == grid.size - 1
+    assert sol.stats["nreject"] == 0
 
 
 SHARED_EXPLICIT = [
