@@ -81,6 +81,15 @@ def unsupported_alg(
     )
 
 
+def unavailable_device(
+    device: str, backend: str, available: str, fix: str
+) -> UnsupportedError:
+    """`device='cuda' is not available on backend='x': <available>. <fix>`"""
+    return UnsupportedError(
+        f"device='{device}' is not available on backend='{backend}': {available}. {fix}"
+    )
+
+
 def unknown_alg(alg: object, known: Iterable[str]) -> UnsupportedError:
     return UnsupportedError(
         f"alg={short(alg)} is not a solver diffeqkit knows. "

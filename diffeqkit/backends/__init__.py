@@ -24,10 +24,10 @@ import array_api_compat as aac
 from .._algs import ALGS
 from .._errors import (
     InvalidProblemError,
-    UnsupportedError,
     backend_not_installed,
     listing,
     short,
+    unavailable_device,
     unsupported_alg,
 )
 from .._pytree import leaves
@@ -160,9 +160,11 @@ def check_device(name: str, device: str | None) -> None:
     kind = device.split(":")[0]
     devices = SPECS[name].capabilities.devices
     if kind not in devices:
-        raise UnsupportedError(
-            f"device='{device}' is not available on backend='{name}'; it runs on: "
-            f"{listing(devices)}. Use backend='jax' or backend='torch' for a GPU."
+        raise unavailable_device(
+            device,
+            name,
+            f"it runs on: {listing(devices)}",
+            "Use backend='jax' or backend='torch' for a GPU.",
         )
 
 

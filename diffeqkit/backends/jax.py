@@ -73,7 +73,7 @@ import numpy as np
 from jax.core import Tracer
 
 from .._arrays import to_numpy
-from .._errors import UnsupportedError, listing
+from .._errors import UnsupportedError, listing, unavailable_device
 from .._problem import check_rhs_output, rhs_nonfinite_error
 from .._saveat import step_grid
 from .._solution import Solution
@@ -534,11 +534,12 @@ def _named_device(name: str) -> Any:
         devices = []
     i = int(index or 0)
     if i >= len(devices):
-        raise UnsupportedError(
-            f"device='{name}' is not available on backend='jax': JAX sees: "
-            f"{listing(_visible_devices())}. Pass one of those, or device=None to run "
-            "where the inputs live (a GPU needs the CUDA build of jax: "
-            'pip install "jax[cuda12]").'
+        raise unavailable_device(
+            name,
+            "jax",
+            f"JAX sees: {listing(_visible_devices())}",
+            "Pass one of those, or device=None to run where the inputs live (a GPU "
+            'needs the CUDA build of jax: pip install "jax[cuda12]").',
         )
     return devices[i]
 

@@ -55,7 +55,7 @@ from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from .._algs import ALGS
 from .._arrays import dtype_name, to_numpy
-from .._errors import UnsupportedError, listing
+from .._errors import listing, unavailable_device
 from .._problem import check_rhs_output
 from .._pytree import leaves
 from .._saveat import step_grid
@@ -434,10 +434,11 @@ def _device(req: SolveRequest) -> torch.device:
     if kind == "cuda" and (
         not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()
     ):
-        raise UnsupportedError(
-            f"device='{req.device}' is not available on backend='torch': torch "
-            f"sees: {listing(_visible_devices())}. Pass one of those, or device=None "
-            "to run where the inputs live."
+        raise unavailable_device(
+            req.device,
+            "torch",
+            f"torch sees: {listing(_visible_devices())}",
+            "Pass one of those, or device=None to run where the inputs live.",
         )
     return torch.device(req.device)
 
