@@ -81,6 +81,17 @@ def unsupported_alg(
     )
 
 
+def unsupported_sensealg(
+    sensealg: str, backend: str, offered: Iterable[str], offered_by: Iterable[str]
+) -> UnsupportedError:
+    alternatives = ", ".join(f"dk.{name}()" for name in offered) or "(none)"
+    return UnsupportedError(
+        f"sensealg=dk.{sensealg}() is not available on backend='{backend}'. "
+        f"{backend} offers: {alternatives}. dk.{sensealg}() is offered by: "
+        f"{listing(offered_by)}."
+    )
+
+
 def unavailable_device(
     device: str, backend: str, available: str, fix: str
 ) -> UnsupportedError:

@@ -88,8 +88,9 @@ class Solution:
         A sentence describing the status.
     backend, alg : str
         What actually ran.
-    sensealg : object or None
-        The gradient method used, or None when none was involved.
+    sensealg : SensitivityAlgorithm
+        The gradient method that differentiates this solve: the one passed as
+        ``sensealg=``, or the one `default_sensealg` chose for ``sensealg=None``.
     """
 
     t: Any
@@ -113,5 +114,6 @@ class Solution:
         shape = tuple(getattr(self.u, "shape", ()))
         return (
             f"Solution(status={self.status!r}, backend={self.backend!r}, "
-            f"alg={self.alg!r}, u shape={shape}, stats={self.stats})"
+            f"alg={self.alg!r}, sensealg={self.sensealg!r}, u shape={shape}, "
+            f"stats={self.stats})"
         )

@@ -9,14 +9,15 @@ from typing import Any
 from . import backends
 from ._algs import AlgInfo, get_alg
 from ._arrays import FLOAT_DTYPES, dtype_name, is_array, is_concrete, is_real_number
-from ._errors import InvalidProblemError, UnsupportedError, invalid, short
+from ._errors import InvalidProblemError, invalid, short
 from ._problem import ODEProblem
 from ._saveat import save_times, step_grid
+from ._sensealg import check_sensealg, default_sensealg
 from ._solution import Solution
 from ._tableaux import get_tableau
 from .backends._protocol import SolveRequest
 
-__all__ = ["solve"]
+__all__ = ["build_request", "solve"]
 
 
 def solve(
@@ -61,9 +62,13 @@ def solve(
         fixed-step one (required).
     max_steps : int
         The most steps the solver may take, >= 1.
-    sensealg : None
-        The gradient method; None for now (the sensealg classes are not yet
-        available; see the roadmap).
+    sensealg : SensitivityAlgorithm or None
+        `dk.ForwardMode()`, `dk.ReverseThroughSolver()`, `dk.ContinuousAdjoint()`
+        or `dk.CheckpointedAdjoint()`: how gradients of this solve are computed
+        when it is differentiated
+        (``jax.grad``, ``loss.backward()``, `dk.vjp`, `dk.value_and_grad`). None
+        picks `default_sensealg` for the backend and the problem size; the choice
+        is recorded in ``Solution.sensealg``.
     device : {None, "cpu", "cuda", "cuda:N", "gpu"}
         None: where the inputs live, else the framework's default.
     dtype : {None, "float32", "float64"} or a framework dtype
@@ -87,7 +92,7 @@ def solve(
         An argument is invalid, or `f` returns the wrong shape, dtype or a
         non-finite value at ``t0``.
     UnsupportedError
-        The backend does not offer `alg`, `device` or `dtype`.
+        The backend does not offer `alg`, `sensealg`, `device` or `dtype`.
     BackendNotInstalledError
         The backend's packages are missing; the message gives the pip line.
     SolveError
@@ -101,6 +106,39 @@ def solve(
     >>> bool(abs(sol.u[-1, 0] - np.exp(-2.0)) < 1e-9)
     True
     """
+    req = build_request(
+        prob,
+        alg,
+        backend=backend,
+        saveat=saveat,
+        rtol=rtol,
+        atol=atol,
+        dt0=dt0,
+        max_steps=max_steps,
+        sensealg=sensealg,
+        device=device,
+        dtype=dtype,
+        throw=throw,
+    )
+    return backends.load(req.backend).solve(req)
+
+
+def build_request(
+    prob: ODEProblem,
+    alg: str = "tsit5",
+    *,
+    backend: str | None = None,
+    saveat: Any = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    dt0: float | None = None,
+    max_steps: int = 100_000,
+    sensealg: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+    throw: bool = True,
+) -> SolveRequest:
+    """Validate and normalise the arguments of `solve` into a `SolveRequest`."""
     if not isinstance(prob, ODEProblem):
         raise invalid(
             "prob",
@@ -113,12 +151,10 @@ def solve(
     backends.check_alg(name, info.name)
     dev = _normalise_device(device)
     backends.check_device(name, dev)
-    if sensealg is not None:
-        raise UnsupportedError(
-            f"sensealg={short(sensealg)} is not available yet: this version solves "
-            "forward only. Pass sensealg=None; native autodiff of the backend "
-            "framework is not routed through a sensealg yet."
-        )
+    chosen = check_sensealg(sensealg)
+    if chosen is None:
+        chosen = default_sensealg(name, prob.u0, prob.p)
+    backends.check_sensealg(name, chosen)
     if not isinstance(throw, bool):
         raise invalid("throw", "must be True or False", throw, "Pass a bool.")
     tol_fix = "Pass a positive number such as 1e-6."
@@ -171,10 +207,10 @@ def solve(
         dtype=_normalise_dtype(dtype),
         device=dev,
         throw=throw,
-        sensealg=None,
+        sensealg=chosen,
         land_on_saves=_lands_on_saves(info),
     )
-    return backends.load(name).solve(req)
+    return req
 
 
 def _lands_on_saves(info: AlgInfo) -> bool:

@@ -235,9 +235,25 @@ def test_tspan_is_normalised_to_floats():
         ),
         pytest.param(
             {"sensealg": "adjoint"},
+            dk.InvalidProblemError,
+            r"sensealg must be a diffeqkit gradient method or None; got "
+            r"sensealg='adjoint'\. Pass one of dk\.ForwardMode\(\)",
+            id="sensealg-string",
+        ),
+        pytest.param(
+            {"sensealg": dk.ForwardMode},
+            dk.InvalidProblemError,
+            r"Pass an instance: sensealg=dk\.ForwardMode\(\)\.",
+            id="sensealg-class",
+        ),
+        pytest.param(
+            {"sensealg": dk.ReverseThroughSolver()},
             dk.UnsupportedError,
-            "sensealg='adjoint' is not available yet",
-            id="sensealg",
+            r"sensealg=dk\.ReverseThroughSolver\(\) is not available on "
+            r"backend='scipy'\. scipy offers: dk\.ForwardMode\(\), "
+            r"dk\.ContinuousAdjoint\(\), dk\.CheckpointedAdjoint\(\)\. "
+            r"dk\.ReverseThroughSolver\(\) is offered by: jax, torch\.",
+            id="sensealg-scipy-reverse",
         ),
         pytest.param(
             {"alg": "kvaerno5"},

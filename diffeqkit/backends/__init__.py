@@ -29,6 +29,7 @@ from .._errors import (
     short,
     unavailable_device,
     unsupported_alg,
+    unsupported_sensealg,
 )
 from .._pytree import leaves
 from ._protocol import Backend, Capabilities
@@ -38,6 +39,7 @@ __all__ = [
     "BackendSpec",
     "check_alg",
     "check_device",
+    "check_sensealg",
     "implicit_algs",
     "infer_backend",
     "installed",
@@ -45,6 +47,12 @@ __all__ = [
     "resolve_name",
 ]
 
+_ALL_SENSEALGS = (
+    "ForwardMode",
+    "ReverseThroughSolver",
+    "ContinuousAdjoint",
+    "CheckpointedAdjoint",
+)
 _EXPLICIT = ("euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5", "dopri8")
 
 
@@ -67,7 +75,11 @@ SPECS: Mapping[str, BackendSpec] = {
         "jax",
         ("jax", "diffrax"),
         aac.is_jax_array,
-        Capabilities(algs=(*_EXPLICIT, "kvaerno5"), devices=("cpu", "cuda")),
+        Capabilities(
+            algs=(*_EXPLICIT, "kvaerno5"),
+            devices=("cpu", "cuda"),
+            sensealgs=_ALL_SENSEALGS,
+        ),
     ),
     "torch": BackendSpec(
         "torch",
@@ -75,7 +87,7 @@ SPECS: Mapping[str, BackendSpec] = {
         "torch",
         ("torch", "torchdiffeq"),
         aac.is_torch_array,
-        Capabilities(algs=_EXPLICIT, devices=("cpu", "cuda")),
+        Capabilities(algs=_EXPLICIT, devices=("cpu", "cuda"), sensealgs=_ALL_SENSEALGS),
     ),
     "scipy": BackendSpec(
         "scipy",
@@ -83,7 +95,12 @@ SPECS: Mapping[str, BackendSpec] = {
         "scipy",
         ("scipy",),
         None,
-        Capabilities(algs=(*_EXPLICIT, "bdf", "radau", "lsoda"), devices=("cpu",)),
+        Capabilities(
+            algs=(*_EXPLICIT, "bdf", "radau", "lsoda"),
+            devices=("cpu",),
+            # Its solvers are not differentiable: no ReverseThroughSolver.
+            sensealgs=("ForwardMode", "ContinuousAdjoint", "CheckpointedAdjoint"),
+        ),
     ),
 }
 ALIASES: Mapping[str, str] = {"numpy": "scipy"}
@@ -152,6 +169,13 @@ def check_alg(name: str, alg: str) -> None:
     if alg not in offered:
         by = [b for b, s in SPECS.items() if alg in s.capabilities.algs]
         raise unsupported_alg(alg, name, offered, by)
+
+
+def check_sensealg(name: str, sensealg: Any) -> None:
+    offered = SPECS[name].capabilities.sensealgs
+    if sensealg.name not in offered:
+        by = [b for b, s in SPECS.items() if sensealg.name in s.capabilities.sensealgs]
+        raise unsupported_sensealg(sensealg.name, name, offered, by)
 
 
 def check_device(name: str, device: str | None) -> None:

@@ -17,7 +17,7 @@ from .._errors import SolveError, solve_failed
 from .._pytree import tree_map
 from .._solution import Solution, failure_hint
 
-__all__ = ["Backend", "Capabilities", "SolveRequest", "conclude"]
+__all__ = ["Backend", "Capabilities", "Pullback", "SolveRequest", "conclude"]
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,32 @@ class SolveRequest:
         return tree_map(lambda x: x if x is None else leaf(x), self.p)
 
 
+# pullback(cotangent) -> (dL/du0, dL/dp): cotangent of shape sol.u's, in any array
+# type the backend accepts; the gradients in the backend's array type, dL/dp with
+# p's structure (None leaves stay None).
+Pullback = Callable[[Any], tuple[Any, Any]]
+
+
 class Backend(Protocol):
     """A backend: translates a `SolveRequest` to its library and back."""
 
     name: str
 
-    def solve(self, req: SolveRequest) -> Solution: ...
+    def solve(self, req: SolveRequest) -> Solution:
+        """Solve; differentiable by the framework's own autodiff with
+        ``req.sensealg`` doing the work (JAX, torch)."""
+        ...
+
+    def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
+        """Solve, and return the pullback of ``sol.u`` with respect to
+        ``(u0, p)`` by ``req.sensealg``; the pullback may be called repeatedly."""
+        ...
+
+    def loss_grad(
+        self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
+    ) -> tuple[Any, Any]:
+        """``(loss(sol), d loss / d sol.u)``: the value and the cotangent."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """Versions and visible devices, for `python -m diffeqkit info`."""

@@ -1,0 +1,278 @@
+"""The gradient methods: one flag, `sensealg=`, picks how a solve is differentiated.
+
+Requirements met here:
+
+- Each method is a frozen dataclass of options with its documentation; the code
+  that runs it lives in each backend (a `_SENSEALGS` table there). The registry's
+  ``Capabilities.sensealgs`` lists the class names each backend runs.
+- Options are checked when the object is built, naming the option and the fix.
+- ``sensealg=None`` resolves to `default_sensealg`, a documented rule on the backend
+  and the number of inputs, recorded in ``Solution.sensealg``.
+
+One convention on every backend: a gradient is that of the *computed* solution
+with the solver's step sizes and accept/reject decisions held fixed, i.e. gradients
+do not flow through the step-size controller (diffrax's and torchdiffeq's
+convention; torchode's default differs). ForwardMode, ReverseThroughSolver and
+CheckpointedAdjoint on JAX and torch all compute this derivative of the discrete
+solution; the continuous adjoint, and SciPy's methods (which solve sensitivity or
+adjoint ODEs), converge to it as the tolerances shrink.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._arrays import is_array
+from ._errors import InvalidProblemError, invalid, short
+from ._pytree import leaves
+
+__all__ = [
+    "AUTODIFF_ENGINES",
+    "CheckpointedAdjoint",
+    "ContinuousAdjoint",
+    "ForwardMode",
+    "ReverseThroughSolver",
+    "SensitivityAlgorithm",
+    "default_sensealg",
+    "input_size",
+]
+
+# What computes f's Jacobian products on the SciPy backend: AD of the user's
+# Array-API f with one of these frameworks, or prob.jac ("jac").
+AUTODIFF_ENGINES = ("jax", "torch", "jac")
+
+
+def _check_tol(owner: str, name: str, value: Any) -> None:
+    if value is None:
+        return
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+    if not ok:
+        raise invalid(
+            f"{owner}({name}=...)",
+            "must be a positive number or None (None: the forward solve's)",
+            value,
+            f"Pass e.g. {name}=1e-8.",
+        )
+
+
+def _check_autodiff(owner: str, value: Any) -> None:
+    if value is not None and value not in AUTODIFF_ENGINES:
+        raise invalid(
+            f"{owner}(autodiff=...)",
+            "must be 'jax', 'torch', 'jac' or None",
+            value,
+            "None picks the backend's own framework (on SciPy: jax if installed, "
+            "else torch, else prob.jac).",
+        )
+
+
+@dataclass(frozen=True)
+class SensitivityAlgorithm:
+    """Base class of the gradient methods (the ``sensealg=`` values)."""
+
+    #: The name used in the capability tables and `Solution.sensealg`.
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for tol in ("rtol", "atol"):
+            if hasattr(self, tol):
+                _check_tol(owner, tol, getattr(self, tol))
+        if hasattr(self, "autodiff"):
+            _check_autodiff(owner, self.autodiff)
+
+
+@dataclass(frozen=True)
+class ForwardMode(SensitivityAlgorithm):
+    """Forward-mode sensitivities: the Jacobian of the solution, one column per input.
+
+    Computes ``d u(t_i) / d(u0, p)`` alongside the solve (forward-mode AD through
+    the solver's steps on JAX and torch; the forward sensitivity equations
+    ``dS/dt = (df/du) S + df/dp`` on SciPy) and contracts it with the cotangent
+    in the reverse pass, as SciMLSensitivity's ``ForwardDiffSensitivity`` does
+    under reverse-mode AD.
+
+    Parameters
+    ----------
+    autodiff : {None, "jax", "torch", "jac"}
+        SciPy backend only: what differentiates ``f``. None: JAX if installed,
+        else PyTorch, else ``prob.jac`` (which gives gradients with respect to
+        ``u0`` only). On JAX and torch it must be None or the backend's name.
+
+    Notes
+    -----
+    Cost: about ``1 + k/2`` forward solves for ``k`` inputs (``u0.size`` plus the
+    number of parameters that need a gradient); memory independent of the number
+    of steps. Fastest for few inputs (measured crossovers in the docs); for
+    large ``k`` use an adjoint. Backends: jax, torch, scipy. On JAX it works under
+    ``jax.grad``/``jax.jacrev``/``jax.jit``/``jax.vmap`` (a custom VJP);
+    ``jax.jvp``/``jax.jacfwd`` of such a solve are not supported by JAX's
+    custom VJPs.
+    """
+
+    name: ClassVar[str] = "ForwardMode"
+    autodiff: str | None = None
+
+
+@dataclass(frozen=True)
+class ReverseThroughSolver(SensitivityAlgorithm):
+    """Reverse-mode AD through every solver step, storing the whole forward pass.
+
+    "Discretise-then-optimise": the exact gradient of the computed solution, with
+    the step sizes held fixed (no gradient flows through the step-size
+    controller, on every backend).
+
+    Notes
+    -----
+    Cost: about 2-4 forward solves; memory grows with the number of steps (every
+    stage of every step is kept). Backends: jax (diffrax's
+    ``RecursiveCheckpointAdjoint`` with one checkpoint per step, i.e. nothing is
+    recomputed), torch (autograd through the steps). Not on SciPy, whose solvers
+    are not differentiable: use `ForwardMode`, `ContinuousAdjoint` or
+    `CheckpointedAdjoint` there.
+    """
+
+    name: ClassVar[str] = "ReverseThroughSolver"
+
+
+@dataclass(frozen=True)
+class ContinuousAdjoint(SensitivityAlgorithm):
+    """The continuous adjoint solved backward together with the state ("backsolve").
+
+    Solves ``dλ/dt = -(df/du)^T λ`` and ``dμ/dt = -(df/dp)^T λ`` from ``t1`` back
+    to ``t0``, re-integrating the state ``u`` backward alongside, with jumps
+    ``λ += cotangent_i`` at the save times (Chen et al. 2018; torchdiffeq's
+    ``odeint_adjoint``; diffrax's ``BacksolveAdjoint``).
+
+    Parameters
+    ----------
+    rtol, atol : float, optional
+        Tolerances of the backward solve; None uses the forward solve's.
+    autodiff : {None, "jax", "torch", "jac"}
+        SciPy backend only: see `ForwardMode`.
+
+    Notes
+    -----
+    Memory independent of the number of steps. No adaptive integrator is
+    reversible: on chaotic or unstable problems (Lorenz over long times) the
+    re-integrated state drifts away from the forward one and the gradient is
+    wrong, silently. Prefer `CheckpointedAdjoint` there. Backends: jax, torch,
+    scipy.
+    """
+
+    name: ClassVar[str] = "ContinuousAdjoint"
+    rtol: float | None = None
+    atol: float | None = None
+    autodiff: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointedAdjoint(SensitivityAlgorithm):
+    """A reverse pass that stores `checkpoints` states and recomputes the rest.
+
+    Parameters
+    ----------
+    checkpoints : int, optional
+        How many forward states to keep. JAX: diffrax's recursive (binomial)
+        checkpointing, None meaning about ``log2(max_steps)``. torch: the steps
+        are cut into `checkpoints` segments, None meaning ``ceil(sqrt(n_steps))``.
+        SciPy: the forward solve is cut into `checkpoints` segments, each recomputed
+        with dense output while the adjoint ODE is solved backward against it
+        (CVODES-style), None meaning 10.
+    rtol, atol : float, optional
+        SciPy only: tolerances of the backward adjoint solve; None uses the
+        forward solve's.
+    autodiff : {None, "jax", "torch", "jac"}
+        SciPy backend only: see `ForwardMode`.
+
+    Notes
+    -----
+    Exact forward states and bounded memory at the price of recomputation. On
+    JAX and torch it gives the same gradient as `ReverseThroughSolver` (the
+    recomputed steps are the recorded ones). Backends: jax, torch, scipy.
+    """
+
+    name: ClassVar[str] = "CheckpointedAdjoint"
+    checkpoints: int | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    autodiff: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.checkpoints
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise invalid(
+                "CheckpointedAdjoint(checkpoints=...)",
+                "must be an int >= 1 or None",
+                n,
+                "Pass e.g. checkpoints=16, or None for the backend's default.",
+            )
+
+
+SENSEALGS: tuple[type[SensitivityAlgorithm], ...] = (
+    ForwardMode,
+    ReverseThroughSolver,
+    ContinuousAdjoint,
+    CheckpointedAdjoint,
+)
+
+
+def check_sensealg(sensealg: Any) -> SensitivityAlgorithm | None:
+    """`sensealg` as given if it is None or an instance; a clear error otherwise."""
+    if sensealg is None or isinstance(sensealg, SensitivityAlgorithm):
+        return sensealg
+    names = ", ".join(f"dk.{c.__name__}()" for c in SENSEALGS)
+    fix = f"Pass one of {names}, or None for the default."
+    if isinstance(sensealg, type) and issubclass(sensealg, SensitivityAlgorithm):
+        fix = f"Pass an instance: sensealg=dk.{sensealg.__name__}()."
+    raise InvalidProblemError(
+        f"sensealg must be a diffeqkit gradient method or None; got "
+        f"sensealg={short(sensealg)}. {fix}"
+    )
+
+
+def input_size(u0: Any, p: Any) -> int:
+    """How many numbers a gradient is taken with respect to: ``u0.size`` plus the
+    sizes of p's leaves."""
+
+    def size(x: Any) -> int:
+        if x is None:
+            return 0
+        if is_array(x):
+            return math.prod(x.shape)
+        shape = getattr(x, "shape", None)
+        if shape is not None:
+            return math.prod(shape)
+        if isinstance(x, list | tuple):
+            return sum(size(v) for v in x)
+        return 1
+
+    return size(u0) + sum(size(x) for x in leaves(p))
+
+
+# The default rule: forward mode up to this many inputs (u0.size + parameters),
+# an adjoint above. Measured on this project's benchmark (benchmarks/sensealg.py,
+# Lotka-Volterra and neural ODEs of growing width, gradient time per sensealg);
+# see docs/gradients.md for the numbers behind each threshold.
+FORWARD_MODE_MAX_INPUTS: dict[str, int] = {"jax": 32, "torch": 16, "scipy": 32}
+
+
+def default_sensealg(backend: str, u0: Any, p: Any) -> SensitivityAlgorithm:
+    """The gradient method ``sensealg=None`` stands for.
+
+    `ForwardMode` when ``u0.size`` plus the number of parameters is at most
+    ``FORWARD_MODE_MAX_INPUTS[backend]``; otherwise `CheckpointedAdjoint` (exact
+    forward states with bounded memory, the field's recommended default).
+    """
+    limit = FORWARD_MODE_MAX_INPUTS.get(backend, 0)
+    if input_size(u0, p) <= limit:
+        return ForwardMode()
+    return CheckpointedAdjoint()
