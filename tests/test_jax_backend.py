@@ -374,13 +374,13 @@ def test_jit_of_solve_traces_f_once():
 
 def test_the_program_cache_is_a_bounded_lru():
     cache = jax_backend._Programs(2)
-    cfg = object()
-    first = cache.get("a", cfg)  # pyright: ignore[reportArgumentType]
-    cache.get("b", cfg)  # pyright: ignore[reportArgumentType]
-    assert cache.get("a", cfg) is first  # pyright: ignore[reportArgumentType]
-    cache.get("c", cfg)  # pyright: ignore[reportArgumentType]  # evicts "b"
+    fn = jnp.sin
+    first = cache.get("a", fn)
+    cache.get("b", fn)
+    assert cache.get("a", fn) is first
+    cache.get("c", fn)  # evicts "b"
     assert len(cache) == 2
-    assert cache.get("a", cfg) is first  # pyright: ignore[reportArgumentType]
+    assert cache.get("a", fn) is first
     assert jax_backend._CACHE_SIZE == 128
 
 

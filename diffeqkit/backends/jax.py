@@ -59,6 +59,7 @@ Requirements met here:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections import OrderedDict
@@ -71,14 +72,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from .._arrays import to_numpy
 from .._errors import UnsupportedError, listing, unavailable_device
 from .._problem import check_rhs_output, rhs_nonfinite_error
 from .._saveat import step_grid
+from .._sensealg import (
+    CheckpointedAdjoint,
+    ContinuousAdjoint,
+    ForwardMode,
+    ReverseThroughSolver,
+    SensitivityAlgorithm,
+)
 from .._solution import Solution
 from .._tableaux import get_tableau
-from ._protocol import SolveRequest, conclude
+from ._protocol import Pullback, SolveRequest, conclude
 
 __all__ = ["BACKEND", "JaxBackend"]
 
@@ -146,7 +155,9 @@ class _PIDController(diffrax.PIDController):
             t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
         )
         # diffrax integrates in increasing (direction-normalised) time.
-        ulp = jnp.nextafter(next_t0, jnp.inf) - next_t0
+        # (No gradient flows through step sizes; nextafter has no derivative.)
+        here = jax.lax.stop_gradient(next_t0)
+        ulp = jnp.nextafter(here, jnp.inf) - here
         too_small = jnp.logical_not(keep) & (next_t1 - next_t0 < _MIN_STEP_ULPS * ulp)
         failure = RESULTS.where(
             _all_finite(y1_candidate), RESULTS.dt_min_reached, RESULTS.nonfinite
@@ -365,7 +376,12 @@ class _Config:
     max_steps: int
     adaptive_dt0: bool  # an adaptive solve with dt0 given
     land: bool  # adaptive steps must end on the save times
-    traced: bool  # called under a JAX transformation: diffrax raises on failure
+    # "eager": a plain solve, all host information returned; "traced": under a
+    # JAX transformation, diffrax raises on failure; "vjp": `dk.vjp`'s solve and
+    # pullback, status returned.
+    mode: str
+    # The gradient method; None for an eager solve (nothing is differentiated).
+    sensealg: SensitivityAlgorithm | None = None
 
 
 def _vector_field(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -375,6 +391,139 @@ def _vector_field(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(y, args, t)
 
     return vf
+
+
+# ---------------------------------------------------------------------------------
+# Gradient methods: the sensealg table -> diffrax adjoints.
+# ---------------------------------------------------------------------------------
+
+
+def _reverse_adjoint(cfg: _Config, grid: Any, times: Any) -> Any:
+    """ReverseThroughSolver: one checkpoint per step, so nothing is recomputed."""
+    del grid, times
+    return diffrax.RecursiveCheckpointAdjoint(checkpoints=cfg.max_steps)
+
+
+def _checkpointed_adjoint(cfg: _Config, grid: Any, times: Any) -> Any:
+    """CheckpointedAdjoint: diffrax's recursive (binomial) checkpointing."""
+    del grid, times
+    return diffrax.RecursiveCheckpointAdjoint(
+        checkpoints=cast("Any", cfg.sensealg).checkpoints
+    )
+
+
+def _backsolve_adjoint(cfg: _Config, grid: Any, times: Any) -> Any:
+    """ContinuousAdjoint: diffrax's backsolve, with its own controller for the
+    backward solve (the sensealg's tolerances, else the forward ones)."""
+    _, _, rtol, atol, dt0 = times
+    if grid is not None:
+        # Fixed step: diffrax solves the adjoint between consecutive save times, so
+        # it steps by dt0 backward from each save time (a grid of its own).
+        backward = jnp.where(grid[-1] > grid[0], -dt0, dt0)
+        return diffrax.BacksolveAdjoint(
+            stepsize_controller=diffrax.ConstantStepSize(), dt0=backward
+        )
+    sensealg = cast("Any", cfg.sensealg)
+    return diffrax.BacksolveAdjoint(
+        stepsize_controller=_PIDController(
+            rtol=rtol if sensealg.rtol is None else sensealg.rtol,
+            atol=atol if sensealg.atol is None else sensealg.atol,
+        )
+    )
+
+
+def _forward_adjoint(cfg: _Config, grid: Any, times: Any) -> Any:
+    """ForwardMode: diffrax's forward-mode adjoint, driven by `_forward_mode`."""
+    del cfg, grid, times
+    return diffrax.ForwardMode()
+
+
+_SENSEALGS: Mapping[type[SensitivityAlgorithm], Callable[..., Any]] = {
+    ForwardMode: _forward_adjoint,
+    ReverseThroughSolver: _reverse_adjoint,
+    ContinuousAdjoint: _backsolve_adjoint,
+    CheckpointedAdjoint: _checkpointed_adjoint,
+}
+
+
+def _adjoint(cfg: _Config, grid: Any, times: Any) -> Any:
+    if cfg.sensealg is None:  # an eager solve: nothing is differentiated
+        return diffrax.RecursiveCheckpointAdjoint()
+    return _SENSEALGS[type(cfg.sensealg)](cfg, grid, times)
+
+
+# ---------------------------------------------------------------------------------
+# The compiled program.
+# ---------------------------------------------------------------------------------
+
+
+def _diffeqsolve(
+    cfg: _Config, y0: Any, p: Any, times: Any, ts: Any, grid: Any
+) -> tuple[Any, Any]:
+    """diffrax's solve of one problem, and ``f(u0, p, t0)``."""
+    t0, t1, rtol, atol, dt0 = times
+    du0 = cfg.f(y0, p, t0)
+    check_rhs_output(du0, y0, t0)  # shapes and dtypes, at trace time
+    method = cfg.method
+    if grid is not None:
+        controller: diffrax.AbstractStepSizeController = _StepTo(ts=grid)
+        t0, t1, step0 = grid[0], grid[-1], None
+    else:
+        pid = _PIDController(rtol=rtol, atol=atol)
+        controller = (
+            diffrax.ClipStepSizeController(pid, step_ts=ts) if cfg.land else pid
+        )
+        step0 = jnp.where(t1 > t0, dt0, -dt0) if cfg.adaptive_dt0 else None
+    if cfg.mode == "eager":
+        # Also the time the solve stopped at; nothing of y is needed there.
+        saveat = diffrax.SaveAt(
+            subs=[
+                diffrax.SubSaveAt(ts=ts),
+                diffrax.SubSaveAt(t1=True, fn=lambda t, y, args: t),
+            ]
+        )
+    else:  # BacksolveAdjoint accepts nothing but plain save times
+        saveat = diffrax.SaveAt(ts=ts)
+    adjoint = _adjoint(cfg, grid, times)
+    # diffrax's backsolve refuses a given solver state (see `_fsal_state`).
+    backsolve = isinstance(adjoint, diffrax.BacksolveAdjoint)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_vector_field(cfg.f)),
+        method.solver(),
+        t0,
+        t1,
+        step0,
+        y0,
+        args=p,
+        saveat=saveat,
+        stepsize_controller=controller,
+        max_steps=cfg.max_steps,
+        throw=cfg.mode == "traced",
+        adjoint=adjoint,
+        solver_state=None if backsolve else _fsal_state(method, du0),
+    )
+    return sol, du0
+
+
+def _status_code(sol: Any) -> Any:
+    code = jnp.array(_FAILED, dtype=jnp.int32)
+    for name, status in _RESULT_STATUS.items():
+        code = jnp.where(
+            sol.result == getattr(RESULTS, name), _STATUSES.index(status), code
+        )
+    return code
+
+
+def _counts(sol: Any) -> Any:
+    """Status code, accepted and rejected steps, as one int32 array."""
+    stats: Any = sol.stats
+    return jnp.stack(
+        [
+            _status_code(sol),
+            jnp.asarray(stats["num_accepted_steps"]).astype(jnp.int32),
+            jnp.asarray(stats["num_rejected_steps"]).astype(jnp.int32),
+        ]
+    )
 
 
 def _program(
@@ -388,73 +537,116 @@ def _program(
     """One solve, traced once per `_Config` and input structure.
 
     ``scalars`` is ``(t0, t1, rtol, atol, dt0)`` (dt0 unused unless
-    ``cfg.adaptive_dt0``); ``grid`` the fixed-step grid or None.
+    ``cfg.adaptive_dt0``); ``grid`` the fixed-step grid or None. Returns the save
+    times, the saved states and host information: in eager mode status, step
+    counts, f(u0)'s finiteness and the time reached (`_eager_info`); otherwise
+    status and step counts (`_counts`).
     """
     dtype = jnp.dtype(cfg.dtype)
     y0 = jnp.asarray(u0, dtype=dtype)
-    t0, t1, rtol, atol, dt0 = (jnp.asarray(scalars[i], dtype=dtype) for i in range(5))
+    times = tuple(jnp.asarray(scalars[i], dtype=dtype) for i in range(5))
     ts = jnp.asarray(ts, dtype=dtype)
-    du0 = cfg.f(y0, p, t0)
-    check_rhs_output(du0, y0, t0)  # shapes and dtypes, at trace time
-
-    method = cfg.method
     if grid is not None:
         grid = jnp.asarray(grid, dtype=dtype)
-        controller: diffrax.AbstractStepSizeController = _StepTo(ts=grid)
-        t0, t1, step0 = grid[0], grid[-1], None
-    else:
-        pid = _PIDController(rtol=rtol, atol=atol)
-        controller = (
-            diffrax.ClipStepSizeController(pid, step_ts=ts) if cfg.land else pid
-        )
-        step0 = jnp.where(t1 > t0, dt0, -dt0) if cfg.adaptive_dt0 else None
-
-    subs = [diffrax.SubSaveAt(ts=ts)]
-    if not cfg.traced:
-        # The time the solve stopped at; nothing of y is needed there.
-        subs.append(diffrax.SubSaveAt(t1=True, fn=lambda t, y, args: t))
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_vector_field(cfg.f)),
-        method.solver(),
-        t0,
-        t1,
-        step0,
-        y0,
-        args=p,
-        saveat=diffrax.SaveAt(subs=subs),
-        stepsize_controller=controller,
-        max_steps=cfg.max_steps,
-        throw=cfg.traced,
-        solver_state=_fsal_state(method, du0),
-    )
+    if cfg.mode != "eager" and isinstance(cfg.sensealg, ForwardMode):
+        ys, counts = _forward_mode(cfg, y0, p, times, ts, grid)
+        return ts, ys, counts
+    sol, du0 = _diffeqsolve(cfg, y0, p, times, ts, grid)
     saved_ts, saved_ys = cast("list[Any]", sol.ts), cast("list[Any]", sol.ys)
-    ys = saved_ys[0]
-    if cfg.traced:
-        return ts, ys
+    if cfg.mode != "eager":
+        return ts, saved_ys, _counts(sol)
 
+    ys = saved_ys[0]
     # Rows not reached keep diffrax's fill value inf in both ts and ys.
     reached = jnp.isfinite(saved_ts[0]).reshape((-1,) + (1,) * y0.ndim)
     ys = jnp.where(reached, ys, jnp.nan)
-    code = jnp.array(_FAILED, dtype=jnp.int32)
-    for name, status in _RESULT_STATUS.items():
-        code = jnp.where(
-            sol.result == getattr(RESULTS, name), _STATUSES.index(status), code
-        )
-    stats: Any = sol.stats
     # Everything the host reads, in one integer array (one transfer): the time
     # reached rides along bit for bit in an integer of its width.
     t_end = saved_ts[1][0]
     bits = jnp.dtype(f"int{8 * dtype.itemsize}")
-    info = jnp.stack(
+    info = jnp.concatenate(
         [
-            code.astype(bits),
-            jnp.asarray(stats["num_accepted_steps"]).astype(bits),
-            jnp.asarray(stats["num_rejected_steps"]).astype(bits),
-            _all_finite(du0).astype(bits),
-            jax.lax.bitcast_convert_type(t_end, bits),
+            _counts(sol).astype(bits),
+            jnp.stack(
+                [
+                    _all_finite(du0).astype(bits),
+                    jax.lax.bitcast_convert_type(t_end, bits),
+                ]
+            ),
         ]
     )
     return ts, ys, info
+
+
+def _forward_mode(
+    cfg: _Config, y0: Any, p: Any, times: Any, ts: Any, grid: Any
+) -> tuple[Any, Any]:
+    """The solve as a custom VJP whose forward pass computes the Jacobian of the
+    saved states by forward-mode AD through the solver (diffrax's ForwardMode, one
+    batched tangent per input that is differentiated) and whose backward pass
+    contracts it with the cotangent (SciMLSensitivity's ForwardDiffSensitivity
+    under reverse mode). Only perturbed inputs get a tangent (JAX's symbolic
+    zeros tell which)."""
+    p_tree = jax.tree_util.tree_structure(p)
+
+    def run(y0: Any, p: Any, times: Any, ts: Any, grid: Any) -> tuple[Any, Any]:
+        sol, _ = _diffeqsolve(cfg, y0, p, times, ts, grid)
+        return sol.ys, _counts(sol)
+
+    @jax.custom_vjp
+    def solve(y0: Any, p: Any, times: Any, ts: Any, grid: Any) -> tuple[Any, Any]:
+        return run(y0, p, times, ts, grid)
+
+    def fwd(y0: Any, p: Any, times: Any, ts: Any, grid: Any) -> Any:
+        primal = lambda x: isinstance(x, CustomVJPPrimal)  # noqa: E731
+        fixed = (times, ts, grid)
+        if any(x.perturbed for x in jax.tree_util.tree_leaves(fixed, is_leaf=primal)):
+            raise UnsupportedError(_FORWARD_MODE_TIMES)
+        fixed = jax.tree_util.tree_map(lambda x: x.value, fixed, is_leaf=primal)
+        # y0 is one array, then p's leaves.
+        inputs = jax.tree_util.tree_leaves((y0, p), is_leaf=primal)
+        values = [x.value for x in inputs]
+        which = [i for i, x in enumerate(inputs) if x.perturbed]
+        cuts = np.cumsum([values[i].size for i in which])[:-1]
+        flat = jnp.concatenate([jnp.ravel(values[i]) for i in which])
+
+        def g(flat: Any) -> tuple[Any, Any]:
+            full = list(values)
+            for i, part in zip(which, jnp.split(flat, cuts), strict=True):
+                full[i] = part.reshape(values[i].shape).astype(values[i].dtype)
+            return run(full[0], p_tree.unflatten(full[1:]), *fixed)
+
+        # One tangent per input number; the primal (and with it every step-size
+        # decision) is not batched, so all tangents share the steps.
+        ys, tangents, counts = jax.vmap(
+            lambda v: jax.jvp(g, (flat,), (v,), has_aux=True),
+            out_axes=(None, 0, None),
+        )(jnp.eye(flat.size, dtype=flat.dtype))
+        parts: list[Any] = [None] * len(values)
+        for i, jac in zip(which, jnp.split(tangents, cuts), strict=True):
+            parts[i] = jac.reshape(values[i].shape + ys.shape)
+        return (ys, counts), parts
+
+    def bwd(parts: Any, cts: Any) -> Any:
+        ct_ys = cts[0]
+        grads = [
+            None
+            if jac is None or isinstance(ct_ys, SymbolicZero)
+            else jnp.tensordot(jac, ct_ys.astype(jac.dtype), axes=ct_ys.ndim)
+            for jac in parts
+        ]
+        return (grads[0], p_tree.unflatten(grads[1:]), None, None, None)
+
+    solve.defvjp(fwd, bwd, symbolic_zeros=True)
+    return solve(y0, p, times, ts, grid)
+
+
+_FORWARD_MODE_TIMES = (
+    "sensealg=dk.ForwardMode() on backend='jax' differentiates with respect to u0 "
+    "and p only, not tspan, saveat, rtol or atol. Use "
+    "sensealg=dk.ReverseThroughSolver() or dk.CheckpointedAdjoint() for gradients "
+    "with respect to times."
+)
 
 
 class _Programs:
@@ -465,13 +657,14 @@ class _Programs:
         self._programs: OrderedDict[Any, Callable[..., Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Any, cfg: _Config) -> Callable[..., Any]:
+    def get(self, key: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``jax.jit(fn)``, compiled once per key."""
         with self._lock:
             program = self._programs.get(key)
             if program is not None:
                 self._programs.move_to_end(key)
                 return program
-            program = jax.jit(functools.partial(_program, cfg))
+            program = jax.jit(fn)
             self._programs[key] = program
             if len(self._programs) > self.size:
                 self._programs.popitem(last=False)
@@ -486,6 +679,24 @@ class _Programs:
 
 
 _PROGRAMS = _Programs(_CACHE_SIZE)
+
+
+def _vjp_program(
+    cfg: _Config, u0: Any, p: Any, scalars: Any, ts: Any, grid: Any
+) -> tuple[Any, Any, Any]:
+    """The solve with its pullback (a `jax.tree_util.Partial` holding the
+    residuals, so it can leave the compiled program), for `dk.vjp`."""
+
+    def solve(u0: Any, p: Any) -> tuple[Any, Any]:
+        ts_out, ys, counts = _program(cfg, u0, p, scalars, ts, grid)
+        return ys, (ts_out, counts)
+
+    return jax.vjp(solve, u0, p, has_aux=True)
+
+
+# Applies a pullback from `_vjp_program`; its function is the same object for
+# every call of one compiled program, so this compiles once per structure.
+_PULLBACK = jax.jit(lambda pullback, cotangent: pullback(cotangent))
 
 
 # ---------------------------------------------------------------------------------
@@ -586,6 +797,42 @@ def _convert_leaves(leaves: list[Any], dtype: str) -> list[Any]:
     return [x if isinstance(x, jax.Array) else _host(x, dtype) for x in leaves]
 
 
+def _traced_inputs(
+    req: SolveRequest, method: _Method, dtype: str
+) -> tuple[Any, Any, Any, Any, Any]:
+    """``(u0, p, scalars, ts, grid)`` for a program run under a transformation or
+    by `dk.vjp`: JAX values as they are, others as NumPy arrays (so p's
+    Python-number leaves are differentiable 0-d arrays)."""
+    grid = None
+    if method.fixed_step:
+        if (
+            req.saveat is None
+            or req.dt0 is None
+            or any(isinstance(x, Tracer) for x in (req.t0, req.t1, req.saveat))
+        ):
+            raise UnsupportedError(
+                f"alg='{req.alg.name}' (fixed step) needs tspan and saveat as "
+                "concrete values under a JAX transformation: its step grid "
+                "(t0 + k*dt0 merged with the save times) decides the shape of "
+                "the computation. Close over tspan and saveat instead of passing "
+                "them as traced arguments, or use an adaptive alg such as 'tsit5'."
+            )
+        t0, t1, saveat = _concrete_times(req)
+        grid = np.asarray(step_grid(t0, t1, req.dt0, saveat), dtype=dtype)
+    u0 = req.u0 if isinstance(req.u0, jax.Array) else _host(req.u0, dtype)
+    leaves, treedef = jax.tree_util.tree_flatten(req.p)
+    p = treedef.unflatten(_convert_leaves(leaves, dtype))
+    if req.saveat is None:  # traced tspan, default saveat: [t0, t1]
+        ts = jnp.stack([jnp.asarray(req.t0, dtype), jnp.asarray(req.t1, dtype)])
+    elif isinstance(req.saveat, jax.Array):
+        ts = req.saveat
+    else:
+        ts = np.asarray(req.saveat, dtype=dtype)
+    dt0 = 0.0 if req.dt0 is None else req.dt0
+    scalars = (req.t0, req.t1, req.rtol, req.atol, dt0)
+    return u0, p, scalars, ts, grid
+
+
 def _signature(x: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(x.shape), x.dtype
 
@@ -646,10 +893,8 @@ class JaxBackend:
         ts = saveat.astype(dtype, copy=False)
         dt0 = 0.0 if req.dt0 is None else req.dt0
         scalars = np.array([t0, t1, req.rtol, req.atol, dt0], dtype=dtype)
-        program = self._program(
-            req, method, dtype, u0, leaves, treedef, ts, grid, device, False
-        )
         args = (u0, treedef.unflatten(leaves), scalars, ts, grid)
+        program = self._program(req, method, dtype, u0, args[1], ts, grid, device)
         t, u, info = program(*(jax.device_put(args, device) if put else args))
         info = np.asarray(info)
         code, naccept, nreject, rhs_finite = (int(v) for v in info[:4])
@@ -678,40 +923,61 @@ class JaxBackend:
                 "transformation to get the status and partial solution, or keep "
                 "throw=True: a failed solve then raises when the compiled program runs."
             )
-        grid = None
-        if method.fixed_step:
-            if (
-                req.saveat is None
-                or req.dt0 is None
-                or any(isinstance(x, Tracer) for x in (req.t0, req.t1, req.saveat))
-            ):
-                raise UnsupportedError(
-                    f"alg='{req.alg.name}' (fixed step) needs tspan and saveat as "
-                    "concrete values under a JAX transformation: its step grid "
-                    "(t0 + k*dt0 merged with the save times) decides the shape of "
-                    "the computation. Close over tspan and saveat instead of passing "
-                    "them as traced arguments, or use an adaptive alg such as 'tsit5'."
-                )
-            t0, t1, saveat = _concrete_times(req)
-            grid = np.asarray(step_grid(t0, t1, req.dt0, saveat), dtype=dtype)
-        u0 = req.u0 if isinstance(req.u0, jax.Array) else _host(req.u0, dtype)
-        leaves, treedef = jax.tree_util.tree_flatten(req.p)
-        leaves = _convert_leaves(leaves, dtype)
-        if req.saveat is None:  # traced tspan, default saveat: [t0, t1]
-            ts = jnp.stack([jnp.asarray(req.t0, dtype), jnp.asarray(req.t1, dtype)])
-        elif isinstance(req.saveat, jax.Array):
-            ts = req.saveat
-        else:
-            ts = np.asarray(req.saveat, dtype=dtype)
-        dt0 = 0.0 if req.dt0 is None else req.dt0
-        scalars = (req.t0, req.t1, req.rtol, req.atol, dt0)
-        program = self._program(
-            req, method, dtype, u0, leaves, treedef, ts, grid, None, True
-        )
-        t, u = program(u0, treedef.unflatten(leaves), scalars, ts, grid)
+        u0, p, scalars, ts, grid = _traced_inputs(req, method, dtype)
+        program = self._program(req, method, dtype, u0, p, ts, grid, None, "traced")
+        t, u, _ = program(u0, p, scalars, ts, grid)
         # Only a successful solve returns at all (diffrax raises at run time).
         stats = {"nfev": None, "naccept": None, "nreject": None}
         return conclude(req, t=t, u=u, stats=stats, status="success")
+
+    def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
+        """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
+
+        One compiled program (cached like `solve`'s) runs the solve and keeps what
+        the reverse pass needs; a second one, compiled once per structure, runs
+        the pullback. Gradients are JAX arrays: ``du0`` of u0's shape, ``dp``
+        with p's structure.
+        """
+        dtype = _state_dtype(req)
+        method = _ALGS[req.alg.name]
+        leaves = jax.tree_util.tree_leaves(req.p)
+        values = (req.u0, *leaves, req.t0, req.t1, req.saveat, req.rtol, req.atol)
+        if any(isinstance(x, Tracer) for x in values):
+            raise UnsupportedError(
+                "dk.vjp cannot run under a JAX transformation; inside jax.jit, "
+                "jax.grad or jax.vmap call dk.solve and differentiate it with "
+                "jax.grad or jax.vjp instead (the sensealg does the work there too)."
+            )
+        device, _ = _placement(req, leaves)
+        u0, p, scalars, ts, grid = _traced_inputs(req, method, dtype)
+        program = self._program(req, method, dtype, u0, p, ts, grid, device, "vjp")
+        u0, p, scalars, ts, grid = jax.device_put((u0, p, scalars, ts, grid), device)
+        u, pullback, (t, counts) = program(u0, p, scalars, ts, grid)
+        code, naccept, nreject = (int(v) for v in np.asarray(counts))
+        sol = conclude(
+            req,
+            t=t,
+            u=u,
+            stats={
+                "nfev": _nfev(method, naccept, nreject),
+                "naccept": naccept,
+                "nreject": nreject,
+            },
+            status=_STATUSES[code],
+        )
+
+        def pull(cotangent: Any) -> tuple[Any, Any]:
+            ct = jax.device_put(jnp.asarray(cotangent, dtype=u.dtype), device)
+            return _PULLBACK(pullback, ct)
+
+        return sol, pull
+
+    def loss_grad(
+        self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
+    ) -> tuple[Any, Any]:
+        """``loss(sol)`` and its gradient with respect to ``sol.u``, by JAX."""
+        del req
+        return jax.value_and_grad(lambda u: loss(dataclasses.replace(sol, u=u)))(sol.u)
 
     @staticmethod
     def _program(
@@ -719,14 +985,16 @@ class JaxBackend:
         method: _Method,
         dtype: str,
         u0: Any,
-        leaves: list[Any],
-        treedef: Any,
+        p: Any,
         ts: Any,
         grid: Any,
         device: Any,
-        traced: bool,
+        mode: str = "eager",
     ) -> Callable[..., Any]:
         """The cached compiled program for this problem structure."""
+        leaves, treedef = jax.tree_util.tree_flatten(p)
+        # An eager solve is not differentiated: one program serves every sensealg.
+        sensealg = None if mode == "eager" else req.sensealg
         adaptive_dt0 = not method.fixed_step and req.dt0 is not None
         # The core asks for landing where the shared tableau's dense output is weak;
         # diffrax's interpolants are not the shared ones, so their own orders count.
@@ -744,11 +1012,15 @@ class JaxBackend:
             adaptive_dt0,
             land,
             device,
-            traced,
+            mode,
+            sensealg,
             dtype,
         )
-        cfg = _Config(req.f, method, dtype, req.max_steps, adaptive_dt0, land, traced)
-        return _PROGRAMS.get(key, cfg)
+        cfg = _Config(
+            req.f, method, dtype, req.max_steps, adaptive_dt0, land, mode, sensealg
+        )
+        run = _vjp_program if mode == "vjp" else _program
+        return _PROGRAMS.get(key, functools.partial(run, cfg))
 
     def describe(self) -> dict[str, Any]:
         """Visible devices, JAX's default platform and whether x64 is on."""
