@@ -1,4 +1,5 @@
-"""Sessions: tests(backend), tests_all, lint, typecheck (default); bench on demand.
+"""Sessions: tests(backend), tests_all, lint, typecheck, docs (default); bench on
+demand.
 
 Each `tests(backend)` session installs ONLY that backend's extra into a fresh
 virtualenv and requires that backend's tests to run (DIFFEQKIT_REQUIRE_BACKENDS),
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests", "tests_all"]
+nox.options.sessions = ["lint", "typecheck", "docs", "tests", "tests_all"]
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = True
 
@@ -66,8 +67,18 @@ def typecheck(session: nox.Session) -> None:
     session.run("basedpyright", *(session.posargs or ["diffeqkit"]))
 
 
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the mkdocs site strictly (broken links or references fail)."""
+    session.install(".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs)
+
+
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Run the overhead benchmark; results go to benchmarks/results/*.json."""
+    """Run the benchmarks (overhead, sensealg); results go to benchmarks/results/.
+
+    Positional arguments go to both scripts (both take ``--repeat N``)."""
     _install(session, "all")
     session.run("python", "benchmarks/overhead.py", *session.posargs)
+    session.run("python", "benchmarks/sensealg.py", *session.posargs)
