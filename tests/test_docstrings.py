@@ -1,12 +1,25 @@
-"""The Examples sections of the public docstrings run and print what they claim."""
+"""The Examples sections of the public docstrings, and the docs' worked examples,
+run and print (or assert) what they claim."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
+import re
+from pathlib import Path
 
 import pytest
 from conftest import need
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def need_autodiff() -> None:
+    """The SciPy backend's gradients differentiate f with JAX or PyTorch."""
+    if not any(importlib.util.find_spec(m) for m in ("jax", "torch")):
+        pytest.skip("SciPy gradients need jax or torch to differentiate f")
+
 
 # module -> the backend its examples solve on (None: no solve)
 MODULES = {
@@ -14,14 +27,37 @@ MODULES = {
     "diffeqkit._arrays": None,
     "diffeqkit._solve": "scipy",
     "diffeqkit._info": "scipy",
+    "diffeqkit._gradients": "scipy",
 }
+# Modules whose examples take gradients on SciPy.
+GRADIENTS = {"diffeqkit._gradients"}
 
 
 @pytest.mark.parametrize("name", list(MODULES))
 def test_docstring_examples_run(name):
     if MODULES[name] is not None:
         need(MODULES[name])
+    if name in GRADIENTS:
+        need_autodiff()
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def runnable_blocks(page: str) -> list[str]:
+    """The self-contained Python blocks of a docs page (those importing diffeqkit)."""
+    text = (DOCS / page).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    return [b for b in blocks if "import diffeqkit as dk" in b]
+
+
+@pytest.mark.parametrize("page", ["gradients.md", "index.md"])
+def test_docs_worked_examples_run(page):
+    need("scipy")
+    blocks = runnable_blocks(page)
+    assert blocks, f"{page} has no self-contained example"
+    if page == "gradients.md":
+        need_autodiff()
+    for block in blocks:
+        exec(compile(block, f"docs/{page}", "exec"), {})

@@ -98,6 +98,11 @@ def test_alg_table_matches_registry_declaration():
     assert set(jax_backend._ALGS) == set(backends.SPECS["jax"].capabilities.algs)
 
 
+def test_sensealg_table_matches_registry_declaration():
+    declared = set(backends.SPECS["jax"].capabilities.sensealgs)
+    assert {cls.name for cls in jax_backend._SENSEALGS} == declared
+
+
 DIFFRAX_SOLVERS = {
     "midpoint": diffrax.Midpoint,
     "heun": diffrax.Heun,
