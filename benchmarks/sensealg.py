@@ -211,8 +211,15 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeat: int) -> dict[str
     return out
 
 
+SELECTED: list[str] = []
+
+
 def installed_backends() -> list[str]:
-    return [b for b in backends.SPECS if backends.installed(b)]
+    return [
+        b
+        for b in backends.SPECS
+        if backends.installed(b) and (not SELECTED or b in SELECTED)
+    ]
 
 
 def part_ratios(repeat: int) -> dict[str, Any]:
@@ -482,6 +489,7 @@ def main() -> None:
         nargs="*",
         choices=["ratios", "crossover", "memory", "jax_vs_diffrax"],
     )
+    parser.add_argument("--backends", nargs="*", choices=list(backends.SPECS))
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--memory-child", nargs=2, metavar=("BACKEND", "SENSEALG"))
     args = parser.parse_args()
@@ -498,6 +506,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
+    SELECTED.extend(args.backends or [])
     repeat = 3 if args.quick else args.repeat
     widths = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64]
     parts = args.only or ["ratios", "crossover", "memory", "jax_vs_diffrax"]

@@ -7,6 +7,7 @@ across the core and every backend.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -126,3 +127,19 @@ def solve_failed(
         f"integration stopped at t={t:.6g} of tspan=({tspan[0]!r}, {tspan[1]!r}) "
         f"with status '{status}'{counted}. {hint}"
     ).rstrip()
+
+
+def backward_failed(sensealg: Any, reason: str) -> str:
+    """The message of a `SolveError` raised by a gradient's backward solve."""
+    # A library's runtime error may wrap the real message (equinox's does).
+    found = re.search(r"RuntimeError: ([^\n]+)", reason)
+    lines = reason.strip().splitlines()
+    first = found.group(1) if found else (lines[0] if lines else "it failed")
+    return (
+        f"the backward solve of sensealg=dk.{sensealg!r} failed: "
+        f"{first[:200].rstrip('.')}. "
+        "A continuous adjoint re-integrates the state backward, which drifts off "
+        "the forward trajectory on chaotic or unstable problems: use "
+        "sensealg=dk.CheckpointedAdjoint(), or raise max_steps, or loosen the "
+        "backward tolerances ContinuousAdjoint(rtol=..., atol=...)."
+    )

@@ -82,11 +82,12 @@ class SensitivityAlgorithm:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
+        options = vars(self)
         for tol in ("rtol", "atol"):
-            if hasattr(self, tol):
-                _check_tol(owner, tol, getattr(self, tol))
-        if hasattr(self, "autodiff"):
-            _check_autodiff(owner, self.autodiff)
+            if tol in options:
+                _check_tol(owner, tol, options[tol])
+        if "autodiff" in options:
+            _check_autodiff(owner, options["autodiff"])
 
 
 @dataclass(frozen=True)

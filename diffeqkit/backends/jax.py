@@ -75,7 +75,13 @@ from jax.core import Tracer
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from .._arrays import to_numpy
-from .._errors import UnsupportedError, listing, unavailable_device
+from .._errors import (
+    SolveError,
+    UnsupportedError,
+    backward_failed,
+    listing,
+    unavailable_device,
+)
 from .._problem import check_rhs_output, rhs_nonfinite_error
 from .._saveat import step_grid
 from .._sensealg import (
@@ -416,19 +422,23 @@ def _backsolve_adjoint(cfg: _Config, grid: Any, times: Any) -> Any:
     """ContinuousAdjoint: diffrax's backsolve, with its own controller for the
     backward solve (the sensealg's tolerances, else the forward ones)."""
     _, _, rtol, atol, dt0 = times
+    # The backward solve raises when it fails (a backsolve that drifts off the
+    # forward trajectory can hit max_steps), even where the forward one reports a
+    # status instead: a silently truncated adjoint would be a wrong gradient.
     if grid is not None:
         # Fixed step: diffrax solves the adjoint between consecutive save times, so
         # it steps by dt0 backward from each save time (a grid of its own).
         backward = jnp.where(grid[-1] > grid[0], -dt0, dt0)
         return diffrax.BacksolveAdjoint(
-            stepsize_controller=diffrax.ConstantStepSize(), dt0=backward
+            stepsize_controller=diffrax.ConstantStepSize(), dt0=backward, throw=True
         )
     sensealg = cast("Any", cfg.sensealg)
     return diffrax.BacksolveAdjoint(
         stepsize_controller=_PIDController(
             rtol=rtol if sensealg.rtol is None else sensealg.rtol,
             atol=atol if sensealg.atol is None else sensealg.atol,
-        )
+        ),
+        throw=True,
     )
 
 
@@ -968,7 +978,10 @@ class JaxBackend:
 
         def pull(cotangent: Any) -> tuple[Any, Any]:
             ct = jax.device_put(jnp.asarray(cotangent, dtype=u.dtype), device)
-            return _PULLBACK(pullback, ct)
+            try:
+                return jax.block_until_ready(_PULLBACK(pullback, ct))
+            except jax.errors.JaxRuntimeError as err:
+                raise SolveError(backward_failed(req.sensealg, str(err))) from err
 
         return sol, pull
 
