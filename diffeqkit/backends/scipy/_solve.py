@@ -1,4 +1,5 @@
-"""The SciPy backend: `scipy.integrate` solvers, driven step by step.
+"""The plain solve: SciPy's solvers driven step by step, and the pieces every
+gradient method reuses (the alg table, solver options, the step loop).
 
 Requirements met here:
 
@@ -18,9 +19,15 @@ Requirements met here:
 - Per-step Python work is kept to what `solve_ivp`'s own loop does: the benchmark
   is `solve_ivp` with the same tableau.
 - SciPy integrates in float64 on the CPU only: float32 raises `UnsupportedError`.
-- Stats are real counts: ``nfev`` every call of `f` (finite-difference Jacobian
-  columns included, the validation call at ``t0`` not), ``naccept`` the accepted
-  steps (``max_steps`` bounds them), ``nreject`` where it can be told.
+- Stats are real counts: ``nfev`` every call of the integrated system (finite-
+  difference Jacobian columns included, the validation call at ``t0`` not),
+  ``naccept`` the accepted steps (``max_steps`` bounds them), ``nreject`` where it
+  can be told.
+- The gradient methods integrate other systems (the state with its
+  sensitivities, or adjoints) with the same machinery: `Problem` is the request
+  converted once, `integrate` runs any system ``fun(t, y)`` with the request's alg,
+  and `options` gives a solver's options with the tolerances, Jacobian or step grid
+  of that system.
 """
 
 from __future__ import annotations
@@ -33,27 +40,39 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
-import scipy
 from scipy.integrate import BDF, LSODA, RK45, OdeSolver, Radau
 
-from .._arrays import to_numpy
-from .._errors import InvalidProblemError, UnsupportedError, short
-from .._problem import check_rhs_output
-from .._saveat import step_grid
-from .._solution import Solution
-from .._tableaux import get_tableau
-from ._protocol import SolveRequest, conclude
+from ..._arrays import to_numpy
+from ..._errors import InvalidProblemError, UnsupportedError, short
+from ..._problem import check_rhs_output
+from ..._saveat import step_grid
+from ..._solution import Solution
+from ..._tableaux import get_tableau
+from .._protocol import SolveRequest, conclude
 
-__all__ = ["BACKEND", "ScipyBackend"]
+__all__ = [
+    "ALGS",
+    "Counter",
+    "Method",
+    "Outcome",
+    "Problem",
+    "RungeKutta",
+    "conclude_outcome",
+    "integrate",
+    "newton_jacobian",
+    "options",
+    "prepare",
+    "solve",
+]
 
 # SciPy's generic explicit Runge-Kutta machinery (scipy.integrate._ivp.rk.RungeKutta)
 # is private; RK45 is that class plus class attributes only (no methods), so a
 # subclass that replaces every attribute defining the method is a RungeKutta on
 # another tableau, through public API.
-_RungeKutta = RK45
+RungeKutta = RK45
 
 
-class _FixedStepRungeKutta(_RungeKutta):
+class _FixedStepRungeKutta(RungeKutta):
     """Explicit Runge-Kutta steps exactly onto the points of a given grid."""
 
     def __init__(
@@ -84,10 +103,10 @@ class _FixedStepRungeKutta(_RungeKutta):
         return True, None
 
 
-def _runge_kutta(name: str) -> type[_RungeKutta]:
+def _runge_kutta(name: str) -> type[RungeKutta]:
     """A SciPy solver class running the shared tableau `name`."""
     tab = get_tableau(name)
-    base = _RungeKutta if tab.adaptive else _FixedStepRungeKutta
+    base = RungeKutta if tab.adaptive else _FixedStepRungeKutta
     attrs = {
         "C": tab.c,
         "A": tab.a,
@@ -100,7 +119,7 @@ def _runge_kutta(name: str) -> type[_RungeKutta]:
         "n_stages": tab.n_stages,
         "__doc__": f"SciPy Runge-Kutta solver on the shared '{name}' tableau.",
     }
-    return cast("type[_RungeKutta]", type(f"RungeKutta_{name}", (base,), attrs))
+    return cast("type[RungeKutta]", type(f"RungeKutta_{name}", (base,), attrs))
 
 
 @dataclass(frozen=True)
@@ -132,9 +151,9 @@ def _adaptive_options(setup: _Setup) -> dict[str, Any]:
 
 def _implicit_options(setup: _Setup) -> dict[str, Any]:
     # Without jac, SciPy's finite differences (BDF/Radau) or LSODA's own difference
-    # quotients build the Jacobian; AD Jacobians come with the gradient work.
+    # quotients build the Jacobian.
     user_jac = setup.req.jac
-    jac = None if user_jac is None else _jac_adapter(user_jac, setup.p, setup.shape)
+    jac = None if user_jac is None else jac_adapter(user_jac, setup.p, setup.shape)
     return {**_adaptive_options(setup), "jac": jac}
 
 
@@ -163,20 +182,22 @@ def _quiet_lsoda() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class _Method:
+class Method:
     """How one neutral alg runs on SciPy."""
 
     solver: type[OdeSolver]
     options: Callable[[_Setup], dict[str, Any]]
     stats: Callable[[Any, int, int], dict[str, Any]]
     guard: Callable[[], AbstractContextManager[Any]] = nullcontext
+    # LSODA takes a dense Jacobian only; BDF and Radau also take sparse ones.
+    dense_jac: bool = False
 
 
-def _rk(name: str, options: Callable[[_Setup], dict[str, Any]]) -> _Method:
-    return _Method(_runge_kutta(name), options, _rk_stats)
+def _rk(name: str, options: Callable[[_Setup], dict[str, Any]]) -> Method:
+    return Method(_runge_kutta(name), options, _rk_stats)
 
 
-_ALGS: Mapping[str, _Method] = {
+ALGS: Mapping[str, Method] = {
     "euler": _rk("euler", _fixed_options),
     "midpoint": _rk("midpoint", _fixed_options),
     "heun": _rk("heun", _fixed_options),
@@ -185,9 +206,11 @@ _ALGS: Mapping[str, _Method] = {
     "dopri5": _rk("dopri5", _adaptive_options),
     "tsit5": _rk("tsit5", _adaptive_options),
     "dopri8": _rk("dopri8", _adaptive_options),
-    "bdf": _Method(BDF, _implicit_options, _implicit_stats),
-    "radau": _Method(Radau, _implicit_options, _implicit_stats),
-    "lsoda": _Method(LSODA, _implicit_options, _implicit_stats, _quiet_lsoda),
+    "bdf": Method(BDF, _implicit_options, _implicit_stats),
+    "radau": Method(Radau, _implicit_options, _implicit_stats),
+    "lsoda": Method(
+        LSODA, _implicit_options, _implicit_stats, _quiet_lsoda, dense_jac=True
+    ),
 }
 
 # SciPy's failure messages -> statuses; any other failure (LSODA's "Unexpected
@@ -196,7 +219,7 @@ _ALGS: Mapping[str, _Method] = {
 _FAILURES: Mapping[str, str] = {OdeSolver.TOO_SMALL_STEP: "step_size_too_small"}
 
 
-def _jac_adapter(
+def jac_adapter(
     user_jac: Callable[..., Any], p: Any, shape: tuple[int, ...]
 ) -> Callable[[float, Any], Any]:
     """SciPy's ``jac(t, y)`` from the user's ``jac(u, p, t)``, as an (n, n) array."""
@@ -233,112 +256,215 @@ def _float64_only(req: SolveRequest) -> None:
     )
 
 
-class ScipyBackend:
-    """Solves `SolveRequest`s with `scipy.integrate` (see the module docstring)."""
+@dataclass(frozen=True)
+class Problem:
+    """A `SolveRequest` converted once: NumPy float64 state, p and times."""
 
-    name = "scipy"
+    req: SolveRequest
+    method: Method
+    u0: Any  # float64, u0's shape (our own copy)
+    p: Any  # p with NumPy leaves
+    t0: float
+    t1: float
+    ts: Any  # the save times, float64
+    base_options: dict[str, Any]  # the solver options of the user's system
 
-    def describe(self) -> dict[str, Any]:
-        """Versions and devices, for `python -m diffeqkit info`."""
-        return {
-            "devices": ["cpu"],
-            "versions": {"scipy": scipy.__version__, "numpy": np.__version__},
-        }
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.u0.shape
 
-    def solve(self, req: SolveRequest) -> Solution:
-        """Integrate `req` and return a `Solution` of NumPy float64 arrays.
+    @property
+    def n(self) -> int:
+        return self.u0.size
 
-        Parameters
-        ----------
-        req : SolveRequest
-            The validated call of `dk.solve`.
+    @property
+    def grid(self) -> Any:
+        """The step grid of a fixed-step alg, else None."""
+        return self.base_options.get("grid")
 
-        Returns
-        -------
-        Solution
-            ``t`` of shape ``(m,)`` and ``u`` of shape ``(m, *u0.shape)``, float64
-            NumPy arrays; rows at save times not reached are NaN.
+    @property
+    def stops(self) -> list[float]:
+        """Times the steps must end on: the save times for algs whose dense output
+        is weaker than their steps (dopri8); fixed-step grids already hold them."""
+        if self.req.land_on_saves and self.grid is None:
+            return self.ts.tolist()
+        return []
 
-        Raises
-        ------
-        UnsupportedError
-            The state dtype is float32.
-        InvalidProblemError
-            `f` (at ``t0``) or `jac` returns the wrong shape, dtype or values.
-        SolveError
-            The integration failed and ``req.throw``.
-        """
-        _float64_only(req)
-        method = _ALGS[req.alg.name]
-        u0 = np.array(to_numpy(req.u0), dtype=np.float64)  # our own copy
-        shape = u0.shape
-        p = req.convert_p(_convert_leaf)
-        t0, t1 = float(req.t0), float(req.t1)
-        f = req.f
-        # Not counted in stats. NumPy's divide/overflow warnings are silenced for
-        # this one call: a non-finite value raises a clearer InvalidProblemError.
-        with np.errstate(all="ignore"):
-            du0 = f(u0, p, t0)
-        check_rhs_output(du0, u0, t0)
 
-        nfev = 0
-        last_du: Any = None  # the latest f value, to tell a NaN f from a tiny step
+def prepare(req: SolveRequest) -> Problem:
+    """Convert and check `req`; ``f(u0, p, t0)`` is validated here (not counted)."""
+    _float64_only(req)
+    method = ALGS[req.alg.name]
+    u0 = np.array(to_numpy(req.u0), dtype=np.float64)  # our own copy
+    p = req.convert_p(_convert_leaf)
+    t0, t1 = float(req.t0), float(req.t1)
+    # NumPy's divide/overflow warnings are silenced for this one call: a
+    # non-finite value raises a clearer InvalidProblemError.
+    with np.errstate(all="ignore"):
+        du0 = req.f(u0, p, t0)
+    check_rhs_output(du0, u0, t0)
+    ts = np.array(req.saveat, dtype=np.float64)
+    opts = method.options(_Setup(req, p, u0.shape))
+    return Problem(req, method, u0, p, t0, t1, ts, opts)
 
-        # The adapter from SciPy's fun(t, y) (flat y, t often a NumPy scalar) to
-        # f(u, p, t) with u of u0's shape and t a Python float.
-        if len(shape) == 1:
 
-            def fun(t: float, y: Any) -> Any:
-                nonlocal nfev, last_du
-                nfev += 1
-                last_du = f(y, p, float(t))
-                return last_du
+def options(
+    problem: Problem,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    jac: Callable[[float, Any], Any] | None = None,
+    grid: Any = None,
+    first_step: float | None = None,
+) -> dict[str, Any]:
+    """The solver options of another system integrated with the request's alg:
+    the given tolerances (None: the request's), Jacobian (implicit algs; None:
+    SciPy's finite differences), step grid (fixed-step algs) or first step."""
+    opts = dict(problem.base_options)
+    if "grid" in opts:
+        if grid is not None:
+            opts["grid"] = grid
+        return opts
+    opts["rtol"] = problem.req.rtol if rtol is None else rtol
+    opts["atol"] = problem.req.atol if atol is None else atol
+    if first_step is not None:
+        opts["first_step"] = first_step
+    if "jac" in opts:
+        opts["jac"] = jac
+    return opts
 
-        else:
 
-            def fun(t: float, y: Any) -> Any:
-                nonlocal nfev, last_du
-                nfev += 1
-                last_du = f(y.reshape(shape), p, float(t))
-                return last_du.reshape(-1)
+# Augmented systems' Jacobians are assembled sparse; up to this size they are
+# handed over dense, as SciPy's dense LU beats its sparse one (splu) on small
+# systems. LSODA takes dense Jacobians only.
+_DENSE_JACOBIAN_MAX = 200
 
-        ts = np.array(req.saveat, dtype=np.float64)
-        m = ts.size
-        n = u0.size
-        out = np.full((m, n), np.nan)
-        y0 = u0.reshape(-1)
-        options = method.options(_Setup(req, p, shape))
-        # Adaptive methods whose dense output is weaker than their steps (dopri8)
-        # stop on every save time; fixed-step grids already contain them.
-        stops = ts.tolist() if req.land_on_saves and "grid" not in options else []
-        with method.guard():
-            solver = method.solver(fun, t0, y0, t1, **options)
-            nfev0 = solver.nfev
-            # max_steps bounds step attempts (accepted + rejected), as on the other
-            # backends, where they can be told (Runge-Kutta: every attempt costs
-            # n_stages calls of f); BDF/Radau/LSODA hide rejections: accepted steps.
-            limit: int | tuple[int, int, int] = req.max_steps
-            if isinstance(solver, _RungeKutta):
-                limit = (req.max_steps, nfev0, solver.n_stages)
-            status, naccept, t_reached, err = _integrate(
-                solver, ts, out, y0, t0, limit, stops
-            )
-        if status in ("step_size_too_small", "solver_failed") and not (
-            _finite(last_du) and _finite(solver.y)
-        ):
-            status = "nonfinite"  # the step shrank or broke because f went NaN/inf
-        elif err is not None:
-            raise err  # not a non-finite f: a bug to see, not a status
-        stats = {"nfev": nfev, "naccept": naccept}
-        stats.update(method.stats(solver, nfev0, naccept))
-        return conclude(
-            req,
-            t=ts,
-            u=out.reshape((m, *shape)),
-            stats=stats,
-            status=status,
-            t_reached=t_reached,
+
+def newton_jacobian(problem: Problem, J: Any) -> Any:
+    """A sparse Jacobian of an augmented system in the form SciPy should get."""
+    if problem.method.dense_jac or J.shape[0] <= _DENSE_JACOBIAN_MAX:
+        return J.toarray()
+    return J
+
+
+class Counter:
+    """Calls of a system and its latest value (to tell a NaN f from a tiny step)."""
+
+    __slots__ = ("last", "nfev")
+
+    def __init__(self) -> None:
+        self.nfev = 0
+        self.last: Any = None
+
+
+def counted(fn: Callable[[float, Any], Any], counter: Counter) -> Callable[..., Any]:
+    """`fn(t, y)` counting its calls in `counter`."""
+
+    def fun(t: float, y: Any) -> Any:
+        counter.nfev += 1
+        counter.last = fn(t, y)
+        return counter.last
+
+    return fun
+
+
+def user_rhs(problem: Problem, counter: Counter) -> Callable[[float, Any], Any]:
+    """The adapter from SciPy's ``fun(t, y)`` (flat y, t often a NumPy scalar) to
+    ``f(u, p, t)`` with u of u0's shape and t a Python float."""
+    f, p, shape = problem.req.f, problem.p, problem.shape
+    if len(shape) == 1:
+
+        def fun(t: float, y: Any) -> Any:
+            counter.nfev += 1
+            counter.last = f(y, p, float(t))
+            return counter.last
+
+    else:
+
+        def fun(t: float, y: Any) -> Any:
+            counter.nfev += 1
+            counter.last = f(y.reshape(shape), p, float(t))
+            return counter.last.reshape(-1)
+
+    return fun
+
+
+@dataclass
+class Outcome:
+    """The end of one integration."""
+
+    out: Any  # (m, N): the state at the save times, NaN where not reached
+    status: str
+    naccept: int
+    t_reached: float
+    err: ValueError | None
+    solver: Any
+    nfev0: int
+
+
+# A callable told the solver after the setup and after every accepted step
+# (CheckpointedAdjoint keeps some of those states).
+Recorder = Callable[[Any], None]
+
+
+def integrate(
+    problem: Problem,
+    fun: Callable[[float, Any], Any],
+    y0: Any,
+    opts: dict[str, Any],
+    recorder: Recorder | None = None,
+) -> Outcome:
+    """Integrate ``y' = fun(t, y)`` from ``t0`` to ``t1`` with the request's alg,
+    saving at the request's save times and ending steps on `Problem.stops`."""
+    req = problem.req
+    ts = problem.ts
+    out = np.full((ts.size, y0.size), np.nan)
+    with problem.method.guard():
+        solver = problem.method.solver(fun, problem.t0, y0, problem.t1, **opts)
+        nfev0 = solver.nfev
+        # max_steps bounds step attempts (accepted + rejected), as on the other
+        # backends, where they can be told (Runge-Kutta: every attempt costs
+        # n_stages calls of f); BDF/Radau/LSODA hide rejections: accepted steps.
+        limit: int | tuple[int, int, int] = req.max_steps
+        if isinstance(solver, RungeKutta):
+            limit = (req.max_steps, nfev0, solver.n_stages)
+        status, naccept, t_reached, err = _integrate(
+            solver, ts, out, y0, problem.t0, limit, problem.stops, recorder
         )
+    return Outcome(out, status, naccept, t_reached, err, solver, nfev0)
+
+
+def conclude_outcome(
+    problem: Problem, outcome: Outcome, counter: Counter, u: Any
+) -> Solution:
+    """The `Solution` of an integration whose state rows are `u` (m, n)."""
+    status, solver = outcome.status, outcome.solver
+    if status in ("step_size_too_small", "solver_failed") and not (
+        _finite(counter.last) and _finite(solver.y)
+    ):
+        status = "nonfinite"  # the step shrank or broke because f went NaN/inf
+    elif outcome.err is not None:
+        raise outcome.err  # not a non-finite f: a bug to see, not a status
+    stats = {"nfev": counter.nfev, "naccept": outcome.naccept}
+    stats.update(problem.method.stats(solver, outcome.nfev0, outcome.naccept))
+    return conclude(
+        problem.req,
+        t=problem.ts,
+        u=u.reshape((problem.ts.size, *problem.shape)),
+        stats=stats,
+        status=status,
+        t_reached=outcome.t_reached,
+    )
+
+
+def solve(problem: Problem, recorder: Recorder | None = None) -> Solution:
+    """The plain solve of the user's system."""
+    counter = Counter()
+    fun = user_rhs(problem, counter)
+    outcome = integrate(
+        problem, fun, problem.u0.reshape(-1), problem.base_options, recorder
+    )
+    return conclude_outcome(problem, outcome, counter, outcome.out)
 
 
 def _finite(x: Any) -> bool:
@@ -359,6 +485,14 @@ def _finite_check(n: int) -> Callable[[Any], bool]:
 _SMALL = 64
 
 
+def stop_list(stops: list[float], t0: float, t_end: float) -> list[float]:
+    """The successive ``t_bound`` of a solver that must end steps on `stops`."""
+    stops = [t for t in stops if t != t0]
+    if stops and stops[-1] != t_end:
+        stops.append(t_end)
+    return stops
+
+
 def _integrate(
     solver: Any,
     ts: Any,
@@ -367,21 +501,20 @@ def _integrate(
     t0: float,
     max_steps: int | tuple[int, int, int],
     stops: list[float],
+    recorder: Recorder | None = None,
 ) -> tuple[str, int, float, ValueError | None]:
     """Step `solver` to its end, filling the rows of `out` at the save times `ts`.
 
     `max_steps` is the most accepted steps, or ``(most attempts, nfev at the
     start, calls of f per attempt)`` for solvers whose attempts can be counted.
     Steps end exactly on each time of `stops`: the solver's ``t_bound`` (which
-    SciPy's steps never cross) is moved from one stop to the next.
+    SciPy's steps never cross) is moved from one stop to the next. `recorder`, if
+    given, sees the solver before the first step and after every accepted one.
     Returns the status, the number of accepted steps, the time reached and the
     error a step raised, if any.
     """
     direction = 1.0 if solver.t_bound > t0 else -1.0
-    t_end = solver.t_bound
-    stops = [t for t in stops if t != t0]
-    if stops and stops[-1] != t_end:
-        stops.append(t_end)
+    stops = stop_list(stops, t0, solver.t_bound)
     stop = 0
     if stops:
         solver.t_bound = stops[0]
@@ -409,6 +542,8 @@ def _integrate(
         def attempts() -> int:
             return naccept
 
+    if recorder is not None:
+        recorder(solver)
     while True:
         if attempts() >= limit:
             return "max_steps_reached", naccept, float(solver.t), None
@@ -433,6 +568,8 @@ def _integrate(
                 return "success", naccept, float(solver.t), None
             solver.t_bound = stops[stop]
             solver.status = "running"
+        if recorder is not None:
+            recorder(solver)
 
 
 def _save(solver: Any, ts: Any, keys: list[float], i: int, out: Any, d: float) -> int:
@@ -449,6 +586,3 @@ def _save(solver: Any, ts: Any, keys: list[float], i: int, out: Any, d: float) -
     if end > i:
         out[i:end] = solver.dense_output()(ts[i:end]).T
     return j
-
-
-BACKEND = ScipyBackend()

@@ -1,0 +1,195 @@
+"""`CheckpointedAdjoint` on SciPy: CVODES-style checkpointing.
+
+Requirements met here:
+
+- The forward solve is the plain one; it keeps the solver's state at the start
+  of each of ``checkpoints`` segments (None: 10). The segments are cut at equally
+  spaced times of ``[t0, t_last]`` (``t_last`` the last save time): a segment
+  starts at the first accepted step that ends at or after its cut, so every
+  checkpoint is a step of the forward solve. Memory: ``checkpoints`` states.
+- The backward pass, segment by segment from the last, recomputes the forward
+  solution on the segment from its checkpoint with dense output, and integrates
+  ``[λ, μ]`` backward (``dλ/dt = -(df/du)^T λ``, ``dμ/dt = -(df/dp)^T λ``)
+  against the interpolated ``u(t)``, with the jumps ``λ += cotangent_i`` at the
+  save times. The state is never integrated backward, so the forward states are
+  exact and chaotic problems are no harder than for the forward solve. Memory:
+  one segment's dense output.
+- The Runge-Kutta recomputation restarts from the checkpoint with the solver's
+  step size and stop schedule, so it repeats the forward steps bit for bit;
+  BDF/Radau/LSODA restart fresh (their history cannot be restored) with the last
+  step size, and repeat the forward solution to the tolerances.
+- The backward solve uses the request's alg with the sensealg's ``rtol``/``atol``
+  (None: the forward solve's); fixed-step algs step on the forward grid, reversed,
+  with the dense output at the intermediate stages. Implicit algs get the
+  adjoint system's exact Jacobian ``[[-(df/du)^T, 0], [-(df/dp)^T, 0]]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+from scipy.integrate import OdeSolution
+
+from ..._solution import Solution
+from ._adjoint import Backward
+from ._autodiff import Engine, Layout
+from ._solve import (
+    _FAILURES,
+    Counter,
+    Problem,
+    RungeKutta,
+    newton_jacobian,
+    solve,
+    stop_list,
+    user_rhs,
+)
+
+__all__ = ["DEFAULT_CHECKPOINTS", "vjp"]
+
+# The number of segments for checkpoints=None: the forward solve is recomputed
+# once in pieces of about a tenth, so the backward pass holds a tenth of the
+# steps' dense output.
+DEFAULT_CHECKPOINTS = 10
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A solver's state after an accepted step (or at the start)."""
+
+    t: float
+    y: Any
+    h: float | None  # RK: the next step size; others: the last step's
+    t_bound: float
+    grid_index: int  # fixed step: the index of t in the step grid
+
+
+class _Recorder:
+    """Keeps the solver's state at the first step ending at or after each cut."""
+
+    def __init__(self, problem: Problem, segments: int) -> None:
+        t0, t_last = problem.t0, float(problem.ts[-1])
+        self.direction = 1.0 if problem.t1 > t0 else -1.0
+        d = self.direction
+        span = t_last - t0
+        self.cuts = [d * (t0 + j * span / segments) for j in range(1, segments)]
+        self.end = d * t_last
+        self.next = 0
+        self.points: list[_Checkpoint] = []
+
+    def __call__(self, solver: Any) -> None:
+        key = self.direction * solver.t
+        if self.points:
+            if self.next >= len(self.cuts) or key < self.cuts[self.next]:
+                return
+            while self.next < len(self.cuts) and key >= self.cuts[self.next]:
+                self.next += 1
+            if key >= self.end:
+                return  # past the last save time: the backward pass starts there
+        h = solver.h_abs if isinstance(solver, RungeKutta) else solver.step_size
+        index = getattr(solver, "_next", 1) - 1
+        self.points.append(
+            _Checkpoint(float(solver.t), solver.y.copy(), h, solver.t_bound, index)
+        )
+
+
+def _recompute(problem: Problem, cp: _Checkpoint, t_hi: float) -> OdeSolution:
+    """The forward solution from checkpoint `cp` to `t_hi`, as dense output."""
+    d = 1.0 if problem.t1 > problem.t0 else -1.0
+    fun = user_rhs(problem, Counter())
+    opts = dict(problem.base_options)
+    if problem.grid is not None:
+        opts["grid"] = problem.grid[cp.grid_index :]
+    elif cp.h is not None:
+        opts["first_step"] = min(cp.h, abs(cp.t_bound - cp.t))
+    stops = [
+        s
+        for s in stop_list(problem.stops, problem.t0, problem.t1)
+        if d * s > d * cp.t_bound
+    ]
+    times, pieces = [cp.t], []
+    with problem.method.guard():
+        solver = problem.method.solver(fun, cp.t, cp.y, cp.t_bound, **opts)
+        if isinstance(solver, RungeKutta) and cp.h is not None:
+            solver.h_abs = cp.h  # the step the forward solve tried next: same steps
+        while d * solver.t < d * t_hi:
+            message = solver.step()
+            if solver.status == "failed":
+                status = _FAILURES.get(message or "", "solver_failed")
+                raise RuntimeError(  # the forward solve passed here: a bug
+                    f"recomputing the forward solve from t={cp.t!r} failed at "
+                    f"t={solver.t!r} with status '{status}'."
+                )
+            times.append(solver.t)
+            pieces.append(solver.dense_output())
+            if solver.status == "finished":
+                if not stops:
+                    break
+                solver.t_bound = stops.pop(0)
+                solver.status = "running"
+    return OdeSolution(np.array(times), pieces)
+
+
+def _jacobian(
+    problem: Problem, engine: Engine, state: Callable[[float], Any]
+) -> Callable[[float, Any], Any]:
+    """The exact Jacobian of the adjoint system ``[λ, μ]``."""
+    n, size = problem.n, engine.size
+    right = scipy.sparse.csr_matrix((n + size, size))
+
+    def jac(t: float, z: Any) -> Any:
+        Ju, Jp = engine.jacobians(t, state(t))
+        J = scipy.sparse.hstack([scipy.sparse.vstack([-Ju.T, -Jp.T]), right], "csc")
+        return newton_jacobian(problem, J)
+
+    return jac
+
+
+_HINT = "Raise max_steps or loosen CheckpointedAdjoint(rtol=..., atol=...)."
+
+
+def vjp(
+    problem: Problem, engine: Engine, layout: Layout
+) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
+    """The plain solve keeping checkpoints, and the checkpointed pullback on
+    NumPy cotangents ``(m, n)``."""
+    segments = problem.req.sensealg.checkpoints or DEFAULT_CHECKPOINTS
+    recorder = _Recorder(problem, segments)
+    sol = solve(problem, recorder)
+    checkpoints = recorder.points
+    n, size = problem.n, engine.size
+    ts = problem.ts
+    d = 1.0 if problem.t1 > problem.t0 else -1.0
+    implicit = "jac" in problem.base_options
+
+    def pull(cot: Any) -> tuple[Any, Any]:
+        z = np.concatenate([cot[-1], np.zeros(size)])
+        t_cur, i = float(ts[-1]), ts.size - 2
+        backward: Backward | None = None
+        for cp in reversed(checkpoints):
+            if t_cur == cp.t:  # saveat=[t0]: nothing to integrate
+                break
+            state = _recompute(problem, cp, t_cur)
+
+            def fun(t: float, z: Any, state: OdeSolution = state) -> Any:
+                return engine.adjoint(t, state(t), z)
+
+            jac = _jacobian(problem, engine, state) if implicit else None
+            if backward is None:
+                backward = Backward(problem, jac, _HINT)
+            backward.jac = jac
+            while i >= 0 and d * ts[i] > d * cp.t:
+                z = backward(fun, z, t_cur, float(ts[i]))
+                z[:n] += cot[i]
+                t_cur, i = float(ts[i]), i - 1
+            z = backward(fun, z, t_cur, cp.t)
+            t_cur = cp.t
+            while i >= 0 and ts[i] == cp.t:
+                z[:n] += cot[i]
+                i -= 1
+        return z[:n].reshape(problem.shape), layout.gradient(z[n:])
+
+    return sol, pull
