@@ -109,10 +109,13 @@ class ForwardMode(SensitivityAlgorithm):
 
     Notes
     -----
-    Cost: about ``1 + k/2`` forward solves for ``k`` inputs (``u0.size`` plus the
-    number of parameters that need a gradient); memory independent of the number
-    of steps. Fastest for few inputs (measured crossovers in the docs); for
-    large ``k`` use an adjoint. Backends: jax, torch, scipy. On JAX it works under
+    Cost: grows linearly with ``k``, the number of inputs (``u0.size`` plus the
+    number of parameters that need a gradient), all ``k`` tangents batched
+    along one solve (JAX, torch) or one augmented system (SciPy); memory
+    independent of the number of steps. Gradients flow to ``u0`` and ``p``
+    only, not to tensors ``f`` closes over. Fastest for few inputs on JAX and
+    SciPy (measured crossovers in the docs); for large ``k`` use an adjoint.
+    Backends: jax, torch, scipy. On JAX it works under
     ``jax.grad``/``jax.jacrev``/``jax.jit``/``jax.vmap`` (a custom VJP);
     ``jax.jvp``/``jax.jacfwd`` of such a solve are not supported by JAX's
     custom VJPs.
@@ -183,7 +186,9 @@ class CheckpointedAdjoint(SensitivityAlgorithm):
     checkpoints : int, optional
         How many forward states to keep. JAX: diffrax's recursive (binomial)
         checkpointing, None meaning about ``log2(max_steps)``. torch: the steps
-        are cut into `checkpoints` segments, None meaning ``ceil(sqrt(n_steps))``.
+        are cut into at most `checkpoints` segments (about `checkpoints` for
+        fixed-step algs, between half and all of them for adaptive ones, whose
+        step count is not known in advance), None meaning ``ceil(sqrt(n_steps))``.
         SciPy: the forward solve is cut into `checkpoints` segments, each recomputed
         with dense output while the adjoint ODE is solved backward against it
         (CVODES-style), None meaning 10.
@@ -263,7 +268,17 @@ def input_size(u0: Any, p: Any) -> int:
 # an adjoint above. Measured on this project's benchmark (benchmarks/sensealg.py,
 # Lotka-Volterra and neural ODEs of growing width, gradient time per sensealg);
 # see docs/gradients.md for the numbers behind each threshold.
-FORWARD_MODE_MAX_INPUTS: dict[str, int] = {"jax": 32, "torch": 16, "scipy": 32}
+#
+# - jax: ForwardMode beat CheckpointedAdjoint up to 24 inputs and lost from 44 on
+#   (neural ODE, 2 states): 32.
+# - torch: ForwardMode was slower than the reverse methods at every size measured,
+#   from 6 inputs (Lotka-Volterra: ~4x the forward solve against ~2.8x), because
+#   each step's forward-mode ops cost more than their reverse: 0, never.
+# - scipy: forward sensitivities beat the checkpointed adjoint at every size
+#   measured, up to 324 inputs with 2 states (the adjoint's recomputation and two
+#   backward passes cost more in Python overhead than the sensitivity matrix):
+#   256, kept below the largest size measured.
+FORWARD_MODE_MAX_INPUTS: dict[str, int] = {"jax": 32, "torch": 0, "scipy": 256}
 
 
 def default_sensealg(backend: str, u0: Any, p: Any) -> SensitivityAlgorithm:

@@ -57,7 +57,7 @@ def fit(backend: str, sensealg, data: np.ndarray, iterations: int) -> None:
         # Chain rule through p = exp(log p).
         return float(value), np.asarray(_to_numpy(grads.p)) * p
 
-    log_p = np.log(TRUE_P * np.array([1.3, 0.8, 0.7, 1.2]))
+    log_p = np.log(TRUE_P * np.array([1.1, 0.9, 0.9, 1.1]))
     value, grad = value_and_grad(log_p)
     first, step = value, 0.5
     start = time.perf_counter()

@@ -1,0 +1,197 @@
+"""`TorchBackend`: the plain solve, the sensealg table, `dk.vjp` and its losses.
+
+Requirements met here:
+
+- `solve` runs the plain solve, with nothing added, unless autograd records and
+  u0 or a tensor in p requires grad; then the request's sensealg runs it, looked
+  up in `_SENSEALGS` by its class (a test checks the table against the
+  registry's declaration).
+- Options of other backends are refused by name, whether or not a gradient is
+  asked for: ``autodiff`` other than None/"torch" (what differentiates f on
+  SciPy), CheckpointedAdjoint's ``rtol``/``atol`` (SciPy's backward solve).
+- `vjp` differentiates with respect to fresh leaves (u0 and p's floating
+  leaves), so the pullback can be called any number of times
+  (``retain_graph=True``) and the returned `Solution` carries no graph;
+  `loss_grad` gives the cotangent of a loss by autograd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..._errors import UnsupportedError
+from ..._pytree import leaves
+from ..._sensealg import (
+    CheckpointedAdjoint,
+    ContinuousAdjoint,
+    ForwardMode,
+    ReverseThroughSolver,
+    SensitivityAlgorithm,
+)
+from ..._solution import Solution
+from .._protocol import Pullback, SolveRequest
+from . import _adjoint, _checkpoint, _forward
+from ._solve import (
+    replace_leaves,
+    requires_grad,
+    solve_device,
+    solve_plain,
+    state_dtype,
+    to_param,
+    to_state,
+    visible_devices,
+)
+
+__all__ = ["TorchBackend"]
+
+# How each gradient method runs a solve whose inputs require grad. (A solve that
+# autograd does not record is the plain one whatever the sensealg.)
+_SENSEALGS: Mapping[type[SensitivityAlgorithm], Callable[[SolveRequest], Solution]] = {
+    ForwardMode: _forward.solve,
+    ReverseThroughSolver: solve_plain,
+    ContinuousAdjoint: _adjoint.solve,
+    CheckpointedAdjoint: _checkpoint.solve,
+}
+
+
+def _check_options(sensealg: SensitivityAlgorithm) -> None:
+    """Refuse the options of other backends, by name."""
+    name = type(sensealg).__name__
+    autodiff = getattr(sensealg, "autodiff", None)
+    if autodiff not in (None, "torch"):
+        raise UnsupportedError(
+            f"{name}(autodiff={autodiff!r}) is a SciPy-backend option (what "
+            "differentiates f there); on backend='torch' PyTorch's autograd always "
+            f"does. Pass autodiff=None, or use backend='scipy' for autodiff="
+            f"{autodiff!r}."
+        )
+    if isinstance(sensealg, CheckpointedAdjoint) and (
+        sensealg.rtol is not None or sensealg.atol is not None
+    ):
+        raise UnsupportedError(
+            f"CheckpointedAdjoint(rtol={sensealg.rtol!r}, atol={sensealg.atol!r}): "
+            "rtol and atol are SciPy-backend options (the tolerances of its "
+            "backward adjoint solve); on backend='torch' the reverse pass "
+            "recomputes the forward steps exactly and has no tolerances. Leave "
+            "them None, or use backend='scipy'."
+        )
+
+
+class TorchBackend:
+    """diffeqkit on PyTorch, through torchdiffeq's solvers.
+
+    Offers the explicit methods euler, midpoint, heun, rk4 (fixed step) and bosh3,
+    dopri5, tsit5, dopri8 (adaptive), all built from `diffeqkit._tableaux`, and
+    every sensealg: `loss.backward()` through `dk.solve` runs the one the request
+    names. See the package docstring.
+    """
+
+    name = "torch"
+
+    def solve(self, req: SolveRequest) -> Solution:
+        """Solve `req` and return the `Solution` (``t``, ``u`` torch tensors).
+
+        When autograd records and u0 or a tensor in p requires grad, ``sol.u`` is
+        differentiable with respect to them by ``req.sensealg``; otherwise this is
+        the plain solve, whatever the sensealg.
+
+        Raises
+        ------
+        UnsupportedError
+            The device asked for is not visible to torch; a sensealg option of
+            another backend (``autodiff``, CheckpointedAdjoint's tolerances).
+        InvalidProblemError
+            ``f(u0, p, t0)`` has the wrong shape, dtype, or is not finite.
+        SolveError
+            The integration failed and ``req.throw`` is True.
+        """
+        sensealg = req.sensealg
+        if sensealg is not None:
+            _check_options(sensealg)
+        if sensealg is None or not requires_grad(req):
+            return solve_plain(req)
+        return _SENSEALGS[type(sensealg)](req)
+
+    def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
+        """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
+
+        u0 and p's floating leaves become tensors that require grad (tensors keep
+        their dtype and device, and so do their gradients; other values are
+        converted as `solve` converts them); the pullback is
+        ``torch.autograd.grad`` of ``sol.u`` with the cotangent, and may be
+        called repeatedly. A leaf ``f`` does not use gets zeros; integer and
+        None leaves get None.
+        """
+        dtype = state_dtype(req)
+        device = solve_device(req)
+        u0 = _input(req.u0, to_state, dtype, device)
+        p_leaves = [
+            None if x is None else _input(x, to_param, dtype, device)
+            for x in leaves(req.p)
+        ]
+        p = replace_leaves(req.p, p_leaves)
+        inputs = [x for x in (u0, *p_leaves) if x is not None and x.requires_grad]
+        with torch.enable_grad():
+            sol = self.solve(dataclasses.replace(req, u0=u0, p=p))
+        u = sol.u
+
+        def pull(cotangent: Any) -> tuple[Any, Any]:
+            ct = _cotangent(cotangent, u)
+            # A failed solve under ContinuousAdjoint has no graph (see _adjoint).
+            found = (
+                torch.autograd.grad(u, inputs, ct, retain_graph=True, allow_unused=True)
+                if u.requires_grad
+                else (None,) * len(inputs)
+            )
+            grads = {
+                id(x): torch.zeros_like(x) if g is None else g
+                for x, g in zip(inputs, found, strict=True)
+            }
+            dp = [None if x is None else grads.get(id(x)) for x in p_leaves]
+            return grads[id(u0)], replace_leaves(req.p, dp)
+
+        return dataclasses.replace(sol, u=u.detach()), pull
+
+    def loss_grad(
+        self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
+    ) -> tuple[Any, Any]:
+        """``loss(sol)`` and its gradient with respect to ``sol.u``, by autograd."""
+        del req
+        u = sol.u.detach().requires_grad_()
+        with torch.enable_grad():
+            value = loss(dataclasses.replace(sol, u=u))
+            (cotangent,) = torch.autograd.grad(value, u)
+        return value.detach(), cotangent
+
+    def describe(self) -> dict[str, Any]:
+        """Visible devices and torch's intra-op thread count."""
+        return {"devices": visible_devices(), "threads": torch.get_num_threads()}
+
+
+def _input(
+    x: Any,
+    convert: Callable[..., torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """An input of `dk.vjp` as a fresh tensor that requires grad: a tensor as it
+    is (its dtype and device, so its gradient has them too), anything else
+    converted as `solve` converts it. Integer values cannot require grad."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        t = x.detach()
+    else:
+        t = convert(x, dtype, device)
+    if t.is_floating_point():
+        t.requires_grad_()
+    return t
+
+
+def _cotangent(cotangent: Any, u: torch.Tensor) -> torch.Tensor:
+    if isinstance(cotangent, torch.Tensor):
+        return cotangent.to(dtype=u.dtype, device=u.device)
+    return torch.as_tensor(np.asarray(cotangent), dtype=u.dtype, device=u.device)

@@ -1,0 +1,202 @@
+"""Record a solve's step schedule, then replay the fixed schedule.
+
+Requirements met here (shared by `_forward` and `_checkpoint`):
+
+- `record` runs the ordinary solve under ``no_grad`` with a `Recorder` watching:
+  the start time and size of every accepted step (Python floats: two per step)
+  and, when asked, the states at the starts of evenly spaced steps (checkpoints;
+  see `Recorder` for how many). From those it builds a `Schedule`: the steps,
+  and which saved rows each step's dense output produced.
+- `Replayer.run` takes a state at the start of a recorded step and repeats steps
+  ``start..stop-1`` with the recorded times and sizes and nothing else: no error
+  estimate, no step-size decision, no data-dependent control flow, so it runs
+  under autograd, ``torch.func.jvp`` and ``torch.func.vmap`` alike. Its
+  operations are those of the recorded run (`_solve._rk_step`, the same dense
+  output), so replayed states equal the recorded ones bit for bit and the
+  derivative is that of the computed solution with the steps held fixed.
+- Rows not reached by a failed solve (NaN in the solution) depend on no step and
+  get no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..._saveat import step_grid
+from ..._solution import Solution
+from .._protocol import SolveRequest
+from ._solve import (
+    ALG_SOLVERS,
+    Lift,
+    Run,
+    Setup,
+    finish,
+    no_lift,
+    prepare,
+    run_steps,
+)
+
+
+class Recorder:
+    """Watches a run: every accepted step's start time and size, and checkpoints.
+
+    Checkpoints are the states at the starts of steps ``0, s, 2s, ...``. With
+    `nsteps` known beforehand (fixed-step algs) the stride ``s`` is
+    ``ceil(nsteps / K)``: ``K = checkpoints`` segments (a few fewer where
+    ``s`` does not divide ``nsteps``), ``K = ceil(sqrt(nsteps))`` for None. An
+    adaptive solve does not know its number
+    of steps in advance: ``s`` starts at 1 and doubles (every other checkpoint
+    dropped) whenever more than ``K`` would be kept (for None: more than ``2 s``),
+    so at most ``K`` are kept (at least ``K/2`` once there are ``K`` steps), and
+    for None both ``s`` and the number kept stay within a factor 2 of
+    ``sqrt(nsteps)``. Memory during the forward pass is bounded by the same
+    count.
+    """
+
+    def __init__(
+        self, *, keep: bool, checkpoints: int | None = None, nsteps: int | None = None
+    ) -> None:
+        self.t0: list[float] = []
+        self.dt: list[float] = []
+        self.keep = keep
+        self.checkpoints = checkpoints
+        self.states: dict[int, torch.Tensor] = {}
+        self.stride = 1
+        if nsteps is not None and nsteps > 0:
+            segments = checkpoints or math.ceil(math.sqrt(nsteps))
+            self.stride = math.ceil(nsteps / segments)
+
+    def step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        n = len(self.t0)
+        self.t0.append(float(t0))
+        self.dt.append(float(dt))
+        if not self.keep or n % self.stride:
+            return
+        self.states[n] = y0
+        limit = 2 * self.stride if self.checkpoints is None else self.checkpoints
+        if len(self.states) > limit:
+            self.stride *= 2
+            self.states = {i: y for i, y in self.states.items() if i % self.stride == 0}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The accepted steps of a recorded solve and what was read off each."""
+
+    # (3, n) float64 on the solve's device: start time, size and end time of
+    # each accepted step, in solver time.
+    steps: torch.Tensor
+    # reads[n]: the rows of the integration times read off step n.
+    reads: tuple[tuple[int, ...], ...]
+    # The leading steps the reached rows depend on.
+    needed: int
+    # Rows reached (the rest are NaN).
+    reached: int
+    times: torch.Tensor
+    # Checkpoints: step index -> state at its start (index 0 always kept).
+    states: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def segments(self) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` of the checkpoint segments covering the
+        needed steps, in order."""
+        starts = sorted(i for i in self.states if i < self.needed)
+        return list(zip(starts, [*starts[1:], self.needed], strict=True))
+
+
+@dataclass
+class Plan:
+    """One differentiated solve: the request, its tensors, and (after the forward
+    pass) the recorded run, which a `torch.autograd.Function` fills in."""
+
+    req: SolveRequest
+    setup: Setup
+    run: Run | None = None
+
+    def solution(self, u: torch.Tensor) -> Solution:
+        if self.run is None:
+            raise RuntimeError("the forward pass did not run")  # pragma: no cover
+        return finish(self.req, self.setup, self.run, u)
+
+
+def make_plan(req: SolveRequest) -> Plan:
+    return Plan(req, prepare(req, graph=False))
+
+
+def record(
+    plan: Plan, *, keep: bool = False, checkpoints: int | None = None
+) -> tuple[Run, Schedule]:
+    """The plain solve under ``no_grad``, with its `Schedule`."""
+    req, setup = plan.req, plan.setup
+    nsteps = None
+    if req.alg.fixed_step and req.dt0 is not None:
+        times = setup.times.cpu().numpy()
+        nsteps = step_grid(times[0], times[-1], req.dt0, times).size - 1
+    recorder = Recorder(keep=keep, checkpoints=checkpoints, nsteps=nsteps)
+    with torch.no_grad():
+        run = run_steps(req, setup, recorder)
+    n = len(recorder.t0)
+    t0 = np.asarray(recorder.t0, dtype=np.float64)
+    t1 = np.append(t0[1:], run.t_end) if n else t0
+    times = setup.times.cpu().numpy()
+    # A row is read off the first accepted step ending at or after its time
+    # (torchdiffeq's `_advance`; fixed-step grids contain every save time).
+    which = np.searchsorted(t1, times[1 : run.reached], side="left")
+    reads: list[list[int]] = [[] for _ in range(n)]
+    for row, step in enumerate(which.tolist(), start=1):
+        reads[step].append(row)
+    steps = torch.as_tensor(
+        np.stack([t0, np.asarray(recorder.dt, dtype=np.float64), t1]),
+        dtype=torch.float64,
+        device=setup.device,
+    )
+    schedule = Schedule(
+        steps=steps,
+        reads=tuple(tuple(r) for r in reads),
+        needed=int(which.max()) + 1 if which.size else 0,
+        reached=run.reached,
+        times=setup.times,
+        states=recorder.states,
+    )
+    plan.run = run
+    return run, schedule
+
+
+class Replayer:
+    """Replays the steps of a `Schedule` (see the module docstring).
+
+    `lift` is applied once to every constant the steps use (the tableau, the
+    step times and sizes, the save times); `_forward` passes one that keeps
+    forward-mode AD on its fast path.
+    """
+
+    def __init__(self, plan: Plan, schedule: Schedule, lift: Lift = no_lift) -> None:
+        setup = plan.setup
+        solver = ALG_SOLVERS[plan.req.alg.name]
+        self.stepper = solver.stepper(setup.dtype, setup.device, lift)
+        self.steps = lift(schedule.steps)
+        self.times = lift(schedule.times)
+        self.reads = schedule.reads
+
+    def run(
+        self,
+        func: Any,
+        y: torch.Tensor,
+        start: int,
+        stop: int,
+        out: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
+        """Repeat steps ``start..stop-1`` from `y`, the state at the start of step
+        `start`; the rows read off them go into `out`; returns the state at the
+        end."""
+        steps, times = self.steps, self.times
+        f = None  # recomputed at the first step, as f(t_start, y)
+        for n in range(start, stop):
+            y, f, read = self.stepper(func, y, f, steps[0, n], steps[1, n], steps[2, n])
+            for row in self.reads[n]:
+                out[row] = read(times[row])
+        return y
