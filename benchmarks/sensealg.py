@@ -386,22 +386,24 @@ def part_jax_vs_diffrax(repeat: int) -> dict[str, Any]:
     def lv(t, y, args):
         return lotka_volterra(y, args, t)
 
+    def diffrax_solve(u0: Any, p: Any, adjoint: Any) -> Any:
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(lv),
+            diffrax.Tsit5(),
+            0.0,
+            10.0,
+            None,
+            u0,
+            args=p,
+            saveat=diffrax.SaveAt(ts=ts_j),
+            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+            max_steps=100_000,
+            adjoint=adjoint,
+        ).ys
+
     def native(adjoint: Any) -> Callable[[], Any]:
         def loss(u0: Any, p: Any) -> Any:
-            sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(lv),
-                diffrax.Tsit5(),
-                0.0,
-                10.0,
-                None,
-                u0,
-                args=p,
-                saveat=diffrax.SaveAt(ts=ts_j),
-                stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-                max_steps=100_000,
-                adjoint=adjoint,
-            )
-            return jnp.sum(sol.ys**2)  # pyright: ignore[reportOptionalOperand]
+            return jnp.sum(diffrax_solve(u0, p, adjoint) ** 2)
 
         grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         return lambda: jax.block_until_ready(grad(u0, p))
@@ -409,19 +411,7 @@ def part_jax_vs_diffrax(repeat: int) -> dict[str, Any]:
     def native_forward_mode() -> Callable[[], Any]:
         # The same computation by hand: the Jacobian by forward mode, contracted.
         def solve(u0: Any, p: Any) -> Any:
-            return diffrax.diffeqsolve(
-                diffrax.ODETerm(lv),
-                diffrax.Tsit5(),
-                0.0,
-                10.0,
-                None,
-                u0,
-                args=p,
-                saveat=diffrax.SaveAt(ts=ts_j),
-                stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-                max_steps=100_000,
-                adjoint=diffrax.ForwardMode(),
-            ).ys
+            return diffrax_solve(u0, p, diffrax.ForwardMode())
 
         @jax.jit
         def grad(u0: Any, p: Any) -> Any:
