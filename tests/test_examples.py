@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -17,4 +18,10 @@ def test_example_runs_quick(path):
         [sys.executable, str(path), "--quick"], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    if path.stem.startswith("fit_") and not any(
+        importlib.util.find_spec(m) for m in ("jax", "torch")
+    ):
+        # SciPy alone cannot differentiate f: the example says so and stops.
+        assert "gradients need jax or torch to differentiate f" in out.stdout
+        return
     assert "tsit5" in out.stdout
