@@ -102,11 +102,7 @@ def vjp(
     shape = tuple(sol.u.shape)
 
     def pullback(cotangent: Any) -> Grads:
-        got = (
-            tuple(np.shape(cotangent))
-            if not hasattr(cotangent, "shape")
-            else (tuple(cotangent.shape))
-        )
+        got = tuple(np.shape(cotangent))  # NumPy, torch and JAX arrays alike
         if got != shape:
             raise InvalidProblemError(
                 f"cotangent must have the shape of sol.u, {shape}; got shape {got}. "

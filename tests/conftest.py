@@ -45,6 +45,19 @@ def need(name: str) -> str:
     return name
 
 
+# What SciPy's gradients differentiate f with: JAX or PyTorch (the tests(scipy)
+# session has neither; there the "no engine" error is what gets tested).
+SCIPY_AUTODIFF = any(importlib.util.find_spec(m) for m in ("jax", "torch"))
+
+
+def need_gradients(backend: str) -> str:
+    """`need(backend)`, and on SciPy a framework to differentiate f with."""
+    need(backend)
+    if backend == "scipy" and not SCIPY_AUTODIFF:
+        pytest.skip("SciPy gradients need jax or torch installed to differentiate f")
+    return backend
+
+
 def backend_params() -> list:
     return [
         pytest.param(name, id=name, marks=getattr(pytest.mark, name))

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import doctest
 import importlib
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
-from conftest import need
+from conftest import need, need_gradients
 
 ROOT = Path(__file__).parent.parent
-
-
-def need_autodiff() -> None:
-    """The SciPy backend's gradients differentiate f with JAX or PyTorch."""
-    if not any(importlib.util.find_spec(m) for m in ("jax", "torch")):
-        pytest.skip("SciPy gradients need jax or torch to differentiate f")
 
 
 # module -> the backend its examples solve on (None: no solve)
@@ -38,7 +31,7 @@ def test_docstring_examples_run(name):
     if MODULES[name] is not None:
         need(MODULES[name])
     if name in GRADIENTS:
-        need_autodiff()
+        need_gradients("scipy")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
@@ -58,6 +51,6 @@ def test_docs_worked_examples_run(page):
     blocks = runnable_blocks(page)
     assert blocks, f"{page} has no self-contained example"
     if "value_and_grad" in "".join(blocks) or "vjp" in "".join(blocks):
-        need_autodiff()
+        need_gradients("scipy")
     for block in blocks:
         exec(compile(block, page, "exec"), {})

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import SCIPY_AUTODIFF
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 
@@ -18,9 +18,7 @@ def test_example_runs_quick(path):
         [sys.executable, str(path), "--quick"], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    if path.stem.startswith("fit_") and not any(
-        importlib.util.find_spec(m) for m in ("jax", "torch")
-    ):
+    if path.stem.startswith("fit_") and not SCIPY_AUTODIFF:
         # SciPy alone cannot differentiate f: the example says so and stops.
         assert "gradients need jax or torch to differentiate f" in out.stdout
         return

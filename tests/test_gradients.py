@@ -7,11 +7,9 @@ against them here and in the backend files.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
-from conftest import need
+from conftest import SCIPY_AUTODIFF, need, need_gradients
 from problems import (
     LINEAR_A,
     LINEAR_U0,
@@ -69,17 +67,6 @@ def as_backend(backend: str, x):
 
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
-
-
-def need_gradients(backend: str) -> None:
-    """`need(backend)`, and on SciPy a framework to differentiate f with (the
-    ``tests(scipy)`` session installs SciPy alone; there the SciPy gradients are
-    tested for their "no autodiff engine" error in test_scipy_sensealg.py)."""
-    need(backend)
-    if backend == "scipy" and not any(
-        importlib.util.find_spec(m) for m in ("jax", "torch")
-    ):
-        pytest.skip("SciPy gradients need jax or torch installed to differentiate f")
 
 
 # ---------------------------------------------------------------------------------
@@ -241,9 +228,7 @@ def test_backends_agree_on_each_sensealg(name):
     for backend, spec in backends.SPECS.items():
         if name not in spec.capabilities.sensealgs or not backends.installed(backend):
             continue
-        if backend == "scipy" and not any(
-            importlib.util.find_spec(m) for m in ("jax", "torch")
-        ):
+        if backend == "scipy" and not SCIPY_AUTODIFF:
             continue  # nothing to differentiate f with
         prob = dk.ODEProblem(lotka_volterra, LV_U0, (0.0, 5.0), LV_P)
         _, pullback = dk.vjp(
