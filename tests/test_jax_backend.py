@@ -226,10 +226,10 @@ def test_every_alg_matches_closed_form(alg, backward):
 def test_backward_solves_reuse_the_forward_programs():
     for alg in ALGS_HERE:
         linear_solution(alg, False)
-    compiled = set(jax_backend._PROGRAMS._programs)
+    compiled = set(jax_backend._PROGRAMS.keys())
     for alg in ALGS_HERE:
         linear_solution(alg, True)
-    assert set(jax_backend._PROGRAMS._programs) == compiled
+    assert set(jax_backend._PROGRAMS.keys()) == compiled
 
 
 @pytest.mark.parametrize("alg", ADAPTIVE)
@@ -332,7 +332,7 @@ def test_new_values_never_retrace_or_recompile():
     prob = dk.ODEProblem(traced_decay, np.array([1.0, 2.0]), (0.0, 1.0), 2.0)
     kw = {"backend": "jax", "saveat": np.linspace(0.0, 1.0, 5), "dt0": 0.1}
     dk.solve(prob, **kw)
-    traces, programs = TRACES[0], set(jax_backend._PROGRAMS._programs)
+    traces, programs = TRACES[0], set(jax_backend._PROGRAMS.keys())
     changes = [
         {"u0": np.array([3.0, -1.0])},
         {"p": 0.5},
@@ -356,7 +356,7 @@ def test_new_values_never_retrace_or_recompile():
             rtol=1e-4,
         )
     assert TRACES[0] == traces
-    assert set(jax_backend._PROGRAMS._programs) == programs
+    assert set(jax_backend._PROGRAMS.keys()) == programs
 
 
 def test_jit_of_solve_traces_f_once():

@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -75,6 +73,7 @@ from jax.core import Tracer
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from .._arrays import to_numpy
+from .._cache import LRUCache
 from .._errors import (
     SolveError,
     UnsupportedError,
@@ -659,33 +658,12 @@ _FORWARD_MODE_TIMES = (
 )
 
 
-class _Programs:
+class _Programs(LRUCache):
     """A bounded LRU cache of compiled programs, keyed by problem structure."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._programs: OrderedDict[Any, Callable[..., Any]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def get(self, key: Any, fn: Callable[..., Any]) -> Callable[..., Any]:  # pyright: ignore[reportIncompatibleMethodOverride]
         """``jax.jit(fn)``, compiled once per key."""
-        with self._lock:
-            program = self._programs.get(key)
-            if program is not None:
-                self._programs.move_to_end(key)
-                return program
-            program = jax.jit(fn)
-            self._programs[key] = program
-            if len(self._programs) > self.size:
-                self._programs.popitem(last=False)
-            return program
-
-    def clear(self) -> None:
-        with self._lock:
-            self._programs.clear()
-
-    def __len__(self) -> int:
-        return len(self._programs)
+        return super().get(key, lambda: jax.jit(fn))
 
 
 _PROGRAMS = _Programs(_CACHE_SIZE)

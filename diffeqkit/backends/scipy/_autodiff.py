@@ -33,14 +33,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from ..._cache import LRUCache as _Cache
 from ..._errors import UnsupportedError
 from ..._pytree import tree_map
 from ..._solution import Solution
@@ -171,35 +170,6 @@ class Engine(Protocol):
     def jacobians(self, t: float, u: Any) -> tuple[Any, Any]:
         """``(df/du, df/dp)`` of shapes ``(n, n)`` and ``(n, P)``."""
         ...
-
-
-class _Cache:
-    """A bounded LRU cache of compiled functions, keyed by problem structure."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-                return item
-        item = build()
-        with self._lock:
-            self._items[key] = item
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return item
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 # Structures (f, u0 shape, p layout) whose compiled functions are kept, per engine.
