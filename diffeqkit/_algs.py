@@ -65,10 +65,19 @@ ALGS: Mapping[str, AlgInfo] = _table(
     AlgInfo("dopri5", "adaptive", 5, "Dormand-Prince 5(4) (SciPy's RK45)", "dopri5"),
     AlgInfo("tsit5", "adaptive", 5, "Tsitouras 5(4)", "tsit5"),
     AlgInfo("dopri8", "adaptive", 8, "Prince-Dormand 8(7), 13 stages", "dopri8"),
+    AlgInfo("implicit_euler", "implicit", 1, "implicit (backward) Euler, L-stable"),
+    AlgInfo("kvaerno3", "implicit", 3, "Kvaerno 3(2) ESDIRK, L-stable"),
+    AlgInfo("kvaerno4", "implicit", 4, "Kvaerno 4(3) ESDIRK, L-stable"),
     AlgInfo("kvaerno5", "implicit", 5, "Kvaerno 5(4) ESDIRK, L-stable"),
+    AlgInfo("kencarp3", "implicit", 3, "Kennedy-Carpenter 3(2) ESDIRK, L-stable"),
+    AlgInfo("kencarp4", "implicit", 4, "Kennedy-Carpenter 4(3) ESDIRK, L-stable"),
+    AlgInfo("kencarp5", "implicit", 5, "Kennedy-Carpenter 5(4) ESDIRK, L-stable"),
     AlgInfo("bdf", "implicit", 5, "variable-order BDF (orders 1-5)"),
     AlgInfo("radau", "implicit", 5, "Radau IIA, 3 stages, order 5"),
     AlgInfo("lsoda", "implicit", 12, "LSODA: Adams/BDF with automatic switching"),
+    AlgInfo(
+        "rosenbrock23", "implicit", 2, "Rosenbrock 2(3) (MATLAB's ode23s), L-stable"
+    ),
 )
 
 

@@ -138,8 +138,10 @@ def backward_failed(sensealg: Any, reason: str) -> str:
     return (
         f"the backward solve of sensealg=dk.{sensealg!r} failed: "
         f"{first[:200].rstrip('.')}. "
-        "A continuous adjoint re-integrates the state backward, which drifts off "
-        "the forward trajectory on chaotic or unstable problems: use "
+        "With an explicit alg a continuous adjoint re-integrates the state "
+        "backward, which drifts off the forward trajectory on chaotic or unstable "
+        "problems, and on stiff ones, whose fast decaying modes grow when "
+        "integrated backward (use an implicit alg there). Use "
         "sensealg=dk.CheckpointedAdjoint(), or raise max_steps, or loosen the "
         "backward tolerances ContinuousAdjoint(rtol=..., atol=...)."
     )

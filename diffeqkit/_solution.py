@@ -52,9 +52,20 @@ STATUSES: Mapping[str, Status] = {
 }
 
 
-def failure_hint(status: str, stiff_algs: list[str], alternatives: str = "") -> str:
-    """The hint for a failed status, naming implicit algs to try."""
-    if stiff_algs:
+def failure_hint(
+    status: str, stiff_algs: list[str], alternatives: str = "", alg: str = ""
+) -> str:
+    """The hint for a failed status, naming implicit algs to try; when `alg` is
+    itself one of them, the others."""
+    others = [a for a in stiff_algs if a != alg]
+    if alg in stiff_algs:
+        names = " or ".join(f"alg='{a}'" for a in others[:2])
+        stiff = (
+            f"try another implicit solver ({names})."
+            if others
+            else ("tighten rtol/atol.")
+        )
+    elif stiff_algs:
         names = " or ".join(f"alg='{a}'" for a in stiff_algs[:2])
         stiff = f"the problem looks stiff: try {names}."
     else:

@@ -44,8 +44,10 @@ def solve(
     alg : str, default "tsit5"
         A neutral solver name. Fixed step (need `dt0`): ``euler``, ``midpoint``,
         ``heun``, ``rk4``. Adaptive explicit: ``bosh3``, ``dopri5``, ``tsit5``,
-        ``dopri8``. Implicit (stiff): ``kvaerno5`` (jax), ``bdf``, ``radau``,
-        ``lsoda`` (scipy). `dk.support_matrix()` lists what each backend offers.
+        ``dopri8``. Implicit (stiff): ``kvaerno3``, ``kvaerno4``, ``kvaerno5``,
+        ``kencarp3``, ``kencarp4``, ``kencarp5``, ``implicit_euler`` (jax),
+        ``rosenbrock23`` (torch), ``bdf``, ``radau``, ``lsoda`` (scipy).
+        `dk.support_matrix()` lists what each backend offers.
     backend : {"jax", "torch", "scipy", "numpy", None}
         None infers it from the arrays in `u0` and `p`: torch tensors -> torch,
         JAX arrays -> jax, anything else -> scipy. ``"numpy"`` is ``"scipy"``.
@@ -84,7 +86,11 @@ def solve(
     Solution
         ``t`` of shape ``(m,)`` and ``u`` of shape ``(m, *u0.shape)`` in the
         backend's array type, plus ``stats``, ``status``, ``success``, ``message``,
-        ``backend``, ``alg``, ``sensealg``.
+        ``backend``, ``alg``, ``sensealg``. ``stats`` has ``nfev``, ``naccept``
+        and ``nreject`` (None where the backend cannot tell); implicit algs add
+        ``njev`` and ``nlu`` (Jacobians and LU factorisations) where counted, and
+        SciPy's ``jacobian`` (where df/du came from: ``"prob.jac"``, ``"jax"``,
+        ``"torch"`` or ``"finite differences"``).
 
     Raises
     ------

@@ -65,6 +65,17 @@ def backend_params() -> list:
     ]
 
 
+# Low-order implicit methods cannot reach the tight tolerances the closed-form
+# tests use for the others (implicit Euler at rtol=1e-10 would take ~1e8 steps):
+# their solve options and the error allowed against a closed form, on the
+# linear problem over [0, 2] (measured: implicit Euler 7.9e-4, and 1.5e-2 over
+# [2, -1] backward where the allowance is 5 times this; rosenbrock23 1.6e-6).
+LOW_ORDER = {
+    "implicit_euler": ({"rtol": 1e-6, "atol": 1e-8}, 5e-3),
+    "rosenbrock23": ({"rtol": 1e-8, "atol": 1e-10}, 1e-5),
+}
+
+
 def alg_params(*kinds: str) -> list:
     """(backend, alg) pairs for every alg each backend declares, of the given kinds."""
     from diffeqkit._algs import ALGS

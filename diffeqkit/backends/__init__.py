@@ -54,6 +54,16 @@ _ALL_SENSEALGS = (
     "CheckpointedAdjoint",
 )
 _EXPLICIT = ("euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5", "dopri8")
+# The first two are those the "looks stiff" hint suggests.
+_DIFFRAX_IMPLICIT = (
+    "kvaerno5",
+    "kencarp4",
+    "kvaerno3",
+    "kvaerno4",
+    "kencarp3",
+    "kencarp5",
+    "implicit_euler",
+)
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ SPECS: Mapping[str, BackendSpec] = {
         ("jax", "diffrax"),
         aac.is_jax_array,
         Capabilities(
-            algs=(*_EXPLICIT, "kvaerno5"),
+            algs=(*_EXPLICIT, *_DIFFRAX_IMPLICIT),
             devices=("cpu", "cuda"),
             sensealgs=_ALL_SENSEALGS,
         ),
@@ -87,7 +97,11 @@ SPECS: Mapping[str, BackendSpec] = {
         "torch",
         ("torch", "torchdiffeq"),
         aac.is_torch_array,
-        Capabilities(algs=_EXPLICIT, devices=("cpu", "cuda"), sensealgs=_ALL_SENSEALGS),
+        Capabilities(
+            algs=(*_EXPLICIT, "rosenbrock23"),
+            devices=("cpu", "cuda"),
+            sensealgs=_ALL_SENSEALGS,
+        ),
     ),
     "scipy": BackendSpec(
         "scipy",

@@ -139,7 +139,9 @@ def conclude(
         for b, a in ((b, implicit_algs(b)) for b in _other_backends(req.backend))
         if a
     )
-    hint = failure_hint(status, ours, f"try {elsewhere}." if elsewhere else "")
+    hint = failure_hint(
+        status, ours, f"try {elsewhere}." if elsewhere else "", req.alg.name
+    )
     reached = float("nan") if t_reached is None else float(t_reached)
     steps = stats.get("naccept")
     if steps is not None and stats.get("nreject") is not None:
