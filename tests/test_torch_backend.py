@@ -1,8 +1,9 @@
 """The PyTorch backend: its tables, torchdiffeq integration, numerics and adapter.
 
-Tolerances: adaptive solves run at rtol=1e-10, atol=1e-12 (bosh3 at 1e-8, 1e-10)
-unless a test says otherwise; on these short, well-conditioned problems the global
-error is then a small multiple of rtol, and we allow 100 * rtol (dopri8's save
+Tolerances: adaptive solves run at rtol=1e-10, atol=1e-12 (bosh3 at 1e-8, 1e-10;
+rosenbrock23 at 1e-7, 1e-9, see `allowed_error`) unless a test says otherwise; on
+these short, well-conditioned problems the global error is then a small multiple
+of rtol, and we allow 100 * rtol (dopri8's save
 values come from an order-5 dense output and use most of that room, see
 `test_dense_output_as_accurate_as_step_ends`).
 """
@@ -35,13 +36,18 @@ from diffeqkit.backends import torch as torch_backend  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
+# Adaptive explicit methods; the implicit ones are tested in test_torch_stiff.py.
 ADAPTIVE = [
-    a for a in backends.SPECS["torch"].capabilities.algs if not ALGS[a].fixed_step
+    a for a in backends.SPECS["torch"].capabilities.algs if ALGS[a].kind == "adaptive"
 ]
 FIXED = [a for a in backends.SPECS["torch"].capabilities.algs if ALGS[a].fixed_step]
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 # bosh3 (3rd order) needs ~3500 steps at 1e-10; 1e-8 keeps this file fast.
-TOLERANCES = {"bosh3": {"rtol": 1e-8, "atol": 1e-10}}
+# rosenbrock23 (order 2) needs ~4300 steps at 1e-10; 1e-7 keeps this file fast.
+TOLERANCES = {
+    "bosh3": {"rtol": 1e-8, "atol": 1e-10},
+    "rosenbrock23": {"rtol": 1e-7, "atol": 1e-9},
+}
 # The global error of a fixed-step method is C * dt0**order with C ~ 1 here.
 FIXED_DT0 = {"euler": 1e-3, "midpoint": 1e-3, "heun": 1e-3, "rk4": 1e-2}
 
@@ -55,6 +61,10 @@ def solve_kwargs(alg: str) -> dict:
 def allowed_error(alg: str) -> float:
     if ALGS[alg].fixed_step:
         return 10 * FIXED_DT0[alg] ** ALGS[alg].order
+    if alg == "rosenbrock23":
+        # It propagates its order-2 solution (no local extrapolation), so errors
+        # add up over the steps: measured 30-700 x rtol on the linear problem.
+        return 1000 * solve_kwargs(alg)["rtol"]
     return 100 * solve_kwargs(alg)["rtol"]
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch backend: diffeqkit's explicit methods on torchdiffeq's own machinery.
+"""The PyTorch backend: diffeqkit's methods on torchdiffeq's own machinery.
 
 Requirements met here:
 
@@ -9,6 +9,10 @@ Requirements met here:
   rk4 -- the classical method, not torchdiffeq's 3/8 rule) subclass
   `FixedGridODESolver` and step on `diffeqkit._saveat.step_grid`, so saved values
   are step values.
+- The implicit method rosenbrock23 (MATLAB's ode23s: L-stable, order 2, for
+  stiff problems; `_implicit`) subclasses the same adaptive class with its own
+  step: Jacobians by ``torch.func.jacrev`` (or ``prob.jac``), one LU per step;
+  stats add ``njev`` and ``nlu``.
 - Save values of adaptive methods come from the tableau's own dense output ``p``
   (the one SciPy uses), of the tableau's ``dense_order``: torchdiffeq's quartic
   fit through a midpoint is order 4 (and, for its bosh3, far less accurate than
@@ -41,9 +45,14 @@ Requirements met here:
   (`_checkpoint`) and `ForwardMode` (`_forward`) are `torch.autograd.Function`\\ s
   that record the step schedule and replay it (`_replay`);
   `ContinuousAdjoint` (`_adjoint`) is torchdiffeq's ``odeint_adjoint`` on the same
-  solver classes. The first three give the same gradient to rounding: that of the
-  computed solution with the steps held fixed (no gradient through the step-size
-  controller, torchdiffeq's automatic first step included). Otherwise the solve
+  solver classes (the backsolve), except for implicit algs, where it is the
+  interpolating adjoint (`_interpolating`): the state is read off the forward
+  solve's dense output (kept in memory: O(steps)) and only the adjoint is
+  integrated backward, with the same implicit method, as on JAX and SciPy
+  (a backsolve of a stiff problem blows up backward). The first three give
+  the same gradient to rounding: that of the computed solution with the steps
+  held fixed (no gradient through the step-size controller, torchdiffeq's
+  automatic first step included). Otherwise the solve
   is the plain one, with nothing added. `dk.vjp` makes u0 and p's leaves tensors
   that require grad and pulls back with ``torch.autograd.grad``.
 - Overhead: per call, a handful of tensor conversions; per step, torchdiffeq's own

@@ -2,6 +2,9 @@
 
 Requirements met here:
 
+- Explicit algs only: with an implicit alg, `solve` hands over to
+  `_interpolating` (the interpolating adjoint), since a backsolve of a stiff
+  problem re-integrates fast decaying modes backward, where they grow.
 - ``torchdiffeq.odeint_adjoint`` runs the forward solve with method
   ``"diffeqkit_<alg>"`` and the options `solve` uses (``first_step``,
   ``max_steps``, the landing times ``step_t``; ``step_size`` for fixed-step
@@ -46,7 +49,12 @@ from ._solve import Run, Setup, _StoppedError, finish, prepare, run_steps
 
 
 def solve(req: SolveRequest) -> Solution:
-    """A solve whose gradients come from the backward adjoint ODE."""
+    """A solve whose gradients come from the backward adjoint ODE (for implicit
+    algs, the interpolating adjoint of `_interpolating`)."""
+    if req.alg.implicit:
+        from . import _interpolating  # it imports this module
+
+        return _interpolating.solve(req)
     sensealg = cast("ContinuousAdjoint", req.sensealg)
     setup = prepare(req, graph=False)
     rhs = setup.rhs()

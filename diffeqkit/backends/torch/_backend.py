@@ -86,7 +86,8 @@ class TorchBackend:
     """diffeqkit on PyTorch, through torchdiffeq's solvers.
 
     Offers the explicit methods euler, midpoint, heun, rk4 (fixed step) and bosh3,
-    dopri5, tsit5, dopri8 (adaptive), all built from `diffeqkit._tableaux`, and
+    dopri5, tsit5, dopri8 (adaptive), all built from `diffeqkit._tableaux`, the
+    implicit rosenbrock23 (stiff problems), and
     every sensealg: `loss.backward()` through `dk.solve` runs the one the request
     names. See the package docstring.
     """

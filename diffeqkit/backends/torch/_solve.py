@@ -20,7 +20,10 @@ Requirements met here:
   ``torch.func.vmap``/``jvp``.
 - A run can be watched by a recorder: it sees every accepted step's start time,
   start state and size (torchdiffeq's ``callback_accept_step`` for adaptive algs,
-  ``callback_step`` for fixed-step ones), which is all `_replay` needs.
+  ``callback_step`` for fixed-step ones), which is all `_replay` needs; an
+  adaptive run also hands a recorder with an ``accepted`` method the solver
+  state after each accepted step (that step's dense output), which is what
+  `_interpolating` keeps.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from ..._algs import ALGS
 from ..._arrays import dtype_name, to_numpy
-from ..._errors import listing, unavailable_device
+from ..._errors import invalid, listing, unavailable_device
 from ..._problem import check_rhs_output
 from ..._pytree import leaves, tree_map
 from ..._saveat import step_grid
@@ -67,7 +70,9 @@ class _StoppedError(RuntimeError):
 
 
 class _Recorder(Protocol):
-    """What a run reports each accepted step to (see `_replay.Recorder`)."""
+    """What a run reports each accepted step to (see `_replay.Recorder`). It may
+    also have ``accepted(state)``, called by adaptive algs after each accepted
+    step with torchdiffeq's ``_RungeKuttaState``."""
 
     def step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None: ...
 
@@ -174,6 +179,26 @@ def _tableau_name(alg: str) -> str:
 Stepper = Callable[..., tuple[torch.Tensor, Any, Callable[[torch.Tensor], Any]]]
 
 
+def fsal_stepper(advance: Callable[..., tuple[Any, Any, list[Any]]]) -> Stepper:
+    """The `Stepper` of an adaptive method whose step is ``advance(func, y0, f0,
+    t0, dt, t1) -> (y1, f(t1, y1), dense coefficients)``: it evaluates ``f0``
+    where the replay has none, and interpolates with torchdiffeq's evaluator."""
+
+    def step(
+        func: Any,
+        y0: torch.Tensor,
+        f0: torch.Tensor | None,
+        t0: torch.Tensor,
+        dt: torch.Tensor,
+        t1: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], Any]]:
+        first: torch.Tensor = func(t0, y0) if f0 is None else f0
+        y1, f1, coeffs = advance(func, y0, first, t0, dt, t1)
+        return y1, f1, lambda t: _interp_evaluate(coeffs, t0, t1, t)
+
+    return step
+
+
 def _rk_step(
     func: Any,
     y0: torch.Tensor,
@@ -245,13 +270,20 @@ class _Rhs:
     """
 
     def __init__(
-        self, f: Callable[..., Any], p: Any, dtype: torch.dtype, first: Any = None
+        self,
+        f: Callable[..., Any],
+        p: Any,
+        dtype: torch.dtype,
+        first: Any = None,
+        jac: Callable[..., Any] | None = None,
     ) -> None:
         self.f = f
         self.p = p
         self.dtype = dtype
         self.nfev = 0
         self._first = first
+        # The user's df/du (``prob.jac``, in solver time), for implicit algs.
+        self.jac = jac
         # torchdiffeq calls these hooks; its own no-op object, so that odeint's
         # _check_inputs also sees "no callback" when handed this object.
         self.callback_step: Callable[..., Any] = _null_callback
@@ -265,6 +297,28 @@ class _Rhs:
             self._first = None
             return first
         return self.f(y, self.p, t.to(self.dtype))
+
+    def raw(self, t: torch.Tensor, y: torch.Tensor) -> Any:
+        """``f`` itself, uncounted: what implicit algs differentiate for their
+        Jacobian (its evaluations are counted as ``njev``, not ``nfev``)."""
+        return self.f(y, self.p, t.to(self.dtype))
+
+    def jacobian(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``prob.jac`` at ``(t, y)`` as an ``(n, n)`` matrix, ``n = y.numel()``."""
+        if self.jac is None:
+            raise RuntimeError("no jac was given")  # pragma: no cover
+        jac = self.jac(y, self.p, t.to(self.dtype))
+        n = y.numel()
+        if not isinstance(jac, torch.Tensor) or jac.numel() != n * n:
+            raise invalid(
+                "jac",
+                f"must return df/du of shape u.shape + u.shape ({n * n} numbers "
+                "in all)",
+                jac,
+                "Return a tensor of shape (*u.shape, *u.shape), or leave jac=None "
+                "to differentiate f.",
+            )
+        return jac.reshape(n, n).to(y.dtype)
 
 
 def _reversed(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -293,6 +347,8 @@ class Run(NamedTuple):
     nfev: int
     reached: int  # rows of `u` reached (the rest are NaN)
     t_end: float  # solver time at the end of the last accepted step
+    njev: int | None = None  # Jacobian evaluations (implicit algs)
+    nlu: int | None = None  # LU factorisations (implicit algs)
 
 
 class _AdaptiveRK(RKAdaptiveStepsizeODESolver):
@@ -326,15 +382,26 @@ class _AdaptiveRK(RKAdaptiveStepsizeODESolver):
         # Set before torchdiffeq's __init__, whose .to(dtype, device) of the tableau
         # and of `mid` then returns these very tensors. `mid` is its midpoint
         # weights; here it carries the dense-output matrix p instead.
-        self.tableau, self.mid = _adaptive_tableau(self.alg, y0.dtype, y0.device)
+        self.tableau, self.mid = self._tables(y0.dtype, y0.device)
         options.setdefault("norm", _rms_norm)
         super().__init__(func, y0, rtol, atol, **options)
         self.max_steps = max_steps
         self.nsteps = 0
         self.naccept = 0
         self.stop = stop
+        # Called with the solver state after each accepted step, whose ``t0``,
+        # ``t1`` and ``interp_coeff`` are that step's dense output (a recorder's
+        # ``accepted``; `_interpolating` keeps them).
+        self.on_accept: Callable[[Any], None] | None = None
         if sink is not None:
             sink.append(self)
+
+    @classmethod
+    def _tables(
+        cls, dtype: torch.dtype, device: torch.device
+    ) -> tuple[_ButcherTableau, torch.Tensor]:
+        """torchdiffeq's tableau and what it keeps as ``mid`` (see `__init__`)."""
+        return _adaptive_tableau(cls.alg, dtype, device)
 
     def _before_integrate(self, t: torch.Tensor) -> None:
         super()._before_integrate(t)
@@ -353,13 +420,19 @@ class _AdaptiveRK(RKAdaptiveStepsizeODESolver):
             raise self._stopped(self._failure(rk_state), t)
         self.nsteps += 1
         try:
-            new = super()._adaptive_step(rk_state)
+            new = self._attempt(rk_state)
         except AssertionError as err:  # torchdiffeq's checks of y and dt
             raise self._stopped(self._failure(rk_state), t) from err
         # A rejected step hands back the very same end time tensor.
         if new.t1 is not t:
             self.naccept += 1
+            if self.on_accept is not None:
+                self.on_accept(new)
         return new
+
+    def _attempt(self, rk_state: Any) -> Any:
+        """One step attempt: torchdiffeq's, for an explicit tableau."""
+        return super()._adaptive_step(rk_state)
 
     def _stopped(self, status: str, t: torch.Tensor) -> Exception:
         """`_StoppedError`, or what ``stop(status, t, nsteps)`` makes of it (a
@@ -409,6 +482,8 @@ class _AdaptiveRK(RKAdaptiveStepsizeODESolver):
             # save time is a step end.
             step_t=times[1:] if req.land_on_saves else times[-1:],
         )
+        if recorder is not None:
+            solver.on_accept = getattr(recorder, "accepted", None)
         solver._before_integrate(times)
         rows = [y0]
         status, reached = "success", None
@@ -430,6 +505,8 @@ class _AdaptiveRK(RKAdaptiveStepsizeODESolver):
             rhs.nfev,
             nrows,
             float(solver.rk_state.t1),
+            getattr(solver, "njev", None),
+            getattr(solver, "nlu", None),
         )
 
     @classmethod
@@ -444,20 +521,13 @@ class _AdaptiveRK(RKAdaptiveStepsizeODESolver):
         )
         p = lift(p)
 
-        def step(
-            func: Any,
-            y0: torch.Tensor,
-            f0: torch.Tensor | None,
-            t0: torch.Tensor,
-            dt: torch.Tensor,
-            t1: torch.Tensor,
-        ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], Any]]:
-            first: torch.Tensor = func(t0, y0) if f0 is None else f0
-            y1, f1, k = _rk_step(func, y0, first, t0, dt, t1, tableau)
-            coeffs = _dense_coefficients(y0, k, p, dt)
-            return y1, f1, lambda t: _interp_evaluate(coeffs, t0, t1, t)
+        def advance(
+            func: Any, y0: torch.Tensor, f0: torch.Tensor, t0: Any, dt: Any, t1: Any
+        ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+            y1, f1, k = _rk_step(func, y0, f0, t0, dt, t1, tableau)
+            return y1, f1, _dense_coefficients(y0, k, p, dt)
 
-        return step
+        return fsal_stepper(advance)
 
 
 class _FixedRK(FixedGridODESolver):
@@ -586,19 +656,25 @@ def _solver_class(alg: str) -> Solver:
     return cast("Solver", type(name, (base,), namespace))
 
 
+# The Rosenbrock methods build on `_AdaptiveRK`, defined above.
+from ._implicit import IMPLICIT_SOLVERS  # noqa: E402
+
 # The algs this backend offers (declared in the registry's SPECS["torch"]).
 ALG_SOLVERS: Mapping[str, Solver] = {
-    alg: _solver_class(alg)
-    for alg in (
-        "euler",
-        "midpoint",
-        "heun",
-        "rk4",
-        "bosh3",
-        "dopri5",
-        "tsit5",
-        "dopri8",
-    )
+    **{
+        alg: _solver_class(alg)
+        for alg in (
+            "euler",
+            "midpoint",
+            "heun",
+            "rk4",
+            "bosh3",
+            "dopri5",
+            "tsit5",
+            "dopri8",
+        )
+    },
+    **IMPLICIT_SOLVERS,
 }
 
 # New keys only, namespaced: torchdiffeq's own methods are untouched.
@@ -712,6 +788,7 @@ class Setup:
     dtype: torch.dtype
     device: torch.device
     backward: bool
+    jac: Callable[..., Any] | None = None  # prob.jac in solver time
 
     def rhs(self, first: bool = True, p: Any = None) -> _Rhs:
         """The vector field for torchdiffeq (``first``: reuse `du0` once)."""
@@ -720,6 +797,7 @@ class Setup:
             self.p if p is None else p,
             self.dtype,
             self.du0 if first else None,
+            self.jac,
         )
 
 
@@ -736,9 +814,10 @@ def prepare(req: SolveRequest, *, graph: bool) -> Setup:
     check_rhs_output(du0, y0, req.t0)
     backward = req.t1 < req.t0
     times, lead = _integration_times(req)
-    f = req.f
+    f, jac = req.f, req.jac
     if backward:
         f, du0, times = _reversed(req.f), -du0, -times
+        jac = None if jac is None else _reversed(jac)
     return Setup(
         y0=y0,
         p=p,
@@ -749,6 +828,7 @@ def prepare(req: SolveRequest, *, graph: bool) -> Setup:
         dtype=dtype,
         device=device,
         backward=backward,
+        jac=jac,
     )
 
 
@@ -763,10 +843,23 @@ def finish(req: SolveRequest, setup: Setup, run: Run, u: torch.Tensor) -> Soluti
         req,
         t=_tensor(req.saveat, setup.dtype, setup.device),
         u=u[setup.lead : setup.lead + m],
-        stats={"nfev": run.nfev, "naccept": run.naccept, "nreject": run.nreject},
+        stats=run_stats(run),
         status=run.status,
         t_reached=req.t1 if reached is None else reached,
     )
+
+
+def run_stats(run: Run) -> dict[str, Any]:
+    """``nfev``, ``naccept``, ``nreject``; and ``njev``, ``nlu`` for implicit algs."""
+    stats: dict[str, Any] = {
+        "nfev": run.nfev,
+        "naccept": run.naccept,
+        "nreject": run.nreject,
+    }
+    if run.njev is not None:
+        stats["njev"] = run.njev
+        stats["nlu"] = run.nlu
+    return stats
 
 
 def run_steps(
