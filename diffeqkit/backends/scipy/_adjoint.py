@@ -12,9 +12,17 @@ Requirements met here:
 - The backward solve uses the request's alg with the sensealg's ``rtol``/``atol``
   (None: the forward solve's), error control on the whole augmented state;
   fixed-step algs step on the forward step grid, reversed. Each piece starts
-  with the step size the previous one ended with. Implicit algs get the
-  Jacobian ``[[df/du, 0, 0], [0, -(df/du)^T, 0], [0, -(df/dp)^T, 0]]`` (the
-  second-derivative terms dropped: it only serves Newton's iteration).
+  with the step size the previous one ended with. Implicit algs get the exact
+  Jacobian ``[[J, 0, 0], [C_λ, -J^T, 0], [C_μ, -(df/dp)^T, 0]]`` from the engine,
+  ``C = d [-J^T λ, -(df/dp)^T λ] / du`` (JAX: AD of the VJP; torch and prob.jac:
+  differences along the ``n`` state directions): with ``λ`` large (stiff
+  problems) the second-derivative coupling dominates Newton's matrix.
+- On stiff problems a backsolve works only over short spans: backward in time
+  the fast, strongly damped modes grow like ``exp(|rate| t)`` and the
+  re-integrated state leaves the trajectory, whatever the method (ROBER: fine
+  over its onset, ``t <= 1e-2``, failed by ``t ~ 0.1``). So with an implicit alg
+  ContinuousAdjoint is not this backsolve but the interpolating adjoint (see
+  ``_backend._continuous_adjoint``).
 - The state integrated backward drifts from the forward one where the backward
   flow is unstable (chaotic or strongly damped problems): the gradient is then
   wrong, silently (see `dk.ContinuousAdjoint`). A backward solve that fails
@@ -39,6 +47,7 @@ from ._solve import (
     newton_jacobian,
     options,
     solve,
+    sparse,
 )
 
 __all__ = ["Backward", "vjp"]
@@ -52,11 +61,15 @@ class Backward:
         problem: Problem,
         jac: Callable[[float, Any], Any] | None,
         hint: str,
+        atol: float | None = None,
     ) -> None:
+        """`atol` is the default when the sensealg gives none (None: the forward
+        solve's)."""
         req, sensealg = problem.req, problem.req.sensealg
         self.problem = problem
         self.rtol = req.rtol if sensealg.rtol is None else sensealg.rtol
-        self.atol = req.atol if sensealg.atol is None else sensealg.atol
+        default = req.atol if atol is None else atol
+        self.atol = default if sensealg.atol is None else sensealg.atol
         self.jac = jac
         self.hint = hint
         self.h: float | None = None  # the step size the last piece ended with
@@ -121,8 +134,11 @@ def _jacobian(problem: Problem, engine: Engine) -> Callable[[float, Any], Any]:
 
     def jac(t: float, y: Any) -> Any:
         Ju, Jp = engine.jacobians(t, y[:n])
+        C = engine.backsolve_coupling(t, y)
+        blocks = [[Ju, None, None], [C[:n], -Ju.T, None], [C[n:], -Jp.T, zero]]
         J = scipy.sparse.bmat(
-            [[Ju, None, None], [None, -Ju.T, None], [None, -Jp.T, zero]], format="csc"
+            [[None if b is None else sparse(b) for b in row] for row in blocks],
+            format="csc",
         )
         return newton_jacobian(problem, J)
 
@@ -131,8 +147,9 @@ def _jacobian(problem: Problem, engine: Engine) -> Callable[[float, Any], Any]:
 
 _HINT = (
     "The state integrated backward may have left the forward trajectory (unstable "
-    "backward dynamics): use sensealg=dk.CheckpointedAdjoint(), or raise max_steps "
-    "or loosen ContinuousAdjoint(rtol=..., atol=...)."
+    "backward dynamics, as on stiff or chaotic problems): use "
+    "sensealg=dk.CheckpointedAdjoint(), or raise max_steps or loosen "
+    "ContinuousAdjoint(rtol=..., atol=...)."
 )
 
 
@@ -144,7 +161,7 @@ def vjp(
     n, size = problem.n, engine.size
     u = np.asarray(sol.u).reshape(-1, n)
     ts, t0 = problem.ts.tolist(), problem.t0
-    jac = _jacobian(problem, engine) if "jac" in problem.base_options else None
+    jac = _jacobian(problem, engine) if problem.autodiff_jacobians else None
 
     def pull(cot: Any) -> tuple[Any, Any]:
         backward = Backward(problem, jac, _HINT)

@@ -26,6 +26,11 @@ Requirements met here:
   None stays None).
 - ``loss_grad`` differentiates the user's loss of a `Solution` with the same
   frameworks (`value_and_grad`).
+- The implicit algs' Newton Jacobians come from here too: `newton_jacobian_of_f`
+  for the plain solve (``prob.jac``, else the engine rule above, else SciPy's
+  finite differences), the engines' ``state_jacobian`` and coupling blocks for
+  the gradient methods' systems, and `finite_difference_jacobians` to force
+  SciPy's differences everywhere (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -33,23 +38,35 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..._arrays import to_numpy
 from ..._cache import LRUCache as _Cache
-from ..._errors import UnsupportedError
+from ..._errors import InvalidProblemError, UnsupportedError
 from ..._pytree import tree_map
 from ..._solution import Solution
-from ._solve import Problem, jac_adapter
+
+if TYPE_CHECKING:  # _solve imports this module: no import cycle at runtime
+    from .._protocol import SolveRequest
+    from ._solve import Problem
 
 __all__ = [
+    "FINITE_DIFFERENCES",
     "Engine",
     "Layout",
+    "engine_label",
     "engine_name",
+    "finite_difference_jacobians",
+    "finite_differences_forced",
+    "jac_adapter",
     "make_engine",
+    "newton_jacobian_of_f",
     "value_and_grad",
 ]
 
@@ -171,11 +188,46 @@ class Engine(Protocol):
         """``(df/du, df/dp)`` of shapes ``(n, n)`` and ``(n, P)``."""
         ...
 
+    def state_jacobian(self, t: float, u: Any) -> Any:
+        """``df/du`` of shape ``(n, n)`` (no parameter columns computed)."""
+        ...
+
+    def forward_coupling(self, t: float, y: Any) -> Any:
+        """``d/du`` of the sensitivities' right-hand side at ``y = [u, S]``:
+        ``d vec((df/du) S + (df/dp) [0 | I]) / du``, shape ``(n k, n)``."""
+        ...
+
+    def backsolve_coupling(self, t: float, y: Any) -> Any:
+        """``d/du`` of the adjoints' right-hand side at ``y = [u, λ, μ]``:
+        ``d [-(df/du)^T λ, -(df/dp)^T λ] / du``, shape ``(n + P, n)``."""
+        ...
+
 
 # Structures (f, u0 shape, p layout) whose compiled functions are kept, per engine.
 _CACHE_SIZE = 64
 _JAX_CACHE = _Cache(_CACHE_SIZE)
 _TORCH_CACHE = _Cache(_CACHE_SIZE)
+
+
+# The relative step of `_coupling_by_differences` (sqrt of float64's epsilon).
+_DIFF_STEP = 1.5e-8
+
+
+def _coupling_by_differences(
+    system: Callable[[float, Any], Any], t: float, y: Any, n: int
+) -> Any:
+    """``d system(t, y)[n:] / d y[:n]`` by forward differences along the ``n``
+    state directions only (n + 1 calls of `system`, whose other blocks are known
+    exactly): the engines without second derivatives at hand use it for the
+    coupling blocks, which only steer Newton's iteration."""
+    base = system(t, y)[n:]
+    out = np.empty((base.size, n))
+    for j in range(n):
+        step = _DIFF_STEP * max(1.0, abs(float(y[j])))
+        shifted = y.copy()
+        shifted[j] += step
+        out[:, j] = (system(t, shifted)[n:] - base) / step
+    return out
 
 
 def _p_tangents(n: int, size: int) -> Any:
@@ -224,10 +276,47 @@ class _JaxFunctions:
         def jacobians(t: Any, u: Any, q: Any) -> Any:
             return jax.jacfwd(lambda u, q: rhs(u, q, t), argnums=(0, 1))(u, q)
 
+        def state_jacobian(t: Any, u: Any, q: Any) -> Any:
+            return jax.jacfwd(lambda u: rhs(u, q, t))(u)
+
+        def forward_coupling(t: Any, y: Any, q: Any) -> Any:
+            S = jnp.reshape(y[n:], (n, k))
+
+            def sensitivities(u: Any) -> Any:
+                def column(s: Any, e: Any) -> Any:
+                    return jax.jvp(lambda u, q: rhs(u, q, t), (u, q), (s, e))[1]
+
+                dS = jax.vmap(column, in_axes=(1, 1), out_axes=1)(S, tangents)
+                return jnp.reshape(dS, (-1,))
+
+            return jax.jacfwd(sensitivities)(y[:n])
+
+        def backsolve_coupling(t: Any, y: Any, q: Any) -> Any:
+            def pulled(u: Any) -> Any:
+                _, pull = jax.vjp(lambda u, q: rhs(u, q, t), u, q)
+                gu, gq = pull(y[n : 2 * n])
+                return -jnp.concatenate([gu, gq])
+
+            return jax.jacfwd(pulled)(y[:n])
+
+        # jax.jit compiles each on its first call: a plain solve compiles only
+        # state_jacobian, a gradient method only what it integrates.
         self.forward = jax.jit(forward)
         self.backsolve = jax.jit(backsolve)
         self.adjoint = jax.jit(adjoint)
         self.jacobians = jax.jit(jacobians)
+        self.state_jacobian = jax.jit(state_jacobian)
+        self.forward_coupling = jax.jit(forward_coupling)
+        self.backsolve_coupling = jax.jit(backsolve_coupling)
+
+
+def _jax_functions(
+    f: Callable[..., Any], shape: tuple[int, ...], lay: Layout
+) -> _JaxFunctions:
+    """The cached jitted systems of (f, u0 shape, p layout)."""
+    return _JAX_CACHE.get(
+        (f, shape, lay.signature), lambda: _JaxFunctions(f, shape, lay)
+    )
 
 
 class _JaxEngine:
@@ -236,11 +325,7 @@ class _JaxEngine:
     name = "jax"
 
     def __init__(self, problem: Problem, lay: Layout) -> None:
-        req = problem.req
-        key = (req.f, problem.shape, lay.signature)
-        self._fns: _JaxFunctions = _JAX_CACHE.get(
-            key, lambda: _JaxFunctions(req.f, problem.shape, lay)
-        )
+        self._fns = _jax_functions(problem.req.f, problem.shape, lay)
         self._q = lay.values()
         self.size = lay.size
 
@@ -256,6 +341,15 @@ class _JaxEngine:
     def jacobians(self, t: float, u: Any) -> tuple[Any, Any]:
         Ju, Jp = self._fns.jacobians(np.float64(t), u, self._q)
         return np.asarray(Ju), np.asarray(Jp)
+
+    def state_jacobian(self, t: float, u: Any) -> Any:
+        return np.asarray(self._fns.state_jacobian(np.float64(t), u, self._q))
+
+    def forward_coupling(self, t: float, y: Any) -> Any:
+        return np.asarray(self._fns.forward_coupling(np.float64(t), y, self._q))
+
+    def backsolve_coupling(self, t: float, y: Any) -> Any:
+        return np.asarray(self._fns.backsolve_coupling(np.float64(t), y, self._q))
 
 
 class _TorchFunctions:
@@ -312,6 +406,35 @@ class _TorchFunctions:
         """``(f, df/du, df/dp)``."""
         return self._pull(u, q, t, self.rows, batched=True)
 
+    def state_jacobian(self, u: Any, q: Any, t: float) -> Any:
+        """``df/du`` alone: p takes no part in the graph (a network's weights
+        would cost a reverse pass each row for nothing)."""
+        import torch
+
+        u = u.detach().requires_grad_()
+        with torch.enable_grad():
+            out = self.rhs(u, q, t)
+        if not out.requires_grad:  # f does not depend on u
+            return u.new_zeros((self.n, self.n))
+        (gu,) = torch.autograd.grad(
+            out,
+            u,
+            self.rows,
+            allow_unused=True,
+            materialize_grads=True,
+            is_grads_batched=True,
+        )
+        return gu
+
+
+def _torch_functions(
+    f: Callable[..., Any], shape: tuple[int, ...], lay: Layout
+) -> _TorchFunctions:
+    """The cached autograd functions of (f, u0 shape, p layout)."""
+    return _TORCH_CACHE.get(
+        (f, shape, lay.signature), lambda: _TorchFunctions(f, shape, lay)
+    )
+
 
 class _TorchEngine:
     """PyTorch: autograd VJPs and batched-VJP Jacobians on float64 tensors."""
@@ -322,11 +445,7 @@ class _TorchEngine:
         import torch
 
         self._torch = torch
-        req = problem.req
-        key = (req.f, problem.shape, lay.signature)
-        self._fns: _TorchFunctions = _TORCH_CACHE.get(
-            key, lambda: _TorchFunctions(req.f, problem.shape, lay)
-        )
+        self._fns = _torch_functions(problem.req.f, problem.shape, lay)
         self._q = torch.from_numpy(lay.values())
         self.size = lay.size
 
@@ -355,6 +474,18 @@ class _TorchEngine:
         u = self._torch.from_numpy(_writable(u))
         _, Ju, Jq = self._fns.jacobians(u, self._q, float(t))
         return Ju.numpy(), Jq.numpy()
+
+    def state_jacobian(self, t: float, u: Any) -> Any:
+        u = self._torch.from_numpy(_writable(u))
+        return self._fns.state_jacobian(u, self._q, float(t)).numpy()
+
+    # Second derivatives by eager autograd would cost a batched double-backward
+    # per block; differences of the first-order systems cost n + 1 of them.
+    def forward_coupling(self, t: float, y: Any) -> Any:
+        return _coupling_by_differences(self.forward, t, y, self._fns.n)
+
+    def backsolve_coupling(self, t: float, y: Any) -> Any:
+        return _coupling_by_differences(self.backsolve, t, y, self._fns.n)
 
 
 class _JacEngine:
@@ -404,6 +535,16 @@ class _JacEngine:
 
     def jacobians(self, t: float, u: Any) -> tuple[Any, Any]:
         return self._jac(t, u), np.zeros((self._n, 0))
+
+    def state_jacobian(self, t: float, u: Any) -> Any:
+        return self._jac(t, u)
+
+    # prob.jac gives no second derivatives.
+    def forward_coupling(self, t: float, y: Any) -> Any:
+        return _coupling_by_differences(self.forward, t, y, self._n)
+
+    def backsolve_coupling(self, t: float, y: Any) -> Any:
+        return _coupling_by_differences(self.backsolve, t, y, self._n)
 
 
 _ENGINES: Mapping[str, Callable[[Problem, Layout], Engine]] = {
@@ -486,6 +627,134 @@ def make_engine(problem: Problem, lay: Layout) -> Engine:
     req = problem.req
     name = engine_name(getattr(req.sensealg, "autodiff", None), req.jac is not None)
     return _ENGINES[name](problem, lay)
+
+
+# ---------------------------------------------------------------------------------
+# The Newton Jacobian of the implicit algs.
+# ---------------------------------------------------------------------------------
+
+# What `Solution.stats["jacobian"]` says built the implicit algs' Jacobian.
+FINITE_DIFFERENCES = "finite differences"
+_LABELS: Mapping[str, str] = {"jax": "jax", "torch": "torch", "jac": "prob.jac"}
+
+# Set by `finite_difference_jacobians`; a ContextVar so that threads and asyncio
+# tasks each see their own.
+_FORCE_FD: ContextVar[bool] = ContextVar("diffeqkit_scipy_fd", default=False)
+
+
+@contextmanager
+def finite_difference_jacobians() -> Iterator[None]:
+    """Inside this block the SciPy backend's implicit algs build every Jacobian by
+    SciPy's finite differences (LSODA: its own difference quotients), ignoring
+    ``prob.jac`` and the autodiff frameworks: the plain solve's, and those of the
+    systems the gradient methods integrate (decided when `dk.vjp` is called, so
+    its pullback follows suit wherever it is called). For benchmarks of
+    autodiff against finite-difference Jacobians, and tests; not public API.
+    """
+    token = _FORCE_FD.set(True)
+    try:
+        yield
+    finally:
+        _FORCE_FD.reset(token)
+
+
+def finite_differences_forced() -> bool:
+    """Whether `finite_difference_jacobians` is in force here."""
+    return _FORCE_FD.get()
+
+
+def engine_label(engine: Engine) -> str:
+    """The ``stats["jacobian"]`` value of Jacobians built by `engine`."""
+    return _LABELS[engine.name]
+
+
+def jac_adapter(
+    user_jac: Callable[..., Any], p: Any, shape: tuple[int, ...]
+) -> Callable[[float, Any], Any]:
+    """SciPy's ``jac(t, y)`` from the user's ``jac(u, p, t)``, as an (n, n) array."""
+    n = math.prod(shape)
+    expected = shape + shape
+
+    def jac(t: float, y: Any) -> Any:
+        J = np.asarray(to_numpy(user_jac(y.reshape(shape), p, float(t))))
+        if J.shape != expected:
+            raise InvalidProblemError(
+                f"jac(u, p, t) returned shape {J.shape} but must return df/du of "
+                f"shape u.shape + u.shape = {expected}."
+            )
+        return J.astype(np.float64, copy=False).reshape(n, n)
+
+    return jac
+
+
+def _jax_jacobian(
+    f: Callable[..., Any], p: Any, shape: tuple[int, ...]
+) -> Callable[[float, Any], Any]:
+    lay = Layout.of(p)
+    fns, q = _jax_functions(f, shape, lay), lay.values()
+
+    def jac(t: float, y: Any) -> Any:
+        return np.asarray(fns.state_jacobian(np.float64(t), y, q))
+
+    return jac
+
+
+def _torch_jacobian(
+    f: Callable[..., Any], p: Any, shape: tuple[int, ...]
+) -> Callable[[float, Any], Any]:
+    import torch
+
+    lay = Layout.of(p)
+    fns, q = _torch_functions(f, shape, lay), torch.from_numpy(lay.values())
+
+    def jac(t: float, y: Any) -> Any:
+        u = torch.from_numpy(_writable(y))
+        return fns.state_jacobian(u, q, float(t)).numpy()
+
+    return jac
+
+
+_JACOBIANS: Mapping[
+    str,
+    Callable[[Callable[..., Any], Any, tuple[int, ...]], Callable[[float, Any], Any]],
+] = {"jax": _jax_jacobian, "torch": _torch_jacobian}
+
+
+def newton_jacobian_of_f(
+    req: SolveRequest, p: Any, u0: Any
+) -> tuple[Callable[[float, Any], Any] | None, str]:
+    """SciPy's ``jac(t, y)`` for the plain solve of an implicit alg (None: SciPy's
+    finite differences), and its ``stats["jacobian"]`` label.
+
+    In order: finite differences inside `finite_difference_jacobians`;
+    ``prob.jac`` when given; the framework the sensealg's ``autodiff`` names
+    (checked as for the gradients); else the rule of `engine_name` (JAX with
+    x64, else torch); else finite differences (SciPy alone installed). An ``f``
+    the framework cannot differentiate (Python branches on traced values,
+    NumPy-only functions) is not an error for a plain solve, which needs no
+    gradient: its Jacobian falls back to finite differences, and the label says
+    so (the gradient methods raise the framework's error instead).
+    """
+    if finite_differences_forced():
+        return None, FINITE_DIFFERENCES
+    if req.jac is not None:
+        return jac_adapter(req.jac, p, u0.shape), _LABELS["jac"]
+    autodiff = getattr(req.sensealg, "autodiff", None)
+    if isinstance(autodiff, str) and autodiff in _JACOBIANS:
+        _require(autodiff)
+        name: str | None = autodiff
+    else:
+        name = _auto(has_jac=False)
+    if name is None:
+        return None, FINITE_DIFFERENCES
+    jac = _JACOBIANS[name](req.f, p, u0.shape)
+    try:
+        # JAX traces (and compiles, once per structure) here; the value is
+        # discarded
+        jac(float(req.t0), u0.reshape(-1))
+    except Exception:  # any failure of the framework on f
+        return None, FINITE_DIFFERENCES
+    return jac, _LABELS[name]
 
 
 # ---------------------------------------------------------------------------------

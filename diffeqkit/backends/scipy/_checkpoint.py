@@ -34,6 +34,7 @@ import numpy as np
 import scipy.sparse
 from scipy.integrate import OdeSolution
 
+from ..._sensealg import adjoint_atol
 from ..._solution import Solution
 from ._adjoint import Backward
 from ._autodiff import Engine, Layout
@@ -44,6 +45,7 @@ from ._solve import (
     RungeKutta,
     newton_jacobian,
     solve,
+    sparse,
     stop_list,
     user_rhs,
 )
@@ -142,7 +144,10 @@ def _jacobian(
 
     def jac(t: float, z: Any) -> Any:
         Ju, Jp = engine.jacobians(t, state(t))
-        J = scipy.sparse.hstack([scipy.sparse.vstack([-Ju.T, -Jp.T]), right], "csc")
+        # sparse blocks: SciPy reads a list of equal-shape dense blocks as one
+        # higher-dimensional array (and refuses it) when P == n
+        left = scipy.sparse.vstack([sparse(-Ju.T), sparse(-Jp.T)])
+        J = scipy.sparse.hstack([left, right], "csc")
         return newton_jacobian(problem, J)
 
     return jac
@@ -152,18 +157,24 @@ _HINT = "Raise max_steps or loosen CheckpointedAdjoint(rtol=..., atol=...)."
 
 
 def vjp(
-    problem: Problem, engine: Engine, layout: Layout
+    problem: Problem,
+    engine: Engine,
+    layout: Layout,
+    segments: int | None = None,
+    hint: str = _HINT,
 ) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
     """The plain solve keeping checkpoints, and the checkpointed pullback on
-    NumPy cotangents ``(m, n)``."""
-    segments = problem.req.sensealg.checkpoints or DEFAULT_CHECKPOINTS
-    recorder = _Recorder(problem, segments)
+    NumPy cotangents ``(m, n)``; `segments` None: the sensealg's checkpoints."""
+    if segments is None:
+        segments = problem.req.sensealg.checkpoints
+    recorder = _Recorder(problem, segments or DEFAULT_CHECKPOINTS)
     sol = solve(problem, recorder)
+    u = np.asarray(sol.u)
     checkpoints = recorder.points
     n, size = problem.n, engine.size
     ts = problem.ts
     d = 1.0 if problem.t1 > problem.t0 else -1.0
-    implicit = "jac" in problem.base_options
+    implicit = problem.autodiff_jacobians
 
     def pull(cot: Any) -> tuple[Any, Any]:
         z = np.concatenate([cot[-1], np.zeros(size)])
@@ -179,7 +190,8 @@ def vjp(
 
             jac = _jacobian(problem, engine, state) if implicit else None
             if backward is None:
-                backward = Backward(problem, jac, _HINT)
+                atol = float(adjoint_atol(problem.req.atol, cot, u))
+                backward = Backward(problem, jac, hint, atol)
             backward.jac = jac
             while i >= 0 and d * ts[i] > d * cp.t:
                 z = backward(fun, z, t_cur, float(ts[i]))

@@ -9,8 +9,12 @@ Requirements met here:
   coefficients as the other backends; ``bosh3`` and ``dopri5`` are SciPy's ``RK23``
   and ``RK45`` bit for bit. Fixed-step algs step exactly on
   `diffeqkit._saveat.step_grid` with no error control.
-- The implicit algs are SciPy's ``BDF``, ``Radau`` and ``LSODA``, with the user's
-  ``jac(u, p, t)`` when given.
+- The implicit algs are SciPy's ``BDF``, ``Radau`` and ``LSODA``. Their Jacobian
+  (`prepare`, by `_autodiff.newton_jacobian_of_f`): the user's ``jac(u, p, t)``
+  when given, else automatic differentiation of ``f`` (JAX or PyTorch, cached per
+  problem structure), else SciPy's finite differences (SciPy alone installed, or
+  inside `_autodiff.finite_difference_jacobians`); ``stats["jacobian"]`` names it
+  and ``stats["njev"]``, ``stats["nlu"]`` count Jacobians and LU factorisations.
 - The step loop is ours, as in `solve_ivp` (construct the solver, call
   ``solver.step()`` until it finishes), because `solve_ivp` has no ``max_steps``,
   hides accepted/rejected counts and returns nothing useful on failure. Save times
@@ -20,7 +24,8 @@ Requirements met here:
   is `solve_ivp` with the same tableau.
 - SciPy integrates in float64 on the CPU only: float32 raises `UnsupportedError`.
 - Stats are real counts: ``nfev`` every call of the integrated system (finite-
-  difference Jacobian columns included, the validation call at ``t0`` not),
+  difference Jacobian columns included, autodiff Jacobians not: they do not call
+  the system; the validation call at ``t0`` not),
   ``naccept`` the accepted steps (``max_steps`` bounds them), ``nreject`` where it
   can be told.
 - The gradient methods integrate other systems (the state with its
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
+import scipy.sparse
 from scipy.integrate import BDF, LSODA, RK45, OdeSolver, Radau
 
 from ..._arrays import to_numpy
@@ -49,6 +55,7 @@ from ..._saveat import step_grid
 from ..._solution import Solution
 from ..._tableaux import get_tableau
 from .._protocol import SolveRequest, conclude
+from ._autodiff import FINITE_DIFFERENCES, newton_jacobian_of_f
 
 __all__ = [
     "ALGS",
@@ -63,6 +70,7 @@ __all__ = [
     "options",
     "prepare",
     "solve",
+    "sparse",
 ]
 
 # SciPy's generic explicit Runge-Kutta machinery (scipy.integrate._ivp.rk.RungeKutta)
@@ -150,11 +158,8 @@ def _adaptive_options(setup: _Setup) -> dict[str, Any]:
 
 
 def _implicit_options(setup: _Setup) -> dict[str, Any]:
-    # Without jac, SciPy's finite differences (BDF/Radau) or LSODA's own difference
-    # quotients build the Jacobian.
-    user_jac = setup.req.jac
-    jac = None if user_jac is None else jac_adapter(user_jac, setup.p, setup.shape)
-    return {**_adaptive_options(setup), "jac": jac}
+    # "jac" is set by `prepare`, which also records where it comes from.
+    return {**_adaptive_options(setup), "jac": None}
 
 
 def _rk_stats(solver: Any, nfev0: int, naccept: int) -> dict[str, Any]:
@@ -219,25 +224,6 @@ ALGS: Mapping[str, Method] = {
 _FAILURES: Mapping[str, str] = {OdeSolver.TOO_SMALL_STEP: "step_size_too_small"}
 
 
-def jac_adapter(
-    user_jac: Callable[..., Any], p: Any, shape: tuple[int, ...]
-) -> Callable[[float, Any], Any]:
-    """SciPy's ``jac(t, y)`` from the user's ``jac(u, p, t)``, as an (n, n) array."""
-    n = math.prod(shape)
-    expected = shape + shape
-
-    def jac(t: float, y: Any) -> Any:
-        J = np.asarray(to_numpy(user_jac(y.reshape(shape), p, float(t))))
-        if J.shape != expected:
-            raise InvalidProblemError(
-                f"jac(u, p, t) returned shape {J.shape} but must return df/du of "
-                f"shape u.shape + u.shape = {expected}."
-            )
-        return J.astype(np.float64, copy=False).reshape(n, n)
-
-    return jac
-
-
 def _convert_leaf(x: Any) -> Any:
     """A p leaf as a NumPy array: floating -> float64, integers stay integers."""
     a = np.asarray(to_numpy(x))
@@ -268,6 +254,9 @@ class Problem:
     t1: float
     ts: Any  # the save times, float64
     base_options: dict[str, Any]  # the solver options of the user's system
+    # Implicit algs: what builds the Newton Jacobian of the user's system
+    # ("prob.jac", "jax", "torch" or FINITE_DIFFERENCES); None for explicit ones.
+    jacobian: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -276,6 +265,14 @@ class Problem:
     @property
     def n(self) -> int:
         return self.u0.size
+
+    @property
+    def autodiff_jacobians(self) -> bool:
+        """Whether the gradient methods give the systems they integrate with an
+        implicit alg a Jacobian from their engine: unless the alg is explicit or
+        finite differences were forced (or nothing can differentiate f, where
+        the gradient methods refuse to run anyway)."""
+        return self.jacobian not in (None, FINITE_DIFFERENCES)
 
     @property
     def grid(self) -> Any:
@@ -305,7 +302,10 @@ def prepare(req: SolveRequest) -> Problem:
     check_rhs_output(du0, u0, t0)
     ts = np.array(req.saveat, dtype=np.float64)
     opts = method.options(_Setup(req, p, u0.shape))
-    return Problem(req, method, u0, p, t0, t1, ts, opts)
+    jacobian = None
+    if "jac" in opts:  # an implicit alg
+        opts["jac"], jacobian = newton_jacobian_of_f(req, p, u0)
+    return Problem(req, method, u0, p, t0, t1, ts, opts, jacobian)
 
 
 def options(
@@ -338,6 +338,13 @@ def options(
 # handed over dense, as SciPy's dense LU beats its sparse one (splu) on small
 # systems. LSODA takes dense Jacobians only.
 _DENSE_JACOBIAN_MAX = 200
+
+
+def sparse(block: Any) -> Any:
+    """A dense Jacobian block as a sparse matrix, for `scipy.sparse.bmat`/`vstack`
+    (which read a list of equal-shape dense arrays as one higher-dimensional
+    array and refuse it)."""
+    return scipy.sparse.csr_matrix(block)
 
 
 def newton_jacobian(problem: Problem, J: Any) -> Any:
@@ -435,9 +442,15 @@ def integrate(
 
 
 def conclude_outcome(
-    problem: Problem, outcome: Outcome, counter: Counter, u: Any
+    problem: Problem,
+    outcome: Outcome,
+    counter: Counter,
+    u: Any,
+    jacobian: str | None = None,
 ) -> Solution:
-    """The `Solution` of an integration whose state rows are `u` (m, n)."""
+    """The `Solution` of an integration whose state rows are `u` (m, n);
+    `jacobian` says what built the integrated system's Jacobian (None: the plain
+    solve's `Problem.jacobian`)."""
     status, solver = outcome.status, outcome.solver
     if status in ("step_size_too_small", "solver_failed") and not (
         _finite(counter.last) and _finite(solver.y)
@@ -445,8 +458,10 @@ def conclude_outcome(
         status = "nonfinite"  # the step shrank or broke because f went NaN/inf
     elif outcome.err is not None:
         raise outcome.err  # not a non-finite f: a bug to see, not a status
-    stats = {"nfev": counter.nfev, "naccept": outcome.naccept}
+    stats: dict[str, Any] = {"nfev": counter.nfev, "naccept": outcome.naccept}
     stats.update(problem.method.stats(solver, outcome.nfev0, outcome.naccept))
+    if problem.jacobian is not None:
+        stats["jacobian"] = jacobian or problem.jacobian
     return conclude(
         problem.req,
         t=problem.ts,
