@@ -76,9 +76,10 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Run the benchmarks (overhead, sensealg); results go to benchmarks/results/.
+    """Run the benchmarks (overhead, sensealg, stiff) into benchmarks/results/.
 
-    Positional arguments go to both scripts (both take ``--repeat N``)."""
+    Positional arguments go to every script (all take ``--repeat N``)."""
     _install(session, "all")
     session.run("python", "benchmarks/overhead.py", *session.posargs)
     session.run("python", "benchmarks/sensealg.py", *session.posargs)
+    session.run("python", "benchmarks/stiff.py", *session.posargs)

@@ -5,6 +5,7 @@ Importing diffeqkit imports no backend framework; each backend loads on first us
 
 from __future__ import annotations
 
+from . import problems as problems
 from ._arrays import array_namespace as array_namespace
 from ._errors import BackendNotInstalledError as BackendNotInstalledError
 from ._errors import DiffEqKitError as DiffEqKitError
@@ -44,6 +45,7 @@ __all__ = [
     "__version__",
     "array_namespace",
     "default_sensealg",
+    "problems",
     "solve",
     "support_matrix",
     "value_and_grad",
