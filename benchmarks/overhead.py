@@ -29,7 +29,6 @@ Run: python benchmarks/overhead.py [--repeat N] [--out FILE]   (or: nox -s bench
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 import diffeqkit as dk
+from diffeqkit._info import versions
 
 U0 = np.array([1.0, 1.0])
 P = np.array([1.5, 1.0, 3.0, 1.0])
@@ -55,16 +55,6 @@ def lv_array_api(u, p, t):
     xp = dk.array_namespace(u)
     a, b, c, d = p[0], p[1], p[2], p[3]
     return xp.stack([a * u[0] - b * u[0] * u[1], -c * u[1] + d * u[0] * u[1]])
-
-
-def _versions(*dists: str) -> dict[str, str]:
-    out = {}
-    for d in dists:
-        try:
-            out[d] = importlib.metadata.version(d)
-        except importlib.metadata.PackageNotFoundError:
-            out[d] = "not installed"
-    return out
 
 
 def jax_variants() -> dict[str, Callable[[], Any]]:
@@ -291,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     "processor": platform.processor(),
                     "cpus": os.cpu_count(),
                 },
-                "versions": _versions(
+                "versions": versions(
                     "diffeqkit",
                     "numpy",
                     "jax",

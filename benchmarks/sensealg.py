@@ -31,7 +31,6 @@ Run: python benchmarks/sensealg.py [--repeat N] [--quick] [--only PART ...]
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
 import resource
@@ -47,6 +46,7 @@ import numpy as np
 
 import diffeqkit as dk
 from diffeqkit import backends
+from diffeqkit._info import versions
 
 RTOL, ATOL = 1e-6, 1e-8
 SENSEALGS = {
@@ -460,13 +460,7 @@ def part_jax_vs_diffrax(repeat: int) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for d in ("numpy", "scipy", "jax", "diffrax", "torch", "torchdiffeq"):
-        try:
-            out[d] = importlib.metadata.version(d)
-        except importlib.metadata.PackageNotFoundError:
-            out[d] = "not installed"
-    return out
+    return versions("numpy", "scipy", "jax", "diffrax", "torch", "torchdiffeq")
 
 
 def main() -> None:

@@ -1,4 +1,10 @@
-"""`python -m diffeqkit info`: argument parsing only."""
+"""`python -m diffeqkit info|compare`: argument parsing only.
+
+The measuring lives in `diffeqkit._compare`, the report in `diffeqkit._info`.
+Exit codes: 0 done (rows that are unsupported or failed are part of the
+output); 2 a bad command line (unknown problem, backend or sensealg name, a bad
+number, ``--plot`` without matplotlib).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import backends, problems
+    from ._compare import DEFAULT_PROBLEM, SENSEALG_NAMES
+
     parser = argparse.ArgumentParser(
         prog="python -m diffeqkit",
         description="diffeqkit: differentiable ODE solving on JAX, PyTorch and SciPy.",
@@ -18,12 +28,120 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info", help="installed backends, versions, devices and the support matrix"
     )
     info.add_argument("--json", action="store_true", help="print JSON instead")
+    cmp = sub.add_parser(
+        "compare",
+        help="time and check every installed backend x gradient method",
+        description="Time the forward solve and the gradient of every installed "
+        "backend x sensealg on a built-in problem, and check each gradient "
+        "against a tight-tolerance reference. Columns: docs/compare.md.",
+    )
+    cmp.add_argument(
+        "--problem",
+        default=DEFAULT_PROBLEM,
+        choices=problems.names(),
+        metavar="NAME",
+        help=f"a built-in problem: {', '.join(problems.names())} "
+        f"(default {DEFAULT_PROBLEM})",
+    )
+    cmp.add_argument(
+        "--backends",
+        nargs="+",
+        choices=[*backends.SPECS, *backends.ALIASES],
+        metavar="NAME",
+        help=f"backends to compare: {', '.join(backends.SPECS)} "
+        "(default: every installed one)",
+    )
+    cmp.add_argument(
+        "--sensealgs",
+        nargs="+",
+        choices=SENSEALG_NAMES,
+        metavar="NAME",
+        help=f"gradient methods: {', '.join(SENSEALG_NAMES)} (default: all)",
+    )
+    cmp.add_argument("--alg", default="tsit5", help="the solver (default tsit5)")
+    cmp.add_argument(
+        "--rtol", type=float, help="relative tolerance (default: the problem's)"
+    )
+    cmp.add_argument(
+        "--atol", type=float, help="absolute tolerance (default: the problem's)"
+    )
+    cmp.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="timed rounds after the warm-up (default 3)",
+    )
+    cmp.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    cmp.add_argument("--plot", metavar="FILE", help="save a figure (matplotlib)")
+    cmp.add_argument("--device", help="cpu, cuda, cuda:N (default: each default)")
+    cmp.add_argument(
+        "--quiet", action="store_true", help="no progress bar (tables still print)"
+    )
     args = parser.parse_args(argv)
 
-    from ._info import format_report, info_report
+    if args.command == "info":
+        from ._info import format_report, info_report
 
-    report = info_report()
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+        report = info_report()
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0
+    return _compare(cmp, args)
+
+
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import backends
+    from ._compare import compare, format_table, plot, require_matplotlib
+    from ._errors import DiffEqKitError
+
+    if args.plot:
+        try:
+            require_matplotlib()  # before minutes of measuring, not after
+        except DiffEqKitError as err:
+            parser.error(str(err))
+    if backends.installed("jax"):
+        # This command is a program, not the library: it asks JAX for float64 so
+        # that gradient errors mean something (the library never flips the flag).
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    err_console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=args.quiet,
+    ) as bar:
+        task = bar.add_task("compare", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        try:
+            report: dict[str, Any] = compare(
+                args.problem,
+                backends=args.backends,
+                sensealgs=args.sensealgs,
+                alg=args.alg,
+                rtol=args.rtol,
+                atol=args.atol,
+                repeat=args.repeat,
+                device=args.device,
+                progress=progress,
+            )
+        except DiffEqKitError as err:
+            parser.error(str(err))
+    format_table(report)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 

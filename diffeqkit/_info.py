@@ -48,6 +48,12 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def versions(*dists: str) -> dict[str, str]:
+    """Each distribution's installed version, or ``"not installed"`` (for reports
+    and benchmark results)."""
+    return {d: _version(d) for d in dists}
+
+
 def info_report() -> dict[str, Any]:
     """Everything `info` prints, as data (also its ``--json`` output)."""
     from . import __version__
