@@ -3,7 +3,9 @@ demand.
 
 Each `tests(backend)` session installs ONLY that backend's extra into a fresh
 virtualenv and requires that backend's tests to run (DIFFEQKIT_REQUIRE_BACKENDS),
-which proves the other backends are optional. PyTorch is installed first as the
+which proves the other backends are optional; it skips the tests marked slow (the
+stiff suites and the implicit algs beyond each backend's first), which tests_all,
+with every backend installed, runs. PyTorch is installed first as the
 pinned CPU build so pip never resolves a multi-GB CUDA wheel.
 """
 
@@ -34,7 +36,7 @@ def tests(session: nox.Session, backend: str) -> None:
     _install(session, f"{backend},test")
     session.run(
         "pytest",
-        *session.posargs,
+        *(session.posargs or ["-m", "not slow"]),
         env={"DIFFEQKIT_REQUIRE_BACKENDS": backend},
     )
 

@@ -76,12 +76,27 @@ LOW_ORDER = {
 }
 
 
+def secondary_implicit(backend: str, alg: str) -> bool:
+    """Whether `alg` is one of `backend`'s implicit algs other than its first (the
+    one the "looks stiff" hint names first). Tests of those are marked slow: the
+    per-backend nox sessions skip them and tests_all runs them (on JAX each is a
+    compilation of several seconds)."""
+    implicit = backends.implicit_algs(backend)
+    return alg in implicit[1:]
+
+
 def alg_params(*kinds: str) -> list:
     """(backend, alg) pairs for every alg each backend declares, of the given kinds."""
     from diffeqkit._algs import ALGS
 
     return [
-        pytest.param(name, alg, id=f"{name}-{alg}", marks=getattr(pytest.mark, name))
+        pytest.param(
+            name,
+            alg,
+            id=f"{name}-{alg}",
+            marks=[getattr(pytest.mark, name)]
+            + ([pytest.mark.slow] if secondary_implicit(name, alg) else []),
+        )
         for name, spec in backends.SPECS.items()
         for alg in spec.capabilities.algs
         if not kinds or ALGS[alg].kind in kinds

@@ -19,7 +19,7 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import LOW_ORDER
+from conftest import LOW_ORDER, secondary_implicit
 from problems import LINEAR_A, LINEAR_U0, linear_exact, logistic_exact, to_numpy
 
 import diffeqkit as dk
@@ -36,6 +36,18 @@ from diffeqkit.backends import jax as jax_backend  # noqa: E402
 pytestmark = pytest.mark.jax
 
 ALGS_HERE = list(backends.SPECS["jax"].capabilities.algs)
+# The algs tested in every session; the other implicit ones only in tests_all.
+QUICK = [a for a in ALGS_HERE if not secondary_implicit("jax", a)]
+
+
+def params(algs: list[str]) -> list:
+    """`algs` as parameters, the secondary implicit ones marked slow."""
+    return [
+        pytest.param(a, marks=pytest.mark.slow) if secondary_implicit("jax", a) else a
+        for a in algs
+    ]
+
+
 ADAPTIVE = [a for a in ALGS_HERE if not ALGS[a].fixed_step]
 FIXED = [a for a in ALGS_HERE if ALGS[a].fixed_step]
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
@@ -212,7 +224,7 @@ def test_weak_interpolants_make_steps_land_on_save_times():
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("alg", ALGS_HERE)
+@pytest.mark.parametrize("alg", params(ALGS_HERE))
 def test_every_alg_matches_closed_form(alg, backward):
     sol, _ = linear_solution(alg, backward)
     assert sol.status == "success"
@@ -227,15 +239,15 @@ def test_every_alg_matches_closed_form(alg, backward):
 
 
 def test_backward_solves_reuse_the_forward_programs():
-    for alg in ALGS_HERE:
+    for alg in QUICK:
         linear_solution(alg, False)
     compiled = set(jax_backend._PROGRAMS.keys())
-    for alg in ALGS_HERE:
+    for alg in QUICK:
         linear_solution(alg, True)
     assert set(jax_backend._PROGRAMS.keys()) == compiled
 
 
-@pytest.mark.parametrize("alg", ADAPTIVE)
+@pytest.mark.parametrize("alg", params(ADAPTIVE))
 def test_save_values_between_steps_as_accurate_as_step_ends(alg):
     # t1 always ends a step: its error is the method's own. Saves fall between
     # steps (unless the alg lands on them) and come from diffrax's interpolant;
@@ -311,7 +323,7 @@ def test_nfev_counts_rejected_steps_and_a_given_dt0():
     assert sol.stats["nfev"] == CALLS[0]
 
 
-@pytest.mark.parametrize("alg", [a for a in ALGS_HERE if ALGS[a].implicit])
+@pytest.mark.parametrize("alg", params([a for a in ALGS_HERE if ALGS[a].implicit]))
 def test_implicit_nfev_is_unknown_but_steps_are_counted(alg):
     # Newton iterations make the count of evaluations unknowable here.
     sol, _ = linear_solution(alg)

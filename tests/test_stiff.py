@@ -14,6 +14,10 @@ from conftest import need, need_gradients
 import diffeqkit as dk
 from diffeqkit import backends
 
+# Long stiff solves and a JAX compilation per alg and problem: tests_all runs
+# these, the per-backend sessions skip them.
+pytestmark = pytest.mark.slow
+
 # Per alg: the rtol each reference solve runs at (atol scales with it as the
 # problem's own atol/rtol), and the largest relative error at the reference time
 # accepted, over every component. The bounds are the global errors measured on

@@ -27,7 +27,9 @@ pytest.importorskip("torchdiffeq")
 from diffeqkit.backends.torch import _implicit, _interpolating, _replay  # noqa: E402
 from diffeqkit.backends.torch._solve import no_lift  # noqa: E402
 
-pytestmark = pytest.mark.torch
+# Long stiff solves (order 2 in Python, ~3 ms a step): tests_all runs these,
+# the torch session skips them.
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 ALG = "rosenbrock23"
 SENSEALGS = {
