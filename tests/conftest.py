@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+import diffeqkit as dk
 from diffeqkit import backends
 
 if importlib.util.find_spec("jax") is not None:
@@ -30,6 +31,17 @@ REQUIRED = {
 unknown = REQUIRED - set(backends.SPECS)
 if unknown:
     raise RuntimeError(f"DIFFEQKIT_REQUIRE_BACKENDS names unknown backends {unknown}")
+
+
+# The four gradient methods by short name, for parametrised tests.
+SENSEALGS = {
+    "forward": dk.ForwardMode(),
+    "reverse": dk.ReverseThroughSolver(),
+    "continuous": dk.ContinuousAdjoint(),
+    "checkpointed": dk.CheckpointedAdjoint(),
+}
+# The methods that differentiate the computed solution with the steps held fixed.
+DISCRETE = ["forward", "reverse", "checkpointed"]
 
 
 def need(name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import need, need_gradients
+from conftest import SENSEALGS, need, need_gradients
 
 import diffeqkit as dk
 from diffeqkit import backends
@@ -173,14 +173,6 @@ def rober_fd():
     return np.array(grads)
 
 
-STIFF_SENSEALGS = {
-    "forward": dk.ForwardMode(),
-    "reverse": dk.ReverseThroughSolver(),
-    "continuous": dk.ContinuousAdjoint(),
-    "checkpointed": dk.CheckpointedAdjoint(),
-}
-
-
 # The continuous adjoint of a backsolve is unstable on stiff problems; the
 # backends that refuse it for implicit algs are tested for the refusal instead.
 REFUSED: set[tuple[str, str]] = set()
@@ -190,7 +182,7 @@ REFUSED: set[tuple[str, str]] = set()
 GRAD_CASES = [
     pytest.param(b, s, id=f"{b}-{s}", marks=getattr(pytest.mark, b))
     for b in ("jax", "scipy")
-    for s, sa in STIFF_SENSEALGS.items()
+    for s, sa in SENSEALGS.items()
     if sa.name in backends.SPECS[b].capabilities.sensealgs and (b, s) not in REFUSED
 ]
 
@@ -205,7 +197,7 @@ def test_rober_rate_constant_gradients_match_finite_differences(
         BEST[backend],
         backend=backend,
         saveat=GRAD_TS,
-        sensealg=STIFF_SENSEALGS[sensealg],
+        sensealg=SENSEALGS[sensealg],
         **GRAD_TOL,
     )
     grads = pull(np.broadcast_to(WEIGHTS, sol.u.shape).copy())

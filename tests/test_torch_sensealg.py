@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import DISCRETE, SENSEALGS
 from problems import (
     LINEAR_A,
     LINEAR_U0,
@@ -41,14 +42,6 @@ from diffeqkit.backends.torch import _backend, _replay  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-SENSEALGS = {
-    "forward": dk.ForwardMode(),
-    "reverse": dk.ReverseThroughSolver(),
-    "continuous": dk.ContinuousAdjoint(),
-    "checkpointed": dk.CheckpointedAdjoint(),
-}
-# The methods that differentiate the computed solution with the steps held fixed.
-DISCRETE = ["forward", "reverse", "checkpointed"]
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 LOOSE = {"rtol": 1e-6, "atol": 1e-8}
 ALG_KWARGS = {"tsit5": TIGHT, "dopri5": TIGHT, "rk4": {"dt0": 0.01}}

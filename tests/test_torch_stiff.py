@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import SENSEALGS
 from problems import LINEAR_A, LINEAR_U0, linear, linear_grads, to_numpy
 
 import diffeqkit as dk
@@ -32,13 +33,6 @@ from diffeqkit.backends.torch._solve import no_lift  # noqa: E402
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 ALG = "rosenbrock23"
-SENSEALGS = {
-    "forward": dk.ForwardMode(),
-    "reverse": dk.ReverseThroughSolver(),
-    "continuous": dk.ContinuousAdjoint(),
-    "checkpointed": dk.CheckpointedAdjoint(),
-}
-DISCRETE = ["forward", "reverse", "checkpointed"]
 ROBER_P = np.array([0.04, 3e7, 1e4])
 # ROBER's onset: the fast species approaches its quasi-steady state by t ~ 1e-3.
 # It keeps these tests fast (~150 steps at rtol=1e-8); the continuous adjoint
