@@ -44,7 +44,7 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 def tests_all(session: nox.Session) -> None:
     """Run the test suite with every backend installed (cross-backend agreement)."""
-    _install(session, "all,test")
+    _install(session, "all,test,plot")  # plot: compare --plot is tested here
     session.run(
         "pytest",
         *session.posargs,

@@ -17,13 +17,18 @@ Requirements met here:
   compilation). The spread is the interquartile range over the rounds.
 - The gradient error is relative to a reference gradient computed once by the
   most accurate method available (`REFERENCES`), and the output names it.
-- Forward nfev and steps come from the solution the gradient's own forward pass
-  returned (a method may step differently from a plain solve: SciPy's forward
-  sensitivities control the error of the sensitivities too). Backward-pass
-  counts are shown only where a backend reports them, which none does yet.
-- Peak memory is measured where it can be measured honestly in-process (NumPy
-  buffers by tracemalloc; the CUDA caching allocator's peak on torch); elsewhere
-  it is None, never a guess.
+- Steps come from the solution the gradient's own forward pass returned (a
+  method may step differently from a plain solve: SciPy's forward sensitivities
+  control the error of the sensitivities too). Evaluations of ``f`` are counted,
+  not taken from the backends' stats, in one extra, untimed gradient call with
+  ``f`` wrapped by an `EvaluationCounter`: those during `dk.vjp` are the forward
+  pass's, those during the pullback the backward pass's (recomputation from
+  checkpoints, replays, adjoint right-hand sides). One yardstick for every
+  backend and method, and it sees what stats cannot: Newton iterations, a
+  replay, a backward solve.
+- Peak memory is measured where it can be measured honestly in-process (the
+  backend's `peak_memory`: NumPy buffers by tracemalloc; the CUDA caching
+  allocator's peak on torch); elsewhere it is None, never a guess.
 - Versions, platform and devices go into the report, so a number can be traced.
 - Importing this module imports no framework and no rich; the renderers import
   rich (a dependency of diffeqkit) and matplotlib (optional) when called.
@@ -37,9 +42,7 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
-import tracemalloc
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,6 +54,7 @@ from . import backends as registry
 from . import problems
 from ._algs import get_alg
 from ._arrays import array_namespace, to_numpy
+from ._counting import EvaluationCounter
 from ._errors import DiffEqKitError, InvalidProblemError, UnsupportedError, listing
 from ._gradients import vjp
 from ._info import versions
@@ -141,11 +145,14 @@ class Row:
         ``"tracemalloc"`` (NumPy buffers and Python objects allocated during the
         call, SciPy) or ``"cuda allocator"`` (torch on CUDA: peak allocated
         above what was allocated before the call).
-    forward_nfev, forward_steps, forward_rejected : int or None
-        Evaluations of ``f``, accepted and rejected steps of the gradient's
-        forward pass, as the backend reports them in ``sol.stats``.
-    backward_nfev, backward_steps : int or None
-        The same for the backward pass, where the backend reports them.
+    forward_steps, forward_rejected : int or None
+        Accepted and rejected steps of the gradient's forward pass, as the
+        backend reports them in ``sol.stats``.
+    forward_nfev, backward_nfev : int or None
+        Evaluations of ``f`` counted during the gradient's forward pass
+        (`dk.vjp`, including its one check of ``f(u0, p, t0)``) and backward
+        pass (the pullback): evaluations, also of ``f`` inside a JVP or VJP, not
+        Python calls (a compiled ``f`` is counted at every run).
     repeats : int
         Timed rounds behind the medians.
     """
@@ -165,11 +172,10 @@ class Row:
     accurate: bool | None = None
     peak_memory_mb: float | None = None
     memory_method: str | None = None
-    forward_nfev: int | None = None
     forward_steps: int | None = None
     forward_rejected: int | None = None
+    forward_nfev: int | None = None
     backward_nfev: int | None = None
-    backward_steps: int | None = None
     repeats: int = 0
 
 
@@ -201,15 +207,6 @@ def _message(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}"
 
 
-def _sync(tree: Any) -> None:
-    """Wait for asynchronous work (JAX dispatch, CUDA kernels) to finish."""
-    for x in leaves(tree):
-        if hasattr(x, "block_until_ready"):
-            x.block_until_ready()
-        elif getattr(x, "is_cuda", False):
-            sys.modules["torch"].cuda.synchronize()
-
-
 def _flat(grads: Any) -> np.ndarray:
     parts = [to_numpy(x).ravel() for x in leaves((grads.u0, grads.p)) if x is not None]
     return np.concatenate(parts).astype(np.float64)
@@ -230,8 +227,8 @@ def _versions() -> dict[str, str]:
 class _Problem:
     """The built-in problem, its loss and the cotangent of that loss."""
 
-    def __init__(self, name: str) -> None:
-        self.bp = problems.get(name)
+    def __init__(self, name: str | problems.BuiltinProblem) -> None:
+        self.bp = problems.get(name) if isinstance(name, str) else name
         self.prob = self.bp.prob
         self.data = self.bp.data
 
@@ -243,35 +240,51 @@ class _Problem:
         return xp.asarray(self.data, dtype=u.dtype, device=aac.device(u))
 
     def gradient(
-        self, backend: str, sensealg: SensitivityAlgorithm, kw: dict[str, Any]
+        self,
+        backend: str,
+        sensealg: SensitivityAlgorithm,
+        kw: dict[str, Any],
+        counter: EvaluationCounter | None = None,
     ) -> Callable[[], tuple[Any, Any]]:
         """A call computing ``(sol, grads)`` of the loss; the cotangent of
-        ``0.5 * sum((u - d)**2)`` is ``u - d``."""
+        ``0.5 * sum((u - d)**2)`` is ``u - d``. With a `counter` (wrapping this
+        problem's ``f``), the call returns ``(forward, backward)``: the
+        evaluations of ``f`` in `dk.vjp` and in the pullback."""
         target: list[Any] = []
+        engine = registry.load(backend)
+        prob = self.prob if counter is None else self.prob.remake(f=counter)
 
         def run() -> tuple[Any, Any]:
             sol, pullback = vjp(
-                self.prob,
-                backend=backend,
-                sensealg=sensealg,
-                saveat=self.bp.saveat,
-                **kw,
+                prob, backend=backend, sensealg=sensealg, saveat=self.bp.saveat, **kw
             )
             if not target:
                 target.append(self.target(sol.u))
+            before = 0 if counter is None else counter.read()
             grads = pullback(sol.u - target[0])
-            _sync((grads.u0, grads.p))
+            engine.synchronize((grads.u0, grads.p))
+            if counter is not None:
+                return before, counter.read() - before
             return sol, grads
 
         return run
 
     def forward(self, backend: str, kw: dict[str, Any]) -> Callable[[], Any]:
+        engine = registry.load(backend)
+
         def run() -> Any:
             sol = solve(self.prob, backend=backend, saveat=self.bp.saveat, **kw)
-            _sync(sol.u)
+            engine.synchronize(sol.u)
             return sol
 
         return run
+
+    def count(
+        self, backend: str, sensealg: SensitivityAlgorithm, kw: dict[str, Any]
+    ) -> tuple[int, int]:
+        """Evaluations of ``f`` in the forward and the backward pass of one
+        gradient (an extra, untimed call: on JAX a compilation of its own)."""
+        return self.gradient(backend, sensealg, kw, EvaluationCounter(self.prob.f))()
 
 
 def _reference(
@@ -411,8 +424,8 @@ def compare(
 
     installed = [b for b in chosen if registry.installed(b)]
     # Steps: the reference; per installed backend a warm-up per variant, a round
-    # per repeat and a memory measurement per sensealg.
-    total = 1 + len(installed) * (1 + 2 * len(names) + repeat)
+    # per repeat, and a memory measurement and an evaluation count per sensealg.
+    total = 1 + len(installed) * (1 + 3 * len(names) + repeat)
     done = 0
 
     def step(what: str) -> None:
@@ -546,14 +559,22 @@ def _measure_backend(
                     timer.error = _message(err)
             step(f"{backend} round {round_ + 1} of {repeat}")
     fwd = timers["forward"]
+    engine = registry.load(backend)
     for row in rows:
         timer = timers.get(row.sensealg)
         if timer is not None:
             _fill_row(row, timer, fwd, results.get(row.sensealg), ref)
             if row.status == "ok":
                 grads = results[row.sensealg][1]
-                row.peak_memory_mb, row.memory_method = _peak_memory(timer.fn, grads)
+                row.peak_memory_mb, row.memory_method = engine.peak_memory(
+                    timer.fn, grads.u0
+                )
         step(f"{backend} {row.sensealg}: memory")
+        if row.status == "ok":
+            row.forward_nfev, row.backward_nfev = pb.count(
+                backend, _BY_NAME[row.sensealg](), kw
+            )
+        step(f"{backend} {row.sensealg}: counting evaluations of f")
     return rows
 
 
@@ -574,45 +595,10 @@ def _fill_row(
     if row.gradient_s is not None and row.forward_s:
         row.ratio = row.gradient_s / row.forward_s
     sol, grads = result
-    stats = sol.stats
-    row.forward_nfev = stats.get("nfev")
-    row.forward_steps = stats.get("naccept")
-    row.forward_rejected = stats.get("nreject")
-    row.backward_nfev = stats.get("backward_nfev")
-    row.backward_steps = stats.get("backward_naccept")
+    row.forward_steps = sol.stats.get("naccept")
+    row.forward_rejected = sol.stats.get("nreject")
     if ref is not None:
         row.rel_error = _rel_error(_flat(grads), ref)
-
-
-def _peak_memory(fn: Callable[[], Any], grads: Any) -> tuple[float | None, str | None]:
-    """Peak memory of one call of `fn`, where it can be measured in-process."""
-    probe = _arrays_of(grads)
-    if probe == "numpy":
-        tracemalloc.start()
-        try:
-            fn()
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return peak / 2**20, "tracemalloc"
-    if probe == "torch-cuda":
-        cuda = sys.modules["torch"].cuda
-        cuda.synchronize()
-        cuda.reset_peak_memory_stats()
-        before = cuda.memory_allocated()
-        fn()
-        return (cuda.max_memory_allocated() - before) / 2**20, "cuda allocator"
-    return None, None
-
-
-def _arrays_of(grads: Any) -> str | None:
-    """What the gradient's arrays are: "numpy", "torch-cuda" or None (other)."""
-    x = grads.u0
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if getattr(x, "is_cuda", False) and hasattr(x, "detach"):
-        return "torch-cuda"
-    return None
 
 
 # ---------------------------------------------------------------------------------
@@ -680,10 +666,8 @@ def _sci(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.0e}"
 
 
-def _backward(r: dict[str, Any]) -> str:
-    if r["backward_nfev"] is None and r["backward_steps"] is None:
-        return "n/a"
-    return f"{_count(r['backward_nfev'])}/{_count(r['backward_steps'])}"
+def _pair(a: int | None, b: int | None) -> str:
+    return f"{_count(a)}/{_count(b)}"
 
 
 def _count(x: int | None) -> str:
@@ -743,8 +727,8 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
         "1st s",
         "rel.err",
         "peak\nMB",
-        "fwd\nnfev/steps",
-        "bwd",
+        "steps\nacc/rej",
+        "f evals\nfwd/bwd",
     ):
         table.add_column(col, justify="left" if col == "method" else "right")
     notes: list[str] = []
@@ -792,8 +776,8 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
             f"{r['gradient_first_s']:.2f}",
             err,
             mem,
-            f"{_count(r['forward_nfev'])}/{_count(r['forward_steps'])}",
-            _backward(r),
+            _pair(r["forward_steps"], r["forward_rejected"]),
+            _pair(r["forward_nfev"], r["backward_nfev"]),
         )
     console.print(table)
     for i, note in enumerate(notes, 1):
@@ -803,8 +787,8 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
         "Reverse = ReverseThroughSolver, Continuous = ContinuousAdjoint, "
         "Checkpointed = CheckpointedAdjoint. ms: median time of one gradient "
         "(dk.vjp + pullback); 1st s: the first call (JIT compilation on jax); "
-        "fwd/bwd: the gradient's forward and backward passes (bwd: nfev/steps, "
-        "n/a where the backend does not report them); "
+        "steps: accepted/rejected steps of the gradient's forward pass; f evals: "
+        "evaluations of f counted in its forward/backward pass; "
         "peak MB by "
         + (" and ".join(methods) if methods else "no in-process measure")
         + ", n/a elsewhere. Details: docs/compare.md.",

@@ -1033,7 +1033,8 @@ class JaxBackend:
     """diffeqkit on JAX, through diffrax.
 
     Offers euler, midpoint, heun, rk4 (fixed step), bosh3, dopri5, tsit5, dopri8
-    (adaptive explicit) and kvaerno5 (implicit, L-stable). Works eagerly and under
+    (adaptive explicit) and the implicit kvaerno3/4/5, kencarp3/4/5 and
+    implicit_euler (stiff problems). Works eagerly and under
     ``jax.jit``, ``jax.grad`` and ``jax.vmap``; see the module docstring for what
     is compiled when and what a `Solution` says under a transformation.
     """
@@ -1214,6 +1215,17 @@ class JaxBackend:
             "default_backend": jax.default_backend(),
             "x64": _x64(),
         }
+
+    def synchronize(self, tree: Any) -> None:
+        """Wait for JAX's asynchronous dispatch to finish computing `tree`."""
+        jax.block_until_ready(tree)
+
+    def peak_memory(
+        self, fn: Callable[[], Any], like: Any
+    ) -> tuple[float | None, str | None]:
+        """Not measured: XLA's allocator offers no resettable peak on CPU, and a
+        GPU's ``peak_bytes_in_use`` covers the whole process's life."""
+        return None, None
 
 
 BACKEND = JaxBackend()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -66,6 +67,23 @@ class ScipyBackend:
             "devices": ["cpu"],
             "versions": {"scipy": scipy.__version__, "numpy": np.__version__},
         }
+
+    def synchronize(self, tree: Any) -> None:
+        """Nothing to wait for: NumPy computes synchronously."""
+
+    def peak_memory(
+        self, fn: Callable[[], Any], like: Any
+    ) -> tuple[float | None, str | None]:
+        """Peak of the NumPy buffers and Python objects allocated during the call,
+        by tracemalloc (memory a JAX or torch derivative engine allocates is not
+        seen)."""
+        tracemalloc.start()
+        try:
+            fn()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        return peak / 2**20, "tracemalloc"
 
     def solve(self, req: SolveRequest) -> Solution:
         """Integrate `req` and return a `Solution` of NumPy float64 arrays.

@@ -173,6 +173,31 @@ class TorchBackend:
         """Visible devices and torch's intra-op thread count."""
         return {"devices": visible_devices(), "threads": torch.get_num_threads()}
 
+    def synchronize(self, tree: Any) -> None:
+        """Wait for the CUDA kernels computing `tree`'s tensors (CPU work is
+        synchronous already)."""
+        for device in {x.device for x in leaves(tree) if _on_cuda(x)}:
+            torch.cuda.synchronize(device)
+
+    def peak_memory(
+        self, fn: Callable[[], Any], like: Any
+    ) -> tuple[float | None, str | None]:
+        """On CUDA, the caching allocator's peak during the call above what was
+        allocated before it; on the CPU nothing honest exists in-process (torch's
+        CPU allocations bypass tracemalloc), so None."""
+        if not _on_cuda(like):
+            return None, None
+        torch.cuda.synchronize(like.device)
+        torch.cuda.reset_peak_memory_stats(like.device)
+        before = torch.cuda.memory_allocated(like.device)
+        self.synchronize(fn())
+        peak = torch.cuda.max_memory_allocated(like.device)
+        return (peak - before) / 2**20, "cuda allocator"
+
+
+def _on_cuda(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_cuda
+
 
 def _input(
     x: Any,
