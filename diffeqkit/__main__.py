@@ -18,6 +18,7 @@ from typing import Any
 def main(argv: Sequence[str] | None = None) -> int:
     from . import backends, problems
     from ._compare import DEFAULT_PROBLEM, SENSEALG_NAMES
+    from ._sweep import DEFAULT_BUDGET_S, SWEEP_WIDTHS
 
     parser = argparse.ArgumentParser(
         prog="python -m diffeqkit",
@@ -37,11 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cmp.add_argument(
         "--problem",
-        default=DEFAULT_PROBLEM,
         choices=problems.names(),
         metavar="NAME",
         help=f"a built-in problem: {', '.join(problems.names())} "
-        f"(default {DEFAULT_PROBLEM})",
+        f"(default {DEFAULT_PROBLEM}; not with --sweep)",
     )
     cmp.add_argument(
         "--backends",
@@ -77,6 +77,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument(
         "--quiet", action="store_true", help="no progress bar (tables still print)"
     )
+    cmp.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of one problem, time every method on neural ODEs of growing "
+        "width (about 10 to 10^4 parameters) and report where forward mode stops "
+        "winning",
+    )
+    cmp.add_argument(
+        "--widths",
+        nargs="+",
+        type=int,
+        metavar="W",
+        help="with --sweep: hidden widths (default "
+        f"{' '.join(map(str, SWEEP_WIDTHS))})",
+    )
+    cmp.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        metavar="SECONDS",
+        help="with --sweep: a method slower than this per gradient is not run at "
+        f"larger widths (default {DEFAULT_BUDGET_S:g})",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -93,9 +116,22 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import backends
-    from ._compare import compare, format_table, plot, require_matplotlib
+    from ._compare import (
+        DEFAULT_PROBLEM,
+        compare,
+        format_table,
+        plot,
+        require_matplotlib,
+    )
     from ._errors import DiffEqKitError
+    from ._sweep import SWEEP_WIDTHS, format_sweep, plot_sweep, sweep
 
+    if args.sweep and args.problem is not None:
+        parser.error(
+            "--sweep measures the neural ODE at several widths; drop --problem."
+        )
+    if not args.sweep and args.widths is not None:
+        parser.error("--widths goes with --sweep.")
     if args.plot:
         try:
             require_matplotlib()  # before minutes of measuring, not after
@@ -122,26 +158,30 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
+        common = {
+            "backends": args.backends,
+            "sensealgs": args.sensealgs,
+            "alg": args.alg,
+            "rtol": args.rtol,
+            "atol": args.atol,
+            "repeat": args.repeat,
+            "device": args.device,
+            "progress": progress,
+        }
         try:
-            report: dict[str, Any] = compare(
-                args.problem,
-                backends=args.backends,
-                sensealgs=args.sensealgs,
-                alg=args.alg,
-                rtol=args.rtol,
-                atol=args.atol,
-                repeat=args.repeat,
-                device=args.device,
-                progress=progress,
+            report: dict[str, Any] = (
+                sweep(args.widths or SWEEP_WIDTHS, budget_s=args.budget, **common)
+                if args.sweep
+                else compare(args.problem or DEFAULT_PROBLEM, **common)
             )
         except DiffEqKitError as err:
             parser.error(str(err))
-    format_table(report)
+    (format_sweep if args.sweep else format_table)(report)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
     if args.plot:
-        plot(report, args.plot)
+        (plot_sweep if args.sweep else plot)(report, args.plot)
     return 0
 
 

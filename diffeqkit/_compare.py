@@ -122,9 +122,10 @@ class Row:
     ----------
     backend, sensealg : str
         What was compared.
-    status : {"ok", "unsupported", "failed"}
+    status : {"ok", "unsupported", "failed", "skipped"}
         ``ok``: measured. ``unsupported``: the backend does not offer the
-        combination (or is not installed); ``failed``: it raised while measured.
+        combination (or is not installed); ``failed``: it raised while measured;
+        ``skipped``: not run (the sweep's time budget).
     reason : str or None
         Why a row is not ``ok`` (the library's message).
     forward_s, forward_iqr_s, forward_first_s : float or None
@@ -397,43 +398,12 @@ def compare(
     """
     wall = time.perf_counter()
     _check_names("problem", [problem], problems.names())
-    known = [*registry.SPECS, *registry.ALIASES]
-    chosen = (
-        list(backends)
-        if backends
-        else [b for b in registry.SPECS if registry.installed(b)]
-    )
-    _check_names("backend", chosen, known)
-    chosen = list(dict.fromkeys(registry.ALIASES.get(b, b) for b in chosen))
-    names = list(sensealgs) if sensealgs else list(SENSEALG_NAMES)
-    _check_names("sensealg", names, SENSEALG_NAMES)
-    get_alg(alg)  # an unknown alg is an error of the whole command
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-        raise InvalidProblemError(f"repeat must be an int >= 1; got repeat={repeat!r}.")
+    chosen, names = _selection(backends, sensealgs, alg, repeat)
     pb = _Problem(problem)
-    rtol = pb.bp.rtol if rtol is None else rtol
-    atol = (pb.bp.atol if rtol == pb.bp.rtol else rtol / 100) if atol is None else atol
-    for label, value in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise InvalidProblemError(
-                f"{label} must be a positive number; got {label}={value!r}."
-            )
-    kw: dict[str, Any] = {"alg": alg, "rtol": rtol, "atol": atol}
-    if device is not None:
-        kw["device"] = device
+    kw = _solve_options(pb, alg, rtol, atol, device)
 
     installed = [b for b in chosen if registry.installed(b)]
-    # Steps: the reference; per installed backend a warm-up per variant, a round
-    # per repeat, and a memory measurement and an evaluation count per sensealg.
-    total = 1 + len(installed) * (1 + 3 * len(names) + repeat)
-    done = 0
-
-    def step(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(what, done, total)
-
+    step = _Steps(1 + len(installed) * _backend_steps(names, repeat), progress)
     ref, ref_info = _reference(pb, installed)
     step("reference gradient")
 
@@ -460,25 +430,16 @@ def compare(
             ),
         },
         "settings": {
-            "alg": alg,
-            "rtol": rtol,
-            "atol": atol,
+            **kw,
             "repeat": repeat,
             "device": device,
             "accurate_if_rel_error_below": None,  # set from the rows below
         },
         "reference": ref_info,
-        "environment": {
-            "diffeqkit": _own_version(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "versions": _versions(),
-            "devices": devices,
-        },
+        "environment": environment(devices),
         "rows": [asdict(r) for r in rows],
     }
-    limit = _accuracy_limit(rows, rtol)
+    limit = _accuracy_limit(rows, kw["rtol"])
     report["settings"]["accurate_if_rel_error_below"] = limit
     for row, out in zip(rows, report["rows"], strict=True):
         if row.rel_error is not None:
@@ -486,6 +447,84 @@ def compare(
     report["conclusion"] = conclusions(report)
     report["wall_s"] = time.perf_counter() - wall
     return report
+
+
+def _selection(
+    backends: Sequence[str] | None,
+    sensealgs: Sequence[str] | None,
+    alg: str,
+    repeat: int,
+) -> tuple[list[str], list[str]]:
+    """The backends (aliases resolved; default every installed one) and sensealg
+    names to measure, after checking every name and `repeat`."""
+    known = [*registry.SPECS, *registry.ALIASES]
+    chosen = (
+        list(backends)
+        if backends
+        else [b for b in registry.SPECS if registry.installed(b)]
+    )
+    _check_names("backend", chosen, known)
+    chosen = list(dict.fromkeys(registry.ALIASES.get(b, b) for b in chosen))
+    names = list(sensealgs) if sensealgs else list(SENSEALG_NAMES)
+    _check_names("sensealg", names, SENSEALG_NAMES)
+    get_alg(alg)  # an unknown alg is an error of the whole command
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise InvalidProblemError(f"repeat must be an int >= 1; got repeat={repeat!r}.")
+    return chosen, names
+
+
+def _solve_options(
+    pb: _Problem,
+    alg: str,
+    rtol: float | None,
+    atol: float | None,
+    device: str | None,
+) -> dict[str, Any]:
+    """The keywords of every solve: the problem's tolerances unless given
+    (``atol = rtol / 100`` when only `rtol` is)."""
+    rtol = pb.bp.rtol if rtol is None else rtol
+    atol = (pb.bp.atol if rtol == pb.bp.rtol else rtol / 100) if atol is None else atol
+    for label, value in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise InvalidProblemError(
+                f"{label} must be a positive number; got {label}={value!r}."
+            )
+    kw: dict[str, Any] = {"alg": alg, "rtol": rtol, "atol": atol}
+    if device is not None:
+        kw["device"] = device
+    return kw
+
+
+class _Steps:
+    """The progress callback's counter: ``step(what)`` reports one more done."""
+
+    def __init__(
+        self, total: int, progress: Callable[[str, int, int], None] | None
+    ) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(what, self.done, self.total)
+
+
+def _backend_steps(names: Sequence[str], repeat: int, detail: bool = True) -> int:
+    """Progress steps of `_measure_backend`: a warm-up per variant, a round per
+    repeat and, in detail, a memory measurement and a count per sensealg."""
+    return 1 + len(names) + repeat + (2 * len(names) if detail else 0)
+
+
+def environment(devices: dict[str, Any]) -> dict[str, Any]:
+    """diffeqkit's and the packages' versions, the platform and the devices."""
+    return {
+        "diffeqkit": _own_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "versions": _versions(),
+        "devices": devices,
+    }
 
 
 def _accuracy_limit(rows: list[Row], rtol: float) -> float:
@@ -514,7 +553,10 @@ def _measure_backend(
     ref: np.ndarray | None,
     step: Callable[[str], None],
     devices: dict[str, Any],
+    detail: bool = True,
 ) -> list[Row]:
+    """One row per sensealg in `names`: timed, checked against `ref` (if any)
+    and, in `detail`, with peak memory and evaluation counts."""
     rows = [Row(backend, name) for name in names]
     if not registry.installed(backend):
         spec = registry.SPECS[backend]
@@ -566,9 +608,12 @@ def _measure_backend(
             _fill_row(row, timer, fwd, results.get(row.sensealg), ref)
             if row.status == "ok":
                 grads = results[row.sensealg][1]
-                row.peak_memory_mb, row.memory_method = engine.peak_memory(
-                    timer.fn, grads.u0
-                )
+                if detail:
+                    row.peak_memory_mb, row.memory_method = engine.peak_memory(
+                        timer.fn, grads.u0
+                    )
+        if not detail:
+            continue
         step(f"{backend} {row.sensealg}: memory")
         if row.status == "ok":
             row.forward_nfev, row.backward_nfev = pb.count(

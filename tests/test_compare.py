@@ -280,6 +280,10 @@ def test_accuracy_limit_has_a_floor_of_100_rtol():
         (["--alg", "rk45"], r"alg='rk45' is not a solver diffeqkit knows"),
         (["--repeat", "0"], r"repeat must be an int >= 1"),
         (["--rtol", "-1"], r"rtol must be a positive number"),
+        (["--sweep", "--problem", "lorenz"], r"--sweep measures the neural ODE"),
+        (["--widths", "4"], r"--widths goes with --sweep"),
+        (["--sweep", "--widths", "0"], r"widths must be ints >= 1; got 0"),
+        (["--sweep", "--budget", "0"], r"budget_s must be a positive number"),
     ],
 )
 def test_bad_command_line_exits_2_with_message(capsys, argv, match):
