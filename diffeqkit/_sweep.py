@@ -263,13 +263,15 @@ def format_sweep(report: dict[str, Any], console: Any = None) -> None:
     st = report["settings"]
     console.print(
         f"[bold]sweep[/]: {report['problem']['description']}; alg={st['alg']} "
-        f"rtol={st['rtol']:g} atol={st['atol']:g}; median ms of {st['repeat']} "
-        "rounds after a warm-up call"
+        f"rtol={st['rtol']:g} atol={st['atol']:g}; median ms of one gradient "
+        f"({st['repeat']} rounds after a warm-up call) per number of inputs"
     )
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
-    table.add_column("method")
+    table = Table(
+        box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=True
+    )
+    table.add_column("method \\ inputs", no_wrap=True)
     for point in report["points"]:
-        table.add_column(f"{point['inputs']}\ninputs", justify="right")
+        table.add_column(str(point["inputs"]), justify="right", no_wrap=True)
     rows = report["points"][0]["rows"]
     previous = None
     for key in [(r["backend"], r["sensealg"]) for r in rows]:
@@ -282,12 +284,12 @@ def format_sweep(report: dict[str, Any], console: Any = None) -> None:
             cells.append(
                 _ms(r["gradient_s"])
                 if r["status"] == "ok"
-                else {"skipped": "(skip)"}.get(r["status"], "-")
+                else {"skipped": "skip"}.get(r["status"], "-")
             )
         table.add_row(f"{key[0]} {_SHORT.get(key[1], key[1])}", *cells)
     console.print(table)
     console.print(
-        f"(skip): over the {st['budget_s']:g} s budget at a smaller width; "
+        f"skip: over the {st['budget_s']:g} s budget at a smaller width; "
         "-: unsupported or failed (the JSON has the reason).",
         style="dim",
     )
