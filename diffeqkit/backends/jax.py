@@ -563,8 +563,11 @@ def _diffeqsolve(
     else:  # BacksolveAdjoint accepts nothing but plain save times
         saveat = diffrax.SaveAt(ts=ts, dense=dense)
     adjoint = _adjoint(cfg, grid, times)
-    # diffrax's backsolve refuses a given solver state (see `_fsal_state`).
-    backsolve = isinstance(adjoint, diffrax.BacksolveAdjoint)
+    # diffrax's backsolve refuses a given solver state (see `_fsal_state`); under
+    # ForwardMode a given state, whose tangents are computed outside the solve,
+    # made the gradient ~10% slower than diffrax's own init (neural ODE with 1220
+    # inputs, benchmarks/overhead.py), and f0 costs one evaluation either way.
+    own_init = isinstance(adjoint, diffrax.BacksolveAdjoint | diffrax.ForwardMode)
     sol = diffrax.diffeqsolve(
         method.term(cfg.f),
         method.build(),
@@ -578,7 +581,7 @@ def _diffeqsolve(
         max_steps=cfg.max_steps,
         throw=cfg.mode == "traced",
         adjoint=adjoint,
-        solver_state=None if backsolve else _fsal_state(method, du0),
+        solver_state=None if own_init else _fsal_state(method, du0),
     )
     return sol, du0
 
