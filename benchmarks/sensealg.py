@@ -1,6 +1,6 @@
-"""Gradient methods compared: cost ratios, memory, crossover, and JAX against diffrax.
+"""Gradient methods compared: cost ratios, memory and crossover.
 
-Four measurements, each written to ``benchmarks/results/sensealg.json``:
+Three measurements, each written to ``benchmarks/results/sensealg.json``:
 
 1. ``ratios``: gradient time / forward time for every installed backend x sensealg
    on Lotka-Volterra (u0 = [1, 1], p = [1.5, 1, 3, 1], t in [0, 10], 101 saves)
@@ -15,15 +15,14 @@ Four measurements, each written to ``benchmarks/results/sensealg.json``:
    fixed steps, neural ODE with a 32-dimensional state and 64 hidden units), each
    variant in its own subprocess: the rise of the peak resident set size
    (ru_maxrss) over the resident size just before the gradient call.
-4. ``jax_vs_diffrax``: each JAX sensealg through `dk.solve` against the same
-   diffrax adjoint called directly (same solver, controller, saves, loss), and the
-   default sensealg against diffrax's default (``RecursiveCheckpointAdjoint()``),
-   both jitted ``jax.value_and_grad``. Target: <= 1.05x.
-
 Timings: variants of one group run interleaved (round-robin, one call each per
 round) after a warm-up call (whose time, for JAX the compile time, is reported
-separately); medians and quartiles, ratios of medians. torch runs one intra-op
-thread.
+separately); medians and quartiles, ratios of medians (`overhead.interleaved`).
+torch runs one intra-op thread.
+
+Each sensealg through dk against the same computation written directly in
+diffrax, torchdiffeq and SciPy (what was part 4 here, JAX only) is
+``benchmarks/overhead.py --part gradient``.
 
 Run: python benchmarks/sensealg.py [--repeat N] [--quick] [--only PART ...]
 """
@@ -34,7 +33,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from overhead import interleaved  # this directory is on sys.path when run
 
 import diffeqkit as dk
 from diffeqkit import backends
@@ -181,34 +180,6 @@ def calls(
 # ---------------------------------------------------------------------------------
 # Timing.
 # ---------------------------------------------------------------------------------
-
-
-def interleaved(variants: dict[str, Callable[[], Any]], repeat: int) -> dict[str, Any]:
-    """Warm-up (timed apart), then `repeat` rounds of one call each; medians."""
-    out: dict[str, Any] = {}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for name, fn in variants.items():
-        start = time.perf_counter()
-        try:
-            fn()
-        except dk.UnsupportedError as err:
-            out[name] = {"unsupported": str(err)}
-            continue
-        out[name] = {"warmup_s": time.perf_counter() - start}
-    live = [k for k in variants if "unsupported" not in out[k]]
-    for _ in range(repeat):
-        for name in live:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
-    for name in live:
-        q1, med, q3 = (
-            statistics.quantiles(times[name], n=4)
-            if repeat > 1
-            else (times[name][0],) * 3
-        )
-        out[name].update({"median_s": med, "q1_s": q1, "q3_s": q3, "n": repeat})
-    return out
 
 
 SELECTED: list[str] = []
@@ -369,96 +340,6 @@ def part_memory() -> dict[str, Any]:
     return results
 
 
-# ---------------------------------------------------------------------------------
-# JAX: dk.solve's sensealgs against diffrax called directly.
-# ---------------------------------------------------------------------------------
-
-
-def part_jax_vs_diffrax(repeat: int) -> dict[str, Any]:
-    import diffrax
-    import jax
-    import jax.numpy as jnp
-
-    prob, ts = problem("lotka_volterra")
-    u0, p = jnp.asarray(prob.u0), jnp.asarray(prob.p)
-    ts_j = jnp.asarray(ts)
-
-    def lv(t, y, args):
-        return lotka_volterra(y, args, t)
-
-    def diffrax_solve(u0: Any, p: Any, adjoint: Any) -> Any:
-        return diffrax.diffeqsolve(
-            diffrax.ODETerm(lv),
-            diffrax.Tsit5(),
-            0.0,
-            10.0,
-            None,
-            u0,
-            args=p,
-            saveat=diffrax.SaveAt(ts=ts_j),
-            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-            max_steps=100_000,
-            adjoint=adjoint,
-        ).ys
-
-    def native(adjoint: Any) -> Callable[[], Any]:
-        def loss(u0: Any, p: Any) -> Any:
-            return jnp.sum(diffrax_solve(u0, p, adjoint) ** 2)
-
-        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        return lambda: jax.block_until_ready(grad(u0, p))
-
-    def native_forward_mode() -> Callable[[], Any]:
-        # The same computation by hand: the Jacobian by forward mode, contracted.
-        def solve(u0: Any, p: Any) -> Any:
-            return diffrax_solve(u0, p, diffrax.ForwardMode())
-
-        @jax.jit
-        def grad(u0: Any, p: Any) -> Any:
-            ys = solve(u0, p)
-            ju, jp = jax.jacfwd(solve, argnums=(0, 1))(u0, p)
-            ct = 2 * ys
-            return jnp.sum(ys**2), (
-                jnp.tensordot(ct, ju, axes=2),
-                jnp.tensordot(ct, jp, axes=2),
-            )
-
-        return lambda: jax.block_until_ready(grad(u0, p))
-
-    pairs = {
-        "ForwardMode": native_forward_mode(),
-        "ReverseThroughSolver": native(
-            diffrax.RecursiveCheckpointAdjoint(checkpoints=100_000)
-        ),
-        "ContinuousAdjoint": native(
-            diffrax.BacksolveAdjoint(
-                stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL)
-            )
-        ),
-        "CheckpointedAdjoint": native(diffrax.RecursiveCheckpointAdjoint()),
-    }
-    variants: dict[str, Callable[[], Any]] = {}
-    for sname, nat in pairs.items():
-        variants[f"diffrax {sname}"] = nat
-        variants[f"dk {sname}"] = calls("jax", prob, ts, SENSEALGS[sname])[1]
-    variants["dk default"] = calls("jax", prob, ts, None)[1]
-    timed = interleaved(variants, repeat)
-    ratios = {
-        s: timed[f"dk {s}"]["median_s"] / timed[f"diffrax {s}"]["median_s"]
-        for s in pairs
-    }
-    ratios["default vs diffrax default"] = (
-        timed["dk default"]["median_s"]
-        / timed["diffrax CheckpointedAdjoint"]["median_s"]
-    )
-    print("jax vs diffrax", {k: round(v, 3) for k, v in ratios.items()}, flush=True)
-    return {
-        "timings": timed,
-        "ratios": ratios,
-        "default": repr(dk.default_sensealg("jax", prob.u0, prob.p)),
-    }
-
-
 def _versions() -> dict[str, str]:
     return versions("numpy", "scipy", "jax", "diffrax", "torch", "torchdiffeq")
 
@@ -470,7 +351,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["ratios", "crossover", "memory", "jax_vs_diffrax"],
+        choices=["ratios", "crossover", "memory"],
     )
     parser.add_argument("--backends", nargs="*", choices=list(backends.SPECS))
     parser.add_argument("--out", type=Path, default=OUT)
@@ -492,7 +373,7 @@ def main() -> None:
     SELECTED.extend(args.backends or [])
     repeat = 3 if args.quick else args.repeat
     widths = [1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64]
-    parts = args.only or ["ratios", "crossover", "memory", "jax_vs_diffrax"]
+    parts = args.only or ["ratios", "crossover", "memory"]
     results: dict[str, Any] = {}
     if args.out.exists():
         results = json.loads(args.out.read_text())
@@ -502,13 +383,10 @@ def main() -> None:
         "versions": _versions(),
     }
     for part in parts:
-        if part == "jax_vs_diffrax" and not backends.installed("jax"):
-            continue
         fn = {
             "ratios": lambda: part_ratios(repeat),
             "crossover": lambda: part_crossover(repeat, widths),
             "memory": part_memory,
-            "jax_vs_diffrax": lambda: part_jax_vs_diffrax(repeat * 3),
         }[part]
         results[part] = fn()
         args.out.parent.mkdir(parents=True, exist_ok=True)
