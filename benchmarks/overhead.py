@@ -490,7 +490,8 @@ def jax_gradient_group(bp: Any) -> Group:
     def vf(t: Any, y: Any, args: Any) -> Any:
         return f(y, args, t)
 
-    def diffrax_ys(y0: Any, p: Any, adjoint: Any) -> Any:
+    def diffrax_solve(y0: Any, p: Any, adjoint: Any = None) -> Any:
+        extra = {} if adjoint is None else {"adjoint": adjoint}
         return diffrax.diffeqsolve(
             diffrax.ODETerm(vf),
             diffrax.Tsit5(),
@@ -502,8 +503,11 @@ def jax_gradient_group(bp: Any) -> Group:
             saveat=diffrax.SaveAt(ts=ts),
             stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
             max_steps=MAX_STEPS,
-            adjoint=adjoint,
-        ).ys
+            **extra,
+        )
+
+    def diffrax_ys(y0: Any, p: Any, adjoint: Any) -> Any:
+        return diffrax_solve(y0, p, adjoint).ys
 
     def loss_of(ys: Any) -> Any:
         return 0.5 * jnp.sum((ys - data) ** 2)
@@ -588,18 +592,7 @@ def jax_gradient_group(bp: Any) -> Group:
 
     @jax.jit
     def native_stats(y0: Any, p: Any) -> Any:
-        return diffrax.diffeqsolve(
-            diffrax.ODETerm(vf),
-            diffrax.Tsit5(),
-            t0,
-            t1,
-            None,
-            y0,
-            args=p,
-            saveat=diffrax.SaveAt(ts=ts),
-            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-            max_steps=MAX_STEPS,
-        ).stats
+        return diffrax_solve(y0, p).stats
 
     def checks() -> dict[str, Any]:
         # The forward steps (those every sensealg's gradient runs on): dk's eager
@@ -871,19 +864,19 @@ def scipy_gradient_group(bp: Any) -> Group:
         g = np.einsum("mi,mik->k", ct, S)
         return 0.5 * np.sum(ct**2), g[:n], g[n:]
 
-    def native_forward_mode() -> Any:
+    def solve_sensitivities(rhs: Callable[[Any, Any], Any], label: str) -> Any:
+        """solve_ivp RK45 of the forward-sensitivity system `rhs`, contracted."""
         sol = solve_ivp(
-            lambda t, y: np.asarray(sensitivities(t, y, q)),
-            (t0, t1),
-            y0_sens,
-            method="RK45",
-            t_eval=ts,
-            rtol=RTOL,
-            atol=ATOL,
+            rhs, (t0, t1), y0_sens, method="RK45", t_eval=ts, rtol=RTOL, atol=ATOL
         )
-        nfev["native ForwardMode"] = sol.nfev
+        nfev[label] = sol.nfev
         Y = sol.y.T
         return contract(Y[:, :n], Y[:, n:].reshape(-1, n, k))
+
+    def native_forward_mode() -> Any:
+        return solve_sensitivities(
+            lambda t, y: np.asarray(sensitivities(t, y, q)), "native ForwardMode"
+        )
 
     p_np = prob.p
 
@@ -986,18 +979,7 @@ def scipy_gradient_group(bp: Any) -> Group:
             return np.concatenate([du, dS.reshape(-1)])
 
         def analytic() -> Any:
-            sol = solve_ivp(
-                lv_sensitivities,
-                (t0, t1),
-                y0_sens,
-                method="RK45",
-                t_eval=ts,
-                rtol=RTOL,
-                atol=ATOL,
-            )
-            nfev["NumPy analytic ForwardMode"] = sol.nfev
-            Y = sol.y.T
-            return contract(Y[:, :n], Y[:, n:].reshape(-1, n, k))
+            return solve_sensitivities(lv_sensitivities, "NumPy analytic ForwardMode")
 
         context["solve_ivp forward sensitivities (NumPy analytic J)"] = analytic
         notes.append(
