@@ -44,6 +44,7 @@ from ._solve import (
     _FAILURES,
     Problem,
     RungeKutta,
+    finite_check,
     newton_jacobian,
     options,
     solve,
@@ -94,26 +95,28 @@ class Backward:
                 jac=self.jac,
                 first_step=None if first is None else min(first, abs(t_to - t_from)),
             )
+        max_steps, finite = problem.req.max_steps, finite_check(y.size)
         with problem.method.guard():
             solver = problem.method.solver(fun, t_from, y, t_to, **opts)
+            step = solver.step
             steps = 0
             while solver.status == "running":
-                if steps >= problem.req.max_steps:
+                if steps >= max_steps:
                     raise self._failed(solver, t_from, t_to, "max_steps_reached", steps)
                 try:
-                    message = solver.step()
+                    message = step()
                 except ValueError as err:  # SciPy's LU refuses a NaN Jacobian
-                    if np.isfinite(solver.y).all():
+                    if finite(solver.y):
                         raise
                     failure = self._failed(solver, t_from, t_to, "nonfinite", steps)
                     raise failure from err
                 if solver.status == "failed":
                     status = _FAILURES.get(message or "", "solver_failed")
-                    if not np.isfinite(solver.y).all():
+                    if not finite(solver.y):
                         status = "nonfinite"
                     raise self._failed(solver, t_from, t_to, status, steps)
                 steps += 1
-                if not np.isfinite(solver.y).all():
+                if not finite(solver.y):
                     raise self._failed(solver, t_from, t_to, "nonfinite", steps)
         self.h = solver.h_abs if isinstance(solver, RungeKutta) else solver.step_size
         return solver.y.copy()

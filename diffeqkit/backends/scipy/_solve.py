@@ -65,6 +65,7 @@ __all__ = [
     "Problem",
     "RungeKutta",
     "conclude_outcome",
+    "finite_check",
     "integrate",
     "newton_jacobian",
     "options",
@@ -486,7 +487,7 @@ def _finite(x: Any) -> bool:
     return x is None or bool(np.isfinite(np.asarray(to_numpy(x), dtype=float)).all())
 
 
-def _finite_check(n: int) -> Callable[[Any], bool]:
+def finite_check(n: int) -> Callable[[Any], bool]:
     """A fast test that a state of size `n` is finite."""
     if n > _SMALL:
         return lambda y: bool(np.isfinite(y).all())
@@ -496,7 +497,7 @@ def _finite_check(n: int) -> Callable[[Any], bool]:
     return lambda y: math.isfinite(sum(y.tolist())) or bool(np.isfinite(y).all())
 
 
-# Below this state size the Python-float test of `_finite_check` is the cheaper.
+# Below this state size the Python-float test of `finite_check` is the cheaper.
 _SMALL = 64
 
 
@@ -543,7 +544,7 @@ def _integrate(
         i = 1
     nxt = keys[i] if i < m else math.inf
     step = solver.step
-    finite = _finite_check(solver.n)
+    finite = finite_check(solver.n)
     naccept = 0
     if isinstance(max_steps, tuple):
         limit, nfev0, per_attempt = max_steps
