@@ -78,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quiet", action="store_true", help="no progress bar (tables still print)"
     )
     cmp.add_argument(
+        "--no-count",
+        action="store_true",
+        help="skip counting the evaluations of f in each gradient's forward and "
+        "backward pass (an extra call per row; on JAX a compilation each)",
+    )
+    cmp.add_argument(
         "--sweep",
         action="store_true",
         help="instead of one problem, time every method on neural ODEs of growing "
@@ -172,7 +178,9 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             report: dict[str, Any] = (
                 sweep(args.widths or SWEEP_WIDTHS, budget_s=args.budget, **common)
                 if args.sweep
-                else compare(args.problem or DEFAULT_PROBLEM, **common)
+                else compare(
+                    args.problem or DEFAULT_PROBLEM, count=not args.no_count, **common
+                )
             )
         except DiffEqKitError as err:
             parser.error(str(err))

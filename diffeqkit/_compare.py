@@ -351,6 +351,7 @@ def compare(
     atol: float | None = None,
     repeat: int = 3,
     device: str | None = None,
+    count: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Time every backend x gradient method on a built-in problem and check it.
@@ -373,6 +374,10 @@ def compare(
         Timed rounds (>= 1) after the warm-up.
     device : str, optional
         As in `dk.solve`; backends without it get ``"unsupported"`` rows.
+    count : bool
+        Count the evaluations of ``f`` in each gradient's forward and backward
+        pass (one more, untimed gradient call per row: on JAX a compilation of
+        its own, most of this pass's time). False leaves the counts None.
     progress : callable, optional
         ``progress(what, done, total)``, called as the work advances.
 
@@ -403,7 +408,9 @@ def compare(
     kw = _solve_options(pb, alg, rtol, atol, device)
 
     installed = [b for b in chosen if registry.installed(b)]
-    step = _Steps(1 + len(installed) * _backend_steps(names, repeat), progress)
+    step = _Steps(
+        1 + len(installed) * _backend_steps(names, repeat, count=count), progress
+    )
     ref, ref_info = _reference(pb, installed)
     step("reference gradient")
 
@@ -411,7 +418,9 @@ def compare(
     devices: dict[str, Any] = {}
     for backend in chosen:
         rows.extend(
-            _measure_backend(pb, backend, names, kw, repeat, ref, step, devices)
+            _measure_backend(
+                pb, backend, names, kw, repeat, ref, step, devices, count=count
+            )
         )
     report = {
         "schema": 1,
@@ -433,6 +442,7 @@ def compare(
             **kw,
             "repeat": repeat,
             "device": device,
+            "count": count,
             "accurate_if_rel_error_below": None,  # set from the rows below
         },
         "reference": ref_info,
@@ -509,10 +519,12 @@ class _Steps:
             self.progress(what, self.done, self.total)
 
 
-def _backend_steps(names: Sequence[str], repeat: int, detail: bool = True) -> int:
+def _backend_steps(
+    names: Sequence[str], repeat: int, memory: bool = True, count: bool = True
+) -> int:
     """Progress steps of `_measure_backend`: a warm-up per variant, a round per
-    repeat and, in detail, a memory measurement and a count per sensealg."""
-    return 1 + len(names) + repeat + (2 * len(names) if detail else 0)
+    repeat and, if asked for, a memory measurement and a count per sensealg."""
+    return 1 + len(names) + repeat + len(names) * (int(memory) + int(count))
 
 
 def environment(devices: dict[str, Any]) -> dict[str, Any]:
@@ -553,10 +565,11 @@ def _measure_backend(
     ref: np.ndarray | None,
     step: Callable[[str], None],
     devices: dict[str, Any],
-    detail: bool = True,
+    memory: bool = True,
+    count: bool = True,
 ) -> list[Row]:
     """One row per sensealg in `names`: timed, checked against `ref` (if any)
-    and, in `detail`, with peak memory and evaluation counts."""
+    and, if asked for, with peak memory and evaluation counts."""
     rows = [Row(backend, name) for name in names]
     if not registry.installed(backend):
         spec = registry.SPECS[backend]
@@ -606,20 +619,19 @@ def _measure_backend(
         timer = timers.get(row.sensealg)
         if timer is not None:
             _fill_row(row, timer, fwd, results.get(row.sensealg), ref)
-            if row.status == "ok":
+            if row.status == "ok" and memory:
                 grads = results[row.sensealg][1]
-                if detail:
-                    row.peak_memory_mb, row.memory_method = engine.peak_memory(
-                        timer.fn, grads.u0
-                    )
-        if not detail:
-            continue
-        step(f"{backend} {row.sensealg}: memory")
-        if row.status == "ok":
-            row.forward_nfev, row.backward_nfev = pb.count(
-                backend, _BY_NAME[row.sensealg](), kw
-            )
-        step(f"{backend} {row.sensealg}: counting evaluations of f")
+                row.peak_memory_mb, row.memory_method = engine.peak_memory(
+                    timer.fn, grads.u0
+                )
+        if memory:
+            step(f"{backend} {row.sensealg}: memory")
+        if count:
+            if row.status == "ok":
+                row.forward_nfev, row.backward_nfev = pb.count(
+                    backend, _BY_NAME[row.sensealg](), kw
+                )
+            step(f"{backend} {row.sensealg}: counting evaluations of f")
     return rows
 
 

@@ -108,7 +108,8 @@ def sweep(
         )
     chosen, names = _selection(backends, sensealgs, alg, repeat)
     installed = [b for b in chosen if registry.installed(b)]
-    per_width = sum(_backend_steps(names, repeat, detail=False) for _ in installed)
+    bare = {"memory": False, "count": False}  # the plain comparison's job
+    per_width = len(installed) * _backend_steps(names, repeat, **bare)
     step = _Steps(len(widths) * per_width, progress)
     over: dict[tuple[str, str], str] = {}
     points: list[dict[str, Any]] = []
@@ -123,11 +124,10 @@ def sweep(
             run = [n for n in names if (backend, n) not in over]
             if registry.installed(backend):
                 step.total -= len(names) - len(run)  # skipped: no warm-up
-            measured = iter(
-                _measure_backend(
-                    pb, backend, run, kw, repeat, None, step, devices, detail=False
-                )
+            rows_here = _measure_backend(
+                pb, backend, run, kw, repeat, None, step, devices, **bare
             )
+            measured = iter(rows_here)
             for name in names:
                 if (backend, name) in over:
                     rows.append(Row(backend, name, "skipped", over[backend, name]))

@@ -353,3 +353,37 @@ def test_counter_counts_jvps_and_vjps_of_f_on_jax():
     jax.jit(lambda u: jax.jvp(lambda v: counter(v, 0.5, 0.0), (u,), (u,)))(u)
     jax.jit(lambda u: jax.vjp(lambda v: counter(v, 0.5, 0.0), u)[1](u))(u)
     assert counter.read() == 2
+
+
+def test_no_count_leaves_the_evaluation_counts_unknown(capsys):
+    need_gradients("scipy")
+    code = main(
+        [
+            "compare",
+            "--problem",
+            "pk_two_compartment",
+            "--backends",
+            "scipy",
+            "--sensealgs",
+            "ForwardMode",
+            "--repeat",
+            "1",
+            "--quiet",
+            "--no-count",
+        ]
+    )
+    assert code == 0
+    assert re.search(r"ForwardMode .* n/a/n/a", capsys.readouterr().out)
+    report = _compare.compare(
+        "pk_two_compartment",
+        backends=["scipy"],
+        sensealgs=["ForwardMode"],
+        repeat=1,
+        count=False,
+    )
+    (row,) = report["rows"]
+    assert report["settings"]["count"] is False
+    assert row["status"] == "ok"
+    assert row["forward_nfev"] is None
+    assert row["backward_nfev"] is None
+    assert row["forward_steps"] > 0  # steps come from the stats, not the count
