@@ -687,10 +687,23 @@ def torch_gradient_group(bp: Any) -> Group:
 
     forward_options = {"step_t": ts[-1:]}
 
-    def native_reverse(method: str, options: Any) -> Callable[[], Any]:
+    def native(method: str, options: Any, adjoint: bool = False) -> Callable[[], Any]:
+        """torchdiffeq called directly: odeint + backward, or odeint_adjoint with
+        dk's adjoint settings (same tolerances, steps landing on the saves)."""
+
         def run() -> Any:
             y0, q = fresh()
-            u = torchdiffeq.odeint(
+            extra: dict[str, Any] = {}
+            if adjoint:
+                extra = {
+                    "adjoint_rtol": RTOL,
+                    "adjoint_atol": ATOL,
+                    "adjoint_method": method,
+                    "adjoint_options": {"step_t": ts},
+                    "adjoint_params": tuple(leaves(q)),
+                }
+            solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+            u = solve(
                 lambda t, y: f(y, q, t),
                 y0,
                 ts,
@@ -698,37 +711,20 @@ def torch_gradient_group(bp: Any) -> Group:
                 atol=ATOL,
                 method=method,
                 options=options,
+                **extra,
             )
             return finish(u, y0, q)
 
         return run
 
-    def native_adjoint() -> Any:
-        y0, q = fresh()
-        u = torchdiffeq.odeint_adjoint(
-            lambda t, y: f(y, q, t),
-            y0,
-            ts,
-            rtol=RTOL,
-            atol=ATOL,
-            method=method,
-            options=forward_options,
-            adjoint_rtol=RTOL,
-            adjoint_atol=ATOL,
-            adjoint_method=method,
-            adjoint_options={"step_t": ts},
-            adjoint_params=tuple(leaves(q)),
-        )
-        return finish(u, y0, q)
-
     variants = {
-        "torchdiffeq odeint + backward": native_reverse(method, forward_options),
+        "torchdiffeq odeint + backward": native(method, forward_options),
         "dk ReverseThroughSolver": dk_grad(dk.ReverseThroughSolver()),
-        "torchdiffeq odeint_adjoint": native_adjoint,
+        "torchdiffeq odeint_adjoint": native(method, forward_options, adjoint=True),
         "dk ContinuousAdjoint": dk_grad(dk.ContinuousAdjoint()),
         "dk CheckpointedAdjoint (no native)": dk_grad(dk.CheckpointedAdjoint()),
         "dk ForwardMode (no native)": dk_grad(dk.ForwardMode()),
-        "stock torchdiffeq dopri5 odeint + backward": native_reverse("dopri5", None),
+        "stock torchdiffeq dopri5 odeint + backward": native("dopri5", None),
     }
     pairs = [
         ("dk ReverseThroughSolver", "torchdiffeq odeint + backward", TARGET),

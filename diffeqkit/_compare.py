@@ -54,13 +54,13 @@ from . import backends as registry
 from . import problems
 from ._algs import get_alg
 from ._arrays import array_namespace, to_numpy
-from ._counting import EvaluationCounter
 from ._errors import DiffEqKitError, InvalidProblemError, UnsupportedError, listing
 from ._gradients import vjp
 from ._info import versions
 from ._pytree import leaves
 from ._sensealg import SENSEALGS, SensitivityAlgorithm, input_size
 from ._solve import solve
+from .backends._counting import EvaluationCounter
 
 __all__ = [
     "DEFAULT_PROBLEM",

@@ -24,7 +24,7 @@ from conftest import SCIPY_AUTODIFF, backend_params, need, need_gradients
 import diffeqkit as dk
 from diffeqkit import _compare, backends
 from diffeqkit.__main__ import main
-from diffeqkit._counting import EvaluationCounter
+from diffeqkit.backends._counting import EvaluationCounter
 
 INSTALLED = [b for b in backends.SPECS if backends.installed(b)]
 # ReverseThroughSolver for its unsupported row on SciPy; CheckpointedAdjoint runs
