@@ -7,6 +7,10 @@ which proves the other backends are optional; it skips the tests marked slow (th
 stiff suites and the implicit algs beyond each backend's first), which tests_all,
 with every backend installed, runs. PyTorch is installed first as the
 pinned CPU build so pip never resolves a multi-GB CUDA wheel.
+
+pytest runs on one worker per core (pytest-xdist), a test file per worker, so
+a file's module fixtures and JAX's compiled programs are built once; pass
+``-n 0`` after ``--`` to run in one process.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ TORCH = "torch==2.13.0"  # the CPU build; see README
 RUFF = "ruff==0.17.6"
 PYRIGHT = "basedpyright==1.40.2"
 BACKENDS = ["jax", "torch", "scipy"]
+# One worker per core; a whole test file goes to one worker (see the docstring).
+XDIST = ["-n", "auto", "--dist", "loadfile"]
 
 
 def _install(session: nox.Session, extras: str) -> None:
@@ -36,6 +42,7 @@ def tests(session: nox.Session, backend: str) -> None:
     _install(session, f"{backend},test")
     session.run(
         "pytest",
+        *XDIST,
         *(session.posargs or ["-m", "not slow"]),
         env={"DIFFEQKIT_REQUIRE_BACKENDS": backend},
     )
@@ -47,6 +54,7 @@ def tests_all(session: nox.Session) -> None:
     _install(session, "all,test,plot")  # plot: compare --plot is tested here
     session.run(
         "pytest",
+        *XDIST,
         *session.posargs,
         env={"DIFFEQKIT_REQUIRE_BACKENDS": ",".join(BACKENDS)},
     )
