@@ -27,8 +27,9 @@ Requirements met here:
   backend and method, and it sees what stats cannot: Newton iterations, a
   replay, a backward solve.
 - Peak memory is measured where it can be measured honestly in-process (the
-  backend's `peak_memory`: NumPy buffers by tracemalloc; the CUDA caching
-  allocator's peak on torch); elsewhere it is None, never a guess.
+  backend's `peak_memory`: NumPy buffers by tracemalloc; XLA's buffer assignment
+  of the compiled programs on JAX; the CUDA caching allocator's peak on torch);
+  elsewhere (torch on the CPU) it is None, never a guess.
 - Versions, platform and devices go into the report, so a number can be traced.
 - Importing this module imports no framework and no rich; the renderers import
   rich (a dependency of diffeqkit) and matplotlib (optional) when called.
@@ -824,7 +825,7 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
         err = _sci(r["rel_error"])
         if r["accurate"] is False:
             err = f"[red]{err}[/]"
-        mem = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.2f}"
+        mem = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.3g}"
         table.add_row(
             name,
             _ms(r["gradient_s"]),
@@ -839,7 +840,12 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
     console.print(table)
     for i, note in enumerate(notes, 1):
         console.print(f"[{i}] {note}", style="dim", markup=False)
-    methods = sorted({r["memory_method"] for r in report["rows"] if r["memory_method"]})
+    methods: dict[str, list[str]] = {}
+    for r in report["rows"]:
+        if r["memory_method"] and r["backend"] not in methods.get(
+            r["memory_method"], []
+        ):
+            methods.setdefault(r["memory_method"], []).append(r["backend"])
     console.print(
         "Reverse = ReverseThroughSolver, Continuous = ContinuousAdjoint, "
         "Checkpointed = CheckpointedAdjoint. ms: median time of one gradient "
@@ -847,7 +853,11 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
         "steps: accepted/rejected steps of the gradient's forward pass; f evals: "
         "evaluations of f counted in its forward/backward pass; "
         "peak MB by "
-        + (" and ".join(methods) if methods else "no in-process measure")
+        + (
+            ", ".join(f"{m} ({', '.join(b)})" for m, b in methods.items())
+            if methods
+            else "no in-process measure"
+        )
         + ", n/a elsewhere. Details: docs/compare.md.",
         style="dim",
     )

@@ -165,6 +165,16 @@ def test_scipy_memory_is_measured_by_tracemalloc(run):
     assert row["peak_memory_mb"] > 0
 
 
+def test_jax_memory_is_xla_buffer_assignment(run):
+    need("jax")
+    rows = {r["sensealg"]: r for r in run[2]["rows"] if r["backend"] == "jax"}
+    assert {r["memory_method"] for r in rows.values()} == {"xla buffer assignment"}
+    # ReverseThroughSolver keeps a checkpoint per possible step (max_steps of them).
+    reverse = rows["ReverseThroughSolver"]["peak_memory_mb"]
+    assert reverse > 10 * rows["CheckpointedAdjoint"]["peak_memory_mb"] > 0
+    assert "xla buffer assignment (jax)" in " ".join(run[1].split())
+
+
 def test_conclusion_names_fastest_accurate_method_per_backend(run):
     _, text, report = run
     for backend in INSTALLED:

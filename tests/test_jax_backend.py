@@ -621,3 +621,34 @@ def test_describe_lists_devices_backend_and_x64():
     assert "cpu:0" in info["devices"]
     assert info["default_backend"] == jax.default_backend()
     assert info["x64"] is True
+
+
+def test_peak_memory_is_the_buffer_assignment_of_the_programs_run():
+    """`JaxBackend.peak_memory` reads XLA's plan of the programs a call ran. For
+    ReverseThroughSolver that plan holds diffrax's buffer of one checkpoint per
+    possible step, so it grows with max_steps (the cost `compare` must show);
+    a call that runs no program of the backend has no figure."""
+    engine = backends.load("jax")
+    prob = dk.ODEProblem(lambda u, p, t: -p * u, np.ones(3), (0.0, 1.0), 0.5)
+
+    def peak(max_steps: int) -> tuple[float | None, str | None]:
+        def gradient():
+            sol, pullback = dk.vjp(
+                prob,
+                "tsit5",
+                backend="jax",
+                saveat=[1.0],
+                max_steps=max_steps,
+                sensealg=dk.ReverseThroughSolver(),
+            )
+            return pullback(np.ones_like(np.asarray(sol.u)))
+
+        return engine.peak_memory(gradient, None)
+
+    small, method = peak(200)
+    large, _ = peak(2000)
+    assert method == "xla buffer assignment"
+    assert small is not None
+    assert large is not None
+    assert 6 < large / small <= 10  # the checkpoint buffer dominates
+    assert engine.peak_memory(lambda: 1.0, None) == (None, None)

@@ -59,6 +59,7 @@ Requirements met here:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
@@ -884,6 +885,36 @@ def _vjp_program(
 _PULLBACK = jax.jit(lambda pullback, cotangent: pullback(cotangent))
 
 
+# The compiled programs (with their arguments) run while `JaxBackend.peak_memory`
+# watches; None when nobody does.
+_WATCHED: contextvars.ContextVar[list[tuple[Any, tuple[Any, ...]]] | None] = (
+    contextvars.ContextVar("diffeqkit_jax_watched", default=None)
+)
+
+
+def _run(program: Any, *args: Any) -> Any:
+    """``program(*args)``, noted for `JaxBackend.peak_memory` when it watches."""
+    watched = _WATCHED.get()
+    if watched is not None:
+        watched.append((program, args))
+    return program(*args)
+
+
+def _buffer_bytes(program: Any, args: tuple[Any, ...]) -> int | None:
+    """XLA's buffer assignment of `program` at `args`: its arguments, outputs and
+    temporaries, less the outputs that reuse an argument's buffer. The program is
+    in jit's cache already, so lowering and compiling it again only looks it up."""
+    analysis = program.lower(*args).compile().memory_analysis()
+    if analysis is None:  # a platform without the analysis
+        return None
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
 # ---------------------------------------------------------------------------------
 # Inputs: dtype, device, conversion.
 # ---------------------------------------------------------------------------------
@@ -1081,7 +1112,7 @@ class JaxBackend:
         scalars = np.array([t0, t1, req.rtol, req.atol, dt0], dtype=dtype)
         args = (u0, treedef.unflatten(leaves), scalars, ts, grid)
         program = self._program(req, method, dtype, u0, args[1], ts, grid, device)
-        t, u, info = program(*(jax.device_put(args, device) if put else args))
+        t, u, info = _run(program, *(jax.device_put(args, device) if put else args))
         info = np.asarray(info)
         code, naccept, nreject, rhs_finite = (int(v) for v in info[:4])
         if not rhs_finite:
@@ -1138,7 +1169,7 @@ class JaxBackend:
         u0, p, scalars, ts, grid = _traced_inputs(req, method, dtype)
         program = self._program(req, method, dtype, u0, p, ts, grid, device, "vjp")
         u0, p, scalars, ts, grid = jax.device_put((u0, p, scalars, ts, grid), device)
-        u, pullback, (t, counts) = program(u0, p, scalars, ts, grid)
+        u, pullback, (t, counts) = _run(program, u0, p, scalars, ts, grid)
         code, naccept, nreject = (int(v) for v in np.asarray(counts))
         sol = conclude(
             req,
@@ -1155,7 +1186,7 @@ class JaxBackend:
         def pull(cotangent: Any) -> tuple[Any, Any]:
             ct = jax.device_put(jnp.asarray(cotangent, dtype=u.dtype), device)
             try:
-                return jax.block_until_ready(_PULLBACK(pullback, ct))
+                return jax.block_until_ready(_run(_PULLBACK, pullback, ct))
             except jax.errors.JaxRuntimeError as err:
                 raise SolveError(backward_failed(req.sensealg, str(err))) from err
 
@@ -1226,9 +1257,33 @@ class JaxBackend:
     def peak_memory(
         self, fn: Callable[[], Any], like: Any
     ) -> tuple[float | None, str | None]:
-        """Not measured: XLA's allocator offers no resettable peak on CPU, and a
-        GPU's ``peak_bytes_in_use`` covers the whole process's life."""
-        return None, None
+        """XLA's buffer assignment of the largest compiled program the call ran:
+        that program's arguments, outputs and temporaries (``memory_analysis()`` of
+        the compiled program), on any device.
+
+        XLA plans every buffer of a program before it runs, so this is that
+        program's footprint exactly, not a sample. Arrays held outside the
+        programs (the inputs before conversion, results kept after) are not in
+        it. It is used because nothing else is honest: XLA's CPU allocator offers
+        no peak at all, and a GPU's ``peak_bytes_in_use`` cannot be reset, so it
+        covers the whole process's life. For `dk.vjp` the programs are the solve,
+        whose outputs include the residuals the pullback keeps (for
+        ``ReverseThroughSolver``, diffrax's buffer of ``max_steps`` checkpoints),
+        and the pullback. None when the call ran no compiled program of this
+        backend (a solve under a JAX transformation runs inside the caller's).
+        """
+        del like
+        watched: list[tuple[Any, tuple[Any, ...]]] = []
+        token = _WATCHED.set(watched)
+        try:
+            self.synchronize(fn())
+        finally:
+            _WATCHED.reset(token)
+        sizes = [_buffer_bytes(program, args) for program, args in watched]
+        known = [size for size in sizes if size is not None]
+        if not known:
+            return None, None
+        return max(known) / 2**20, "xla buffer assignment"
 
 
 BACKEND = JaxBackend()
