@@ -840,12 +840,10 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
     console.print(table)
     for i, note in enumerate(notes, 1):
         console.print(f"[{i}] {note}", style="dim", markup=False)
-    methods: dict[str, list[str]] = {}
+    methods: dict[str, dict[str, None]] = {}  # method -> its backends, in order
     for r in report["rows"]:
-        if r["memory_method"] and r["backend"] not in methods.get(
-            r["memory_method"], []
-        ):
-            methods.setdefault(r["memory_method"], []).append(r["backend"])
+        if r["memory_method"]:
+            methods.setdefault(r["memory_method"], {})[r["backend"]] = None
     console.print(
         "Reverse = ReverseThroughSolver, Continuous = ContinuousAdjoint, "
         "Checkpointed = CheckpointedAdjoint. ms: median time of one gradient "

@@ -124,10 +124,11 @@ def sweep(
             run = [n for n in names if (backend, n) not in over]
             if registry.installed(backend):
                 step.total -= len(names) - len(run)  # skipped: no warm-up
-            rows_here = _measure_backend(
-                pb, backend, run, kw, repeat, None, step, devices, **bare
+            measured = iter(
+                _measure_backend(
+                    pb, backend, run, kw, repeat, None, step, devices, **bare
+                )
             )
-            measured = iter(rows_here)
             for name in names:
                 if (backend, name) in over:
                     rows.append(Row(backend, name, "skipped", over[backend, name]))
