@@ -20,6 +20,7 @@ from ._problem import ODEProblem as ODEProblem
 from ._sensealg import CheckpointedAdjoint as CheckpointedAdjoint
 from ._sensealg import ContinuousAdjoint as ContinuousAdjoint
 from ._sensealg import ForwardMode as ForwardMode
+from ._sensealg import InterpolatingAdjoint as InterpolatingAdjoint
 from ._sensealg import ReverseThroughSolver as ReverseThroughSolver
 from ._sensealg import SensitivityAlgorithm as SensitivityAlgorithm
 from ._sensealg import default_sensealg as default_sensealg
@@ -35,6 +36,7 @@ __all__ = [
     "DiffEqKitError",
     "ForwardMode",
     "Grads",
+    "InterpolatingAdjoint",
     "InvalidProblemError",
     "ODEProblem",
     "ReverseThroughSolver",

@@ -145,3 +145,35 @@ def backward_failed(sensealg: Any, reason: str) -> str:
         "sensealg=dk.CheckpointedAdjoint(), or raise max_steps, or loosen the "
         "backward tolerances ContinuousAdjoint(rtol=..., atol=...)."
     )
+
+
+def ineffective_option(
+    sensealg: Any, option: str, value: Any, backend: str, works_on: Iterable[str]
+) -> InvalidProblemError:
+    """A sensealg option that would have no effect on this backend."""
+    cls = type(sensealg).__name__
+    where = list(works_on)
+    elsewhere = f" It takes effect on: {listing(where)}." if where else ""
+    return InvalidProblemError(
+        f"sensealg=dk.{cls}({option}={value!r}) has no effect on "
+        f"backend='{backend}'.{elsewhere} Leave {option}=None on backend='{backend}'"
+        + (f", or use backend='{where[0]}'." if where else ".")
+    )
+
+
+def unsupported_kind(
+    sensealg: Any,
+    alg: str,
+    kind: str,
+    backend: str,
+    why: str | None,
+    instead: Iterable[str],
+) -> UnsupportedError:
+    """A sensealg that cannot run this kind of alg on this backend."""
+    reason = f": {why}" if why else ""
+    options = ", ".join(f"dk.{name}()" for name in instead) or "(none)"
+    return UnsupportedError(
+        f"sensealg=dk.{type(sensealg).__name__}() cannot differentiate alg='{alg}' "
+        f"({kind}) on backend='{backend}'{reason}. With {kind} algs "
+        f"backend='{backend}' offers: {options}."
+    )

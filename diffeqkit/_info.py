@@ -11,7 +11,7 @@ from . import backends
 __all__ = ["format_report", "info_report", "support_matrix"]
 
 
-def support_matrix(*, installed_only: bool = True) -> dict[str, dict[str, list[str]]]:
+def support_matrix(*, installed_only: bool = True) -> dict[str, dict[str, Any]]:
     """The algs, sensealgs and devices each backend supports.
 
     Parameters
@@ -22,7 +22,12 @@ def support_matrix(*, installed_only: bool = True) -> dict[str, dict[str, list[s
     Returns
     -------
     dict
-        ``{backend: {"algs": [...], "sensealgs": [...], "devices": [...]}}``.
+        ``{backend: {"algs": [...], "sensealgs": [...], "devices": [...],
+        "gradients": {sensealg: "discrete" | "continuous"}}}``. "discrete": the
+        sensealg differentiates the solver's own steps (the exact derivative of
+        the computed solution); "continuous": it integrates sensitivity or
+        adjoint ODEs under error control, converging to the derivative of the
+        exact solution as the tolerances shrink.
 
     Examples
     --------
@@ -35,6 +40,10 @@ def support_matrix(*, installed_only: bool = True) -> dict[str, dict[str, list[s
             "algs": list(spec.capabilities.algs),
             "sensealgs": list(spec.capabilities.sensealgs),
             "devices": list(spec.capabilities.devices),
+            "gradients": {
+                s: support.computes
+                for s, support in spec.capabilities.sensealgs.items()
+            },
         }
         for name, spec in backends.SPECS.items()
         if not installed_only or backends.installed(name)

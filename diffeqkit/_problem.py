@@ -160,7 +160,7 @@ def _check_tspan(tspan: Any) -> tuple[Any, Any]:
 
 
 def _check_u0(u0: Any) -> None:
-    fix = "Pass a non-empty array of finite floats, e.g. u0=[1.0, 0.0]."
+    fix = "Pass an array of finite floats, e.g. u0=[1.0, 0.0]."
     if u0 is None:
         raise invalid("u0", "is required", u0, fix)
     if is_array(u0):
@@ -173,8 +173,6 @@ def _check_u0(u0: Any) -> None:
                 "Convert it first (e.g. u0.astype('float64')) or pass a list, "
                 "which becomes the backend's default float.",
             )
-        if math.prod(u0.shape) == 0:
-            raise invalid("u0", "must not be empty", u0, fix)
         if is_concrete(u0) and not np.all(np.isfinite(to_numpy(u0))):
             raise invalid("u0", "must be finite (no NaN or inf)", u0, fix)
         return
@@ -184,8 +182,6 @@ def _check_u0(u0: Any) -> None:
         raise invalid("u0", "must be a rectangular array", u0, fix) from None
     if arr.dtype.kind not in "iuf":
         raise invalid("u0", f"must hold real numbers, not {arr.dtype}", u0, fix)
-    if arr.size == 0:
-        raise invalid("u0", "must not be empty", u0, fix)
     if not np.all(np.isfinite(arr)):
         raise invalid("u0", "must be finite (no NaN or inf)", u0, fix)
 

@@ -1,27 +1,16 @@
 """The gradient methods: one flag, `sensealg=`, picks how a solve is differentiated.
 
-Requirements met here:
-
-- Each method is a frozen dataclass of options with its documentation; the code
-  that runs it lives in each backend (a `_SENSEALGS` table there). The registry's
-  ``Capabilities.sensealgs`` lists the class names each backend runs.
-- Options are checked when the object is built, naming the option and the fix.
-- ``sensealg=None`` resolves to `default_sensealg`, a documented rule on the backend
-  and the number of inputs, recorded in ``Solution.sensealg``.
-
-One convention on every backend: a gradient is that of the *computed* solution
-with the solver's step sizes and accept/reject decisions held fixed, i.e. gradients
-do not flow through the step-size controller (diffrax's and torchdiffeq's
-convention; torchode's default differs). ForwardMode, ReverseThroughSolver and
-CheckpointedAdjoint on JAX and torch all compute this derivative of the discrete
-solution; the continuous adjoint, and SciPy's methods (which solve sensitivity or
-adjoint ODEs), converge to it as the tolerances shrink.
+Each method is a frozen dataclass of options and documentation; the code that runs
+it lives in each backend's sensealg table, and which options take effect where is
+declared in the registry (`diffeqkit.backends.SPECS`) and checked once by the core.
+A gradient is that of the computed solution with the step sizes held fixed (no
+gradient through the step-size controller), as in diffrax and torchdiffeq.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ._arrays import array_namespace, is_array
@@ -30,13 +19,16 @@ from ._pytree import leaves
 
 __all__ = [
     "AUTODIFF_ENGINES",
+    "SENSEALGS",
     "CheckpointedAdjoint",
     "ContinuousAdjoint",
     "ForwardMode",
+    "InterpolatingAdjoint",
     "ReverseThroughSolver",
     "SensitivityAlgorithm",
     "default_sensealg",
     "input_size",
+    "options_set",
 ]
 
 # What computes f's Jacobian products on the SciPy backend: AD of the user's
@@ -79,6 +71,10 @@ class SensitivityAlgorithm:
 
     #: The name used in the capability tables and `Solution.sensealg`.
     name: ClassVar[str] = ""
+    #: Why the method refuses an alg kind ("fixed", "adaptive", "implicit") on
+    #: every backend, for the error message; which kinds a backend runs is data in
+    #: its registry spec.
+    kind_notes: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -90,35 +86,44 @@ class SensitivityAlgorithm:
             _check_autodiff(owner, options["autodiff"])
 
 
+def options_set(sensealg: SensitivityAlgorithm) -> dict[str, Any]:
+    """The options of `sensealg` given a value other than their default (None)."""
+    return {
+        f.name: getattr(sensealg, f.name)
+        for f in fields(sensealg)
+        if getattr(sensealg, f.name) is not None
+    }
+
+
 @dataclass(frozen=True)
 class ForwardMode(SensitivityAlgorithm):
     """Forward-mode sensitivities: the Jacobian of the solution, one column per input.
 
-    Computes ``d u(t_i) / d(u0, p)`` alongside the solve (forward-mode AD through
-    the solver's steps on JAX and torch; the forward sensitivity equations
-    ``dS/dt = (df/du) S + df/dp`` on SciPy) and contracts it with the cotangent
-    in the reverse pass, as SciMLSensitivity's ``ForwardDiffSensitivity`` does
-    under reverse-mode AD.
+    Computes ``d u(t_i) / d(u0, p)`` alongside the solve and contracts it with the
+    cotangent in the reverse pass, as SciMLSensitivity's ``ForwardDiffSensitivity``
+    does under reverse-mode AD. On JAX and torch it is forward-mode AD through the
+    solver's steps: the derivative of the discrete solution, exact to rounding. On
+    SciPy it integrates the forward sensitivity equations ``dS/dt = (df/du) S +
+    df/dp`` under error control: it converges to the derivative of the exact
+    solution as the tolerances shrink (`dk.support_matrix` says which, per
+    backend).
 
     Parameters
     ----------
     autodiff : {None, "jax", "torch", "jac"}
-        SciPy backend only: what differentiates ``f``. None: JAX if installed,
-        else PyTorch, else ``prob.jac`` (which gives gradients with respect to
-        ``u0`` only). On JAX and torch it must be None or the backend's name.
+        What differentiates ``f`` on SciPy: None picks JAX if installed, else
+        PyTorch, else ``prob.jac`` (gradients with respect to ``u0`` only). On JAX
+        and torch the backend's own framework always does (None or its name).
 
     Notes
     -----
-    Cost: grows linearly with ``k``, the number of inputs (``u0.size`` plus the
-    number of parameters that need a gradient), all ``k`` tangents batched
-    along one solve (JAX, torch) or one augmented system (SciPy); memory
-    independent of the number of steps. Gradients flow to ``u0`` and ``p``
-    only, not to tensors ``f`` closes over. Fastest for few inputs on JAX and
-    SciPy (measured crossovers in the docs); for large ``k`` use an adjoint.
-    Backends: jax, torch, scipy. On JAX it works under
-    ``jax.grad``/``jax.jacrev``/``jax.jit``/``jax.vmap`` (a custom VJP);
-    ``jax.jvp``/``jax.jacfwd`` of such a solve are not supported by JAX's
-    custom VJPs.
+    Cost grows linearly with ``k``, the number of inputs (``u0.size`` plus the
+    parameters), all ``k`` tangents carried along one solve; memory does not grow
+    with the number of steps. Gradients flow to ``u0`` and ``p``, not to tensors
+    ``f`` closes over. Fastest for few inputs; use an adjoint for many (the
+    crossovers are in docs/performance.md). Backends: jax, torch, scipy. On JAX
+    it works under ``jax.grad``/``jax.jit``/``jax.vmap`` (a custom VJP), not
+    under ``jax.jvp``/``jax.jacfwd``.
     """
 
     name: ClassVar[str] = "ForwardMode"
@@ -130,17 +135,14 @@ class ReverseThroughSolver(SensitivityAlgorithm):
     """Reverse-mode AD through every solver step, storing the whole forward pass.
 
     "Discretise-then-optimise": the exact gradient of the computed solution, with
-    the step sizes held fixed (no gradient flows through the step-size
-    controller, on every backend).
+    the step sizes held fixed.
 
     Notes
     -----
-    Cost: about 2-4 forward solves; memory grows with the number of steps (every
-    stage of every step is kept). Backends: jax (diffrax's
-    ``RecursiveCheckpointAdjoint`` with one checkpoint per step, i.e. nothing is
-    recomputed), torch (autograd through the steps). Not on SciPy, whose solvers
-    are not differentiable: use `ForwardMode`, `ContinuousAdjoint` or
-    `CheckpointedAdjoint` there.
+    Cost about 2-4 forward solves; memory grows with the number of steps. Backends:
+    jax (diffrax's ``RecursiveCheckpointAdjoint`` with one checkpoint per step),
+    torch (autograd through the steps). Not on SciPy, whose solvers are not
+    differentiable: use `ForwardMode` or an adjoint there.
     """
 
     name: ClassVar[str] = "ReverseThroughSolver"
@@ -148,38 +150,73 @@ class ReverseThroughSolver(SensitivityAlgorithm):
 
 @dataclass(frozen=True)
 class ContinuousAdjoint(SensitivityAlgorithm):
-    """The continuous adjoint ODE solved backward in time.
+    """The backsolve adjoint: the adjoint ODE and the state, integrated backward.
 
-    Solves ``dλ/dt = -(df/du)^T λ`` and ``dμ/dt = -(df/dp)^T λ`` from ``t1`` back
-    to ``t0``, with jumps ``λ += cotangent_i`` at the save times. With an explicit
-    alg the state ``u`` is re-integrated backward alongside ("backsolve": Chen et
-    al. 2018; torchdiffeq's ``odeint_adjoint``; diffrax's ``BacksolveAdjoint``).
-    With an implicit alg ``u`` comes from the forward solve's dense output instead
-    (SciMLSensitivity's ``InterpolatingAdjoint``) and the adjoint is integrated
-    with the same implicit method: backward in time a stiff problem's fast,
-    decaying modes grow, so a backsolve fails or, worse, returns a wrong gradient
-    (on ROBER diffrax's was off by a factor 1e69, without an error).
+    Solves ``dλ/dt = -(df/du)^T λ`` and ``dμ/dt = -(df/dp)^T λ`` from ``t1`` back to
+    ``t0`` with jumps ``λ += cotangent_i`` at the save times, re-integrating ``u``
+    backward alongside (Chen et al. 2018; torchdiffeq's ``odeint_adjoint``;
+    diffrax's ``BacksolveAdjoint``; SciMLSensitivity's ``BacksolveAdjoint``).
 
     Parameters
     ----------
     rtol, atol : float, optional
-        Tolerances of the backward solve. None: the forward rtol; for atol, the
-        forward atol, scaled up to the cotangent's magnitude where the state is
-        not integrated backward (implicit algs; see `adjoint_atol`).
+        Tolerances of the backward solve; None: the forward solve's.
     autodiff : {None, "jax", "torch", "jac"}
-        SciPy backend only: see `ForwardMode`.
+        SciPy only: see `ForwardMode`.
 
     Notes
     -----
-    The backsolve's memory is independent of the number of steps; the
-    interpolating form keeps the forward steps' dense output (O(steps)). No
-    adaptive integrator is reversible: on chaotic or unstable problems (Lorenz
-    over long times) the re-integrated state drifts away from the forward one and
-    the gradient is wrong, silently. Prefer `CheckpointedAdjoint` there.
-    Backends: jax, torch, scipy.
+    Memory does not grow with the number of steps. No adaptive integrator is
+    reversible: on chaotic or unstable problems (Lorenz over long times) the
+    re-integrated state drifts from the forward one and the gradient is wrong,
+    silently; on stiff problems the backward solve blows up, so implicit algs are
+    refused (use `InterpolatingAdjoint`). Prefer `CheckpointedAdjoint` or
+    `InterpolatingAdjoint` when in doubt. Backends: jax, torch, scipy.
     """
 
     name: ClassVar[str] = "ContinuousAdjoint"
+    kind_notes: ClassVar[dict[str, str]] = {
+        "implicit": (
+            "the backsolve re-integrates the state backward in time, where a "
+            "stiff problem's fast decaying modes grow (on ROBER the gradient was "
+            "off by a factor 1e69, without an error). Use "
+            "sensealg=dk.InterpolatingAdjoint(): the same adjoint, against the "
+            "forward solution's dense output"
+        )
+    }
+    rtol: float | None = None
+    atol: float | None = None
+    autodiff: str | None = None
+
+
+@dataclass(frozen=True)
+class InterpolatingAdjoint(SensitivityAlgorithm):
+    """The adjoint ODE integrated backward against the forward solution.
+
+    Solves the adjoint equations of `ContinuousAdjoint` from ``t1`` back to ``t0``,
+    but reads the state ``u(t)`` off the forward solve's dense output instead of
+    re-integrating it backward (SciMLSensitivity's ``InterpolatingAdjoint``), so
+    the forward states are exact and stiff problems stay stable: with an implicit
+    alg the adjoint is integrated with the same implicit method.
+
+    Parameters
+    ----------
+    rtol, atol : float, optional
+        Tolerances of the backward adjoint solve. None: the forward rtol; for
+        atol the forward atol scaled up to the cotangent's magnitude (see
+        `adjoint_atol`).
+    autodiff : {None, "jax", "torch", "jac"}
+        SciPy only: see `ForwardMode`.
+
+    Notes
+    -----
+    Memory grows with the number of steps (the dense output of every step is
+    kept); time about one forward solve plus one adjoint solve. Converges to the
+    gradient of the exact solution as the tolerances shrink. Backends: jax, torch,
+    scipy.
+    """
+
+    name: ClassVar[str] = "InterpolatingAdjoint"
     rtol: float | None = None
     atol: float | None = None
     autodiff: str | None = None
@@ -194,23 +231,21 @@ class CheckpointedAdjoint(SensitivityAlgorithm):
     checkpoints : int, optional
         How many forward states to keep. JAX: diffrax's recursive (binomial)
         checkpointing, None meaning about ``log2(max_steps)``. torch: the steps
-        are cut into at most `checkpoints` segments (about `checkpoints` for
-        fixed-step algs, between half and all of them for adaptive ones, whose
-        step count is not known in advance), None meaning ``ceil(sqrt(n_steps))``.
-        SciPy: the forward solve is cut into `checkpoints` segments, each recomputed
-        with dense output while the adjoint ODE is solved backward against it
-        (CVODES-style), None meaning 10.
+        are cut into at most `checkpoints` segments, None meaning
+        ``ceil(sqrt(n_steps))``. SciPy: the forward solve is cut into
+        `checkpoints` segments, each recomputed with dense output while the
+        adjoint ODE is solved backward against it (CVODES-style), None meaning 10.
     rtol, atol : float, optional
-        SciPy only: tolerances of the backward adjoint solve; None uses the
-        forward solve's.
+        SciPy only: tolerances of the backward adjoint solve (JAX and torch
+        recompute the forward steps exactly and have none).
     autodiff : {None, "jax", "torch", "jac"}
-        SciPy backend only: see `ForwardMode`.
+        SciPy only: see `ForwardMode`.
 
     Notes
     -----
     Exact forward states and bounded memory at the price of recomputation. On
-    JAX and torch it gives the same gradient as `ReverseThroughSolver` (the
-    recomputed steps are the recorded ones). Backends: jax, torch, scipy.
+    JAX and torch it gives `ReverseThroughSolver`'s gradient (the recomputed steps
+    are the recorded ones). Backends: jax, torch, scipy.
     """
 
     name: ClassVar[str] = "CheckpointedAdjoint"
@@ -235,6 +270,7 @@ SENSEALGS: tuple[type[SensitivityAlgorithm], ...] = (
     ForwardMode,
     ReverseThroughSolver,
     ContinuousAdjoint,
+    InterpolatingAdjoint,
     CheckpointedAdjoint,
 )
 
@@ -272,31 +308,18 @@ def input_size(u0: Any, p: Any) -> int:
     return size(u0) + sum(size(x) for x in leaves(p))
 
 
-# The default rule: forward mode up to this many inputs (u0.size + parameters),
-# an adjoint above. Measured on this project's benchmark (benchmarks/sensealg.py,
-# Lotka-Volterra and neural ODEs of growing width, gradient time per sensealg);
-# see docs/gradients.md for the numbers behind each threshold.
-#
-# - jax: ForwardMode beat CheckpointedAdjoint up to 24 inputs and lost from 44 on
-#   (neural ODE, 2 states): 32.
-# - torch: ForwardMode was slower than the reverse methods at every size measured,
-#   from 6 inputs (Lotka-Volterra: ~4x the forward solve against ~2.8x), because
-#   each step's forward-mode ops cost more than their reverse: 0, never.
-# - scipy: forward sensitivities beat the checkpointed adjoint at every size
-#   measured, up to 324 inputs with 2 states (the adjoint's recomputation and two
-#   backward passes cost more in Python overhead than the sensitivity matrix):
-#   256, kept below the largest size measured.
-FORWARD_MODE_MAX_INPUTS: dict[str, int] = {"jax": 32, "torch": 0, "scipy": 256}
-
-
 def default_sensealg(backend: str, u0: Any, p: Any) -> SensitivityAlgorithm:
     """The gradient method ``sensealg=None`` stands for.
 
-    `ForwardMode` when ``u0.size`` plus the number of parameters is at most
-    ``FORWARD_MODE_MAX_INPUTS[backend]``; otherwise `CheckpointedAdjoint` (exact
-    forward states with bounded memory, the field's recommended default).
+    `ForwardMode` when ``u0.size`` plus the number of parameters is at most the
+    backend's measured crossover (``forward_mode_max_inputs`` in its registry
+    spec; docs/performance.md has the measurements); otherwise
+    `CheckpointedAdjoint` (exact forward states with bounded memory, the field's
+    recommended default).
     """
-    limit = FORWARD_MODE_MAX_INPUTS.get(backend, 0)
+    from .backends import spec_of
+
+    limit = spec_of(backend).capabilities.forward_mode_max_inputs
     if input_size(u0, p) <= limit:
         return ForwardMode()
     return CheckpointedAdjoint()

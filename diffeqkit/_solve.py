@@ -29,6 +29,7 @@ def solve(
     rtol: float = 1e-6,
     atol: float = 1e-8,
     dt0: float | None = None,
+    adaptive: bool = True,
     max_steps: int = 100_000,
     sensealg: Any = None,
     device: Any = None,
@@ -62,6 +63,11 @@ def solve(
         Length (> 0; the direction comes from `tspan`) of the first step of an
         adaptive method (default: chosen by the backend) or of every step of a
         fixed-step one (required).
+    adaptive : bool, default True
+        False runs an explicit adaptive alg (bosh3, dopri5, tsit5, dopri8) with
+        constant steps of `dt0` (required), ending on the save times, as diffrax's
+        ``ConstantStepSize`` and SciML's ``adaptive=false`` do: its order can then
+        be measured by step halving. Fixed-step algs always step so.
     max_steps : int
         The most steps the solver may take, >= 1.
     sensealg : SensitivityAlgorithm or None
@@ -120,6 +126,7 @@ def solve(
         rtol=rtol,
         atol=atol,
         dt0=dt0,
+        adaptive=adaptive,
         max_steps=max_steps,
         sensealg=sensealg,
         device=device,
@@ -138,6 +145,7 @@ def build_request(
     rtol: float = 1e-6,
     atol: float = 1e-8,
     dt0: float | None = None,
+    adaptive: bool = True,
     max_steps: int = 100_000,
     sensealg: Any = None,
     device: Any = None,
@@ -160,9 +168,21 @@ def build_request(
     chosen = check_sensealg(sensealg)
     if chosen is None:
         chosen = default_sensealg(name, prob.u0, prob.p)
-    backends.check_sensealg(name, chosen)
+    backends.check_sensealg(name, chosen, info)
     if not isinstance(throw, bool):
         raise invalid("throw", "must be True or False", throw, "Pass a bool.")
+    if not isinstance(adaptive, bool):
+        raise invalid("adaptive", "must be True or False", adaptive, "Pass a bool.")
+    if not adaptive and info.implicit:
+        raise invalid(
+            "adaptive",
+            f"=False runs an explicit alg with constant steps, but alg='{info.name}' "
+            "is implicit",
+            adaptive,
+            "Use an explicit alg such as 'tsit5' with adaptive=False, or keep "
+            "adaptive=True.",
+        )
+    fixed_step = info.fixed_step or not adaptive
     tol_fix = "Pass a positive number such as 1e-6."
     _check_positive("rtol", rtol, tol_fix)
     _check_positive("atol", atol, tol_fix)
@@ -177,14 +197,16 @@ def build_request(
         dt0 = float(dt0)
     t0, t1 = prob.tspan
     ts = save_times(saveat, t0, t1)
-    if info.fixed_step:
+    if fixed_step:
         if dt0 is None:
             raise invalid(
                 "dt0",
-                f"is required by the fixed-step alg='{info.name}'",
+                f"is required by the fixed-step alg='{info.name}'"
+                if info.fixed_step
+                else "is required with adaptive=False (the constant step length)",
                 dt0,
                 "Pass the step length, e.g. dt0=0.01, or use an adaptive alg "
-                "such as 'tsit5'.",
+                "such as 'tsit5' with adaptive=True.",
             )
         if is_concrete(t0) and is_concrete(t1):
             nsteps = step_grid(t0, t1, dt0, ts if is_concrete(ts) else None).size - 1
@@ -214,14 +236,15 @@ def build_request(
         device=dev,
         throw=throw,
         sensealg=chosen,
-        land_on_saves=_lands_on_saves(info),
+        land_on_saves=_lands_on_saves(info, fixed_step),
+        adaptive=adaptive,
     )
     return req
 
 
-def _lands_on_saves(info: AlgInfo) -> bool:
+def _lands_on_saves(info: AlgInfo, fixed_step: bool) -> bool:
     """Whether saved values must be step values (see `SolveRequest`)."""
-    if info.fixed_step:
+    if fixed_step:
         return True
     if info.tableau is None:
         return False

@@ -1,14 +1,9 @@
 """The backend registry: the only place that knows the backend names.
 
-Requirements met here:
-
-- Each backend is a spec: module path, pip extra, required import names, an array
-  test that imports nothing, and its capabilities as data.
-- "Installed?" is `importlib.util.find_spec`, never an import; loading is lazy and
-  cached. An `ImportError` becomes `BackendNotInstalledError` only when the missing
-  module is one of the backend's requirements; any other failure is a bug and
-  propagates.
-- ``backend=None`` walks the leaves of `u0` and `p` with the array tests.
+Each backend is a `BackendSpec`: module path, pip extra, required import names, an
+array test that imports nothing, and its capabilities as data (algs, devices, the
+sensealgs with their options, the default rule's crossover). Loading is lazy and
+cached; "installed?" is `importlib.util.find_spec`, never an import.
 """
 
 from __future__ import annotations
@@ -21,18 +16,21 @@ from typing import Any
 
 import array_api_compat as aac
 
-from .._algs import ALGS
+from .._algs import ALGS, AlgInfo
 from .._errors import (
     InvalidProblemError,
     backend_not_installed,
+    ineffective_option,
     listing,
     short,
     unavailable_device,
     unsupported_alg,
+    unsupported_kind,
     unsupported_sensealg,
 )
 from .._pytree import leaves
-from ._protocol import Backend, Capabilities
+from .._sensealg import options_set
+from ._protocol import Backend, Capabilities, Kind, SensealgSupport
 
 __all__ = [
     "SPECS",
@@ -45,14 +43,9 @@ __all__ = [
     "installed",
     "load",
     "resolve_name",
+    "spec_of",
 ]
 
-_ALL_SENSEALGS = (
-    "ForwardMode",
-    "ReverseThroughSolver",
-    "ContinuousAdjoint",
-    "CheckpointedAdjoint",
-)
 _EXPLICIT = ("euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5", "dopri8")
 # The first two are those the "looks stiff" hint suggests.
 _DIFFRAX_IMPLICIT = (
@@ -64,6 +57,17 @@ _DIFFRAX_IMPLICIT = (
     "kencarp5",
     "implicit_euler",
 )
+_EXPLICIT_KINDS: tuple[Kind, ...] = ("fixed", "adaptive")
+_TOLS = ("rtol", "atol")
+# JAX and torch: the discrete methods differentiate the solver's own steps; the
+# adjoints integrate the adjoint ODE with the sensealg's tolerances.
+_NATIVE_SENSEALGS = {
+    "ForwardMode": SensealgSupport("discrete"),
+    "ReverseThroughSolver": SensealgSupport("discrete"),
+    "ContinuousAdjoint": SensealgSupport("continuous", _TOLS, _EXPLICIT_KINDS),
+    "InterpolatingAdjoint": SensealgSupport("continuous", _TOLS),
+    "CheckpointedAdjoint": SensealgSupport("discrete", ("checkpoints",)),
+}
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,12 @@ SPECS: Mapping[str, BackendSpec] = {
         Capabilities(
             algs=(*_EXPLICIT, *_DIFFRAX_IMPLICIT),
             devices=("cpu", "cuda"),
-            sensealgs=_ALL_SENSEALGS,
+            sensealgs=_NATIVE_SENSEALGS,
+            autodiff=("jax",),
+            # ForwardMode beat CheckpointedAdjoint up to 24 inputs, lost from 44.
+            forward_mode_max_inputs=32,
+            reference_algs=("dopri8", "kvaerno5"),
+            reference_rank=1,
         ),
     ),
     "torch": BackendSpec(
@@ -100,7 +109,12 @@ SPECS: Mapping[str, BackendSpec] = {
         Capabilities(
             algs=(*_EXPLICIT, "rosenbrock23"),
             devices=("cpu", "cuda"),
-            sensealgs=_ALL_SENSEALGS,
+            sensealgs=_NATIVE_SENSEALGS,
+            autodiff=("torch",),
+            # ForwardMode lost to the reverse methods at every size measured.
+            forward_mode_max_inputs=0,
+            reference_algs=("dopri8", "rosenbrock23"),
+            reference_rank=2,
         ),
     ),
     "scipy": BackendSpec(
@@ -112,8 +126,25 @@ SPECS: Mapping[str, BackendSpec] = {
         Capabilities(
             algs=(*_EXPLICIT, "bdf", "radau", "lsoda"),
             devices=("cpu",),
-            # Its solvers are not differentiable: no ReverseThroughSolver.
-            sensealgs=("ForwardMode", "ContinuousAdjoint", "CheckpointedAdjoint"),
+            # Sensitivity and adjoint ODEs under error control; SciPy's solvers are
+            # not differentiable, so there is no ReverseThroughSolver.
+            sensealgs={
+                "ForwardMode": SensealgSupport("continuous"),
+                "ContinuousAdjoint": SensealgSupport(
+                    "continuous", _TOLS, _EXPLICIT_KINDS
+                ),
+                "InterpolatingAdjoint": SensealgSupport("continuous", _TOLS),
+                "CheckpointedAdjoint": SensealgSupport(
+                    "continuous", ("checkpoints", *_TOLS)
+                ),
+            },
+            autodiff=("jax", "torch", "jac"),
+            # Forward sensitivities beat the adjoints up to 324 inputs measured.
+            forward_mode_max_inputs=256,
+            # Its forward sensitivities are themselves error-controlled: the
+            # reference of choice.
+            reference_algs=("dopri8", "radau"),
+            reference_rank=0,
         ),
     ),
 }
@@ -185,11 +216,44 @@ def check_alg(name: str, alg: str) -> None:
         raise unsupported_alg(alg, name, offered, by)
 
 
-def check_sensealg(name: str, sensealg: Any) -> None:
-    offered = SPECS[name].capabilities.sensealgs
+def spec_of(name: str) -> BackendSpec:
+    """The spec of a backend name or alias."""
+    return SPECS[ALIASES.get(name, name)]
+
+
+def check_sensealg(name: str, sensealg: Any, alg: AlgInfo | None = None) -> None:
+    """Refuse a sensealg the backend does not run, one with an option that has no
+    effect there, or one that cannot run `alg`'s kind; each message names what
+    works instead."""
+    caps = SPECS[name].capabilities
+    offered = caps.sensealgs
     if sensealg.name not in offered:
         by = [b for b, s in SPECS.items() if sensealg.name in s.capabilities.sensealgs]
         raise unsupported_sensealg(sensealg.name, name, offered, by)
+    support = offered[sensealg.name]
+    for option, value in options_set(sensealg).items():
+        if option == "autodiff":
+            if value not in caps.autodiff:
+                by = [b for b, s in SPECS.items() if value in s.capabilities.autodiff]
+                raise ineffective_option(sensealg, option, value, name, by)
+        elif option not in support.options:
+            by = [
+                b
+                for b, s in SPECS.items()
+                if option
+                in getattr(s.capabilities.sensealgs.get(sensealg.name), "options", ())
+            ]
+            raise ineffective_option(sensealg, option, value, name, by)
+    if alg is not None and alg.kind not in support.kinds:
+        others = [s for s, sup in offered.items() if alg.kind in sup.kinds]
+        raise unsupported_kind(
+            sensealg,
+            alg.name,
+            alg.kind,
+            name,
+            sensealg.kind_notes.get(alg.kind),
+            others,
+        )
 
 
 def check_device(name: str, device: str | None) -> None:

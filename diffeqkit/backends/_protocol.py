@@ -7,9 +7,9 @@ its library and the library's result back into a `Solution` via `conclude`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
 
 from .._algs import AlgInfo
 from .._arrays import dtype_name, is_array
@@ -17,18 +17,78 @@ from .._errors import SolveError, solve_failed
 from .._pytree import tree_map
 from .._solution import Solution, failure_hint
 
-__all__ = ["Backend", "Capabilities", "Pullback", "SolveRequest", "conclude"]
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "Kind",
+    "Pullback",
+    "SensealgSupport",
+    "SensealgTable",
+    "SolveRequest",
+    "conclude",
+]
+
+
+Kind = Literal["fixed", "adaptive", "implicit"]
+_ALL_KINDS: tuple[Kind, ...] = ("fixed", "adaptive", "implicit")
+
+
+@dataclass(frozen=True)
+class SensealgSupport:
+    """How one backend runs one sensealg, as data the core checks once.
+
+    Attributes
+    ----------
+    computes : {"discrete", "continuous"}
+        "discrete": the derivative of the solver's own steps (exact to rounding
+        for the computed solution); "continuous": sensitivity or adjoint ODEs
+        integrated under error control, converging to the derivative of the exact
+        solution as the tolerances shrink.
+    options : tuple of str
+        The sensealg's options that take effect on this backend; setting any
+        other one raises `InvalidProblemError`. (``autodiff`` is checked by value
+        against `Capabilities.autodiff` instead.)
+    kinds : tuple of {"fixed", "adaptive", "implicit"}
+        The alg kinds it runs with.
+    """
+
+    computes: Literal["discrete", "continuous"]
+    options: tuple[str, ...] = ()
+    kinds: tuple[Kind, ...] = _ALL_KINDS
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend offers, as data: messages, `support_matrix` and the test
-    parametrisation all read it, and a test checks it against each backend's own
-    dispatch tables."""
+    """What a backend offers, as data: validation, messages, `support_matrix`, the
+    docs and the test parametrisation all read it, and a test checks it against
+    each backend's own dispatch tables.
+
+    Attributes
+    ----------
+    algs, devices : tuple of str
+        Neutral alg names and device kinds offered.
+    sensealgs : mapping
+        Sensealg class name -> `SensealgSupport`.
+    autodiff : tuple of str
+        Values of a sensealg's ``autodiff`` option honoured here.
+    forward_mode_max_inputs : int
+        The default rule's crossover: `ForwardMode` up to this many inputs
+        (``u0.size`` plus parameters), `CheckpointedAdjoint` above (measured;
+        docs/performance.md).
+    reference_algs : tuple of (str, str)
+        The explicit and the implicit alg a tight-tolerance reference gradient
+        uses (`python -m diffeqkit compare`).
+    reference_rank : int
+        Preference among backends for that reference (lowest first).
+    """
 
     algs: tuple[str, ...]
     devices: tuple[str, ...]
-    sensealgs: tuple[str, ...] = ()
+    sensealgs: Mapping[str, SensealgSupport] = field(default_factory=dict)
+    autodiff: tuple[str, ...] = ()
+    forward_mode_max_inputs: int = 0
+    reference_algs: tuple[str, str] | None = None
+    reference_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,7 +102,9 @@ class SolveRequest:
     ``"cuda"`` or ``"cuda:N"``. `land_on_saves` says that steps must end on every
     save time: true for fixed-step methods, and for adaptive methods whose dense
     output is of lower order than their error estimator (dopri8), so that saved
-    values are as accurate as the steps.
+    values are as accurate as the steps. `adaptive` is False when an adaptive
+    explicit alg runs with constant steps of `dt0` (``dk.solve(adaptive=False)``);
+    `fixed_step` says whether the solve steps on the fixed grid.
     """
 
     backend: str
@@ -63,6 +125,13 @@ class SolveRequest:
     throw: bool
     sensealg: Any = None
     land_on_saves: bool = False
+    adaptive: bool = True
+
+    @property
+    def fixed_step(self) -> bool:
+        """Whether the solve steps on the fixed grid `diffeqkit._saveat.step_grid`
+        (a fixed-step alg, or ``adaptive=False``) rather than adaptively."""
+        return self.alg.fixed_step or not self.adaptive
 
     def state_dtype(self, default: str) -> str:
         """The dtype to integrate in: the one asked for, else u0's if it is an
@@ -76,6 +145,18 @@ class SolveRequest:
     def convert_p(self, leaf: Callable[[Any], Any]) -> Any:
         """`p` with `leaf` applied to every non-None leaf, structure kept."""
         return tree_map(lambda x: x if x is None else leaf(x), self.p)
+
+
+JobT = TypeVar("JobT")
+ResultT = TypeVar("ResultT")
+# The one sensealg contract: each backend's table maps a sensealg class to one
+# callable of one argument, the backend's prepared solve (its "job"), returning
+# that solve made differentiable by the method in the backend's own terms (JAX:
+# traced arrays under a custom VJP or diffrax adjoint; torch: a Solution whose u
+# autograd differentiates; SciPy: a Solution and its Pullback). The keys are the
+# registry's `Capabilities.sensealgs` (a test checks it); nothing dispatches on a
+# sensealg's class outside the table.
+SensealgTable = Mapping[type[Any], Callable[[JobT], ResultT]]
 
 
 # pullback(cotangent) -> (dL/du0, dL/dp): cotangent of shape sol.u's, in any array
