@@ -33,11 +33,12 @@ if unknown:
     raise RuntimeError(f"DIFFEQKIT_REQUIRE_BACKENDS names unknown backends {unknown}")
 
 
-# The four gradient methods by short name, for parametrised tests.
+# The gradient methods by short name, for parametrised tests.
 SENSEALGS = {
     "forward": dk.ForwardMode(),
     "reverse": dk.ReverseThroughSolver(),
     "continuous": dk.ContinuousAdjoint(),
+    "interpolating": dk.InterpolatingAdjoint(),
     "checkpointed": dk.CheckpointedAdjoint(),
 }
 # The methods that differentiate the computed solution with the steps held fixed.
@@ -68,6 +69,17 @@ def need_gradients(backend: str) -> str:
     if backend == "scipy" and not SCIPY_AUTODIFF:
         pytest.skip("SciPy gradients need jax or torch installed to differentiate f")
     return backend
+
+
+def runs(backend: str, sensealg: str, alg: str) -> bool:
+    """Whether the registry declares that `backend` runs the sensealg (by short
+    name) with `alg`."""
+    from diffeqkit._algs import ALGS
+
+    support = backends.SPECS[backend].capabilities.sensealgs.get(
+        SENSEALGS[sensealg].name
+    )
+    return support is not None and ALGS[alg].kind in support.kinds
 
 
 def backend_params() -> list:

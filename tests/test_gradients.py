@@ -25,14 +25,10 @@ from problems import (
 
 import diffeqkit as dk
 from diffeqkit import backends
-from diffeqkit._sensealg import FORWARD_MODE_MAX_INPUTS
+from diffeqkit._sensealg import SENSEALGS as CLASSES
 
-SENSEALGS = {
-    "ForwardMode": dk.ForwardMode(),
-    "ReverseThroughSolver": dk.ReverseThroughSolver(),
-    "ContinuousAdjoint": dk.ContinuousAdjoint(),
-    "CheckpointedAdjoint": dk.CheckpointedAdjoint(),
-}
+# Every gradient method by class name, with its default options.
+SENSEALGS = {cls.name: cls() for cls in CLASSES}
 
 
 def sensealg_params() -> list:
@@ -291,7 +287,7 @@ def test_default_sensealg_is_recorded_and_follows_the_documented_rule(backend):
     small = dk.solve(linear_problem(), backend=backend)
     assert small.sensealg == dk.default_sensealg(backend, LINEAR_U0, LINEAR_A)
     # 2 + 4 inputs: forward mode where the measured threshold allows it.
-    few = FORWARD_MODE_MAX_INPUTS[backend] >= 6
+    few = backends.SPECS[backend].capabilities.forward_mode_max_inputs >= 6
     assert isinstance(small.sensealg, dk.ForwardMode if few else dk.CheckpointedAdjoint)
     big_p = np.zeros((64, 64))
     big = dk.solve(

@@ -205,10 +205,10 @@ LONG_CASES = [
     # forward atol itself made BDF stall.
     pytest.param("bdf", dk.CheckpointedAdjoint(), id="Checkpointed-bdf"),
     pytest.param("lsoda", dk.CheckpointedAdjoint(), id="Checkpointed-lsoda"),
-    # With an implicit alg ContinuousAdjoint is the interpolating adjoint; the
-    # backsolve it replaces failed past t ~ 0.1 here.
-    pytest.param("bdf", dk.ContinuousAdjoint(), id="Continuous-bdf"),
-    pytest.param("radau", dk.ContinuousAdjoint(), id="Continuous-radau"),
+    # The interpolating adjoint; a backsolve (refused with implicit algs) failed
+    # past t ~ 0.1 here.
+    pytest.param("bdf", dk.InterpolatingAdjoint(), id="Interpolating-bdf"),
+    pytest.param("radau", dk.InterpolatingAdjoint(), id="Interpolating-radau"),
 ]
 
 
@@ -228,7 +228,7 @@ class _Spy:
         self.solvers: list = []
 
 
-def test_continuous_adjoint_solves_backward_implicitly_with_autodiff_jacobians(
+def test_interpolating_adjoint_solves_backward_implicitly_with_autodiff_jacobians(
     monkeypatch,
 ):
     need_gradients("scipy")
@@ -254,7 +254,7 @@ def test_continuous_adjoint_solves_backward_implicitly_with_autodiff_jacobians(
 
     monkeypatch.setitem(_solve.ALGS, "bdf", _replace_solver(method, Spied))
     monkeypatch.setattr(_checkpoint, "_jacobian", spied_jacobian)
-    rober_gradient(LONG, "bdf", dk.ContinuousAdjoint())
+    rober_gradient(LONG, "bdf", dk.InterpolatingAdjoint())
     assert spy.solvers, "no backward solve used BDF"
     njev = sum(s.njev for s in spy.solvers)
     # every Jacobian of the backward BDF solves is the engine's: none by SciPy's

@@ -205,13 +205,6 @@ def test_stats_are_honest_ints(backend):
     assert 6 * attempts <= sol.stats["nfev"] <= 6 * attempts + 4
 
 
-@pytest.mark.parametrize("name", list(backends.SPECS))
-def test_capabilities_match_backend_tables(name):
-    need(name)
-    module = __import__(backends.SPECS[name].module, fromlist=["_ALGS"])
-    assert set(module._ALGS) == set(backends.SPECS[name].capabilities.algs)
-
-
 def test_support_matrix_lists_installed_backends():
     matrix = dk.support_matrix()
     assert set(matrix) == {b for b in backends.SPECS if backends.installed(b)}

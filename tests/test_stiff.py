@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SENSEALGS, need, need_gradients
+from conftest import SENSEALGS, need, need_gradients, runs
 
 import diffeqkit as dk
 from diffeqkit import backends
@@ -173,17 +173,15 @@ def rober_fd():
     return np.array(grads)
 
 
-# The continuous adjoint of a backsolve is unstable on stiff problems; the
-# backends that refuse it for implicit algs are tested for the refusal instead.
-REFUSED: set[tuple[str, str]] = set()
 # torch's rosenbrock23 is of order 2: at rtol=1e-10 each gradient takes ~50 s, so
 # its check against finite differences is in tests/test_torch_stiff.py, at
 # tolerances of its own.
 GRAD_CASES = [
     pytest.param(b, s, id=f"{b}-{s}", marks=getattr(pytest.mark, b))
     for b in ("jax", "scipy")
-    for s, sa in SENSEALGS.items()
-    if sa.name in backends.SPECS[b].capabilities.sensealgs and (b, s) not in REFUSED
+    for s in SENSEALGS
+    # The backsolve is refused with implicit algs (tests/test_registry.py).
+    if runs(b, s, BEST[b])
 ]
 
 
@@ -204,7 +202,7 @@ def test_rober_rate_constant_gradients_match_finite_differences(
     np.testing.assert_allclose(np.asarray(grads.p), rober_fd, rtol=1e-4)
 
 
-def test_jax_continuous_adjoint_of_implicit_alg_under_jax_grad(rober_fd):
+def test_jax_interpolating_adjoint_of_implicit_alg_under_jax_grad(rober_fd):
     """The interpolating adjoint also serves jax.grad through dk.solve, and
     refuses gradients with respect to times, which it does not compute."""
     need("jax")
@@ -212,7 +210,7 @@ def test_jax_continuous_adjoint_of_implicit_alg_under_jax_grad(rober_fd):
     import jax.numpy as jnp
 
     prob = _rober_short()
-    sa = dk.ContinuousAdjoint()
+    sa = dk.InterpolatingAdjoint()
 
     def loss(p, t1=GRAD_TS[-1]):
         sol = dk.solve(

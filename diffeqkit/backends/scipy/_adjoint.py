@@ -39,7 +39,7 @@ import scipy.sparse
 
 from ..._errors import SolveError, solve_failed
 from ..._solution import Solution
-from ._autodiff import Engine, Layout
+from ._autodiff import Engine, Job, Pull
 from ._solve import (
     _FAILURES,
     Problem,
@@ -156,13 +156,12 @@ _HINT = (
 )
 
 
-def vjp(
-    problem: Problem, engine: Engine, layout: Layout
-) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
+def vjp(job: Job) -> tuple[Solution, Pull]:
     """The plain solve, and the backsolve pullback on NumPy cotangents ``(m, n)``."""
+    problem, engine, layout = job.problem, job.engine, job.layout
     sol = solve(problem)
     n, size = problem.n, engine.size
-    u = np.asarray(sol.u).reshape(-1, n)
+    u = np.asarray(sol.u).reshape(problem.ts.size, n)
     ts, t0 = problem.ts.tolist(), problem.t0
     jac = _jacobian(problem, engine) if problem.autodiff_jacobians else None
 

@@ -59,7 +59,9 @@ if TYPE_CHECKING:  # _solve imports this module: no import cycle at runtime
 __all__ = [
     "FINITE_DIFFERENCES",
     "Engine",
+    "Job",
     "Layout",
+    "Pull",
     "engine_label",
     "engine_name",
     "finite_difference_jacobians",
@@ -631,6 +633,20 @@ def engine_name(autodiff: str | None, has_jac: bool) -> str:
             "jac=... to dk.ODEProblem for gradients with respect to u0 only."
         )
     return name
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a gradient method runs on (the one argument of a `_backend.SENSEALGS`
+    entry): the converted problem, the engine that differentiates f, p's layout."""
+
+    problem: Problem
+    engine: Engine
+    layout: Layout
+
+
+# A gradient method's pullback on NumPy cotangents of shape (m, n).
+Pull = Callable[[Any], tuple[Any, Any]]
 
 
 def make_engine(problem: Problem, lay: Layout) -> Engine:

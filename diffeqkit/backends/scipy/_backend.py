@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import tracemalloc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,43 +14,21 @@ from ..._sensealg import (
     CheckpointedAdjoint,
     ContinuousAdjoint,
     ForwardMode,
-    SensitivityAlgorithm,
+    InterpolatingAdjoint,
 )
 from ..._solution import Solution
-from .. import check_sensealg
-from .._protocol import Pullback, SolveRequest
+from .._protocol import Pullback, SensealgTable, SolveRequest
 from . import _adjoint, _checkpoint, _forward, _solve
-from ._autodiff import Engine, Layout, make_engine, value_and_grad
+from ._autodiff import Job, Layout, Pull, make_engine, value_and_grad
 
 __all__ = ["ScipyBackend"]
 
 
-# How each gradient method solves and pulls back: (problem, engine, p layout) ->
-# (solution, pullback on NumPy cotangents of shape (m, n)).
-def _continuous_adjoint(
-    problem: _solve.Problem, engine: Engine, layout: Layout
-) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
-    """ContinuousAdjoint: the backsolve, except with an implicit alg, where it is
-    the interpolating adjoint (`_checkpoint` with one segment: the forward
-    solution recomputed once with dense output, the state never integrated
-    backward). A backsolve re-integrates the state backward, where a stiff
-    problem's fast decaying modes grow: on ROBER it failed past t ~ 0.1."""
-    if problem.req.alg.implicit:
-        return _checkpoint.vjp(problem, engine, layout, 1, _INTERPOLATING_HINT)
-    return _adjoint.vjp(problem, engine, layout)
-
-
-_INTERPOLATING_HINT = "Raise max_steps or loosen ContinuousAdjoint(rtol=..., atol=...)."
-
-_SENSEALGS: Mapping[
-    type[SensitivityAlgorithm],
-    Callable[
-        [_solve.Problem, Engine, Layout],
-        tuple[Solution, Callable[[Any], tuple[Any, Any]]],
-    ],
-] = {
+# How each gradient method solves and pulls back (the one sensealg contract).
+SENSEALGS: SensealgTable[Job, tuple[Solution, Pull]] = {
     ForwardMode: _forward.vjp,
-    ContinuousAdjoint: _continuous_adjoint,
+    ContinuousAdjoint: _adjoint.vjp,
+    InterpolatingAdjoint: _checkpoint.interpolating,
     CheckpointedAdjoint: _checkpoint.vjp,
 }
 
@@ -67,23 +44,6 @@ class ScipyBackend:
             "devices": ["cpu"],
             "versions": {"scipy": scipy.__version__, "numpy": np.__version__},
         }
-
-    def synchronize(self, tree: Any) -> None:
-        """Nothing to wait for: NumPy computes synchronously."""
-
-    def peak_memory(
-        self, fn: Callable[[], Any], like: Any
-    ) -> tuple[float | None, str | None]:
-        """Peak of the NumPy buffers and Python objects allocated during the call,
-        by tracemalloc (memory a JAX or torch derivative engine allocates is not
-        seen)."""
-        tracemalloc.start()
-        try:
-            fn()
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        return peak / 2**20, "tracemalloc"
 
     def solve(self, req: SolveRequest) -> Solution:
         """Integrate `req` and return a `Solution` of NumPy float64 arrays.
@@ -129,11 +89,10 @@ class ScipyBackend:
             The forward solve failed and ``req.throw``; from the pullback: the
             forward solve failed (``throw=False``) or the backward one did.
         """
-        check_sensealg(self.name, req.sensealg)
         problem = _solve.prepare(req)
         layout = Layout.of(problem.p)
-        engine = make_engine(problem, layout)
-        sol, pull = _SENSEALGS[type(req.sensealg)](problem, engine, layout)
+        job = Job(problem, make_engine(problem, layout), layout)
+        sol, pull = SENSEALGS[type(req.sensealg)](job)
         rows = (problem.ts.size, problem.n)
 
         def pullback(cotangent: Any) -> tuple[Any, Any]:

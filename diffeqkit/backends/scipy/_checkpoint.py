@@ -37,7 +37,7 @@ from scipy.integrate import OdeSolution
 from ..._sensealg import adjoint_atol
 from ..._solution import Solution
 from ._adjoint import Backward
-from ._autodiff import Engine, Layout
+from ._autodiff import Engine, Job, Pull
 from ._solve import (
     _FAILURES,
     Counter,
@@ -153,21 +153,24 @@ def _jacobian(
     return jac
 
 
-_HINT = "Raise max_steps or loosen CheckpointedAdjoint(rtol=..., atol=...)."
+def vjp(job: Job) -> tuple[Solution, Pull]:
+    """CheckpointedAdjoint: the plain solve keeping the sensealg's checkpoints,
+    and the checkpointed pullback on NumPy cotangents ``(m, n)``."""
+    segments = job.problem.req.sensealg.checkpoints or DEFAULT_CHECKPOINTS
+    return _vjp(job, segments, type(job.problem.req.sensealg).__name__)
 
 
-def vjp(
-    problem: Problem,
-    engine: Engine,
-    layout: Layout,
-    segments: int | None = None,
-    hint: str = _HINT,
-) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
-    """The plain solve keeping checkpoints, and the checkpointed pullback on
-    NumPy cotangents ``(m, n)``; `segments` None: the sensealg's checkpoints."""
-    if segments is None:
-        segments = problem.req.sensealg.checkpoints
-    recorder = _Recorder(problem, segments or DEFAULT_CHECKPOINTS)
+def interpolating(job: Job) -> tuple[Solution, Pull]:
+    """InterpolatingAdjoint: one segment, i.e. the forward solution recomputed once
+    with dense output and the adjoint integrated backward against it (the state
+    is never integrated backward)."""
+    return _vjp(job, 1, type(job.problem.req.sensealg).__name__)
+
+
+def _vjp(job: Job, segments: int, owner: str) -> tuple[Solution, Pull]:
+    problem, engine, layout = job.problem, job.engine, job.layout
+    hint = f"Raise max_steps or loosen {owner}(rtol=..., atol=...)."
+    recorder = _Recorder(problem, segments)
     sol = solve(problem, recorder)
     u = np.asarray(sol.u)
     checkpoints = recorder.points

@@ -27,14 +27,13 @@ Requirements met here:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import scipy.sparse
 
 from ..._solution import Solution
-from ._autodiff import FINITE_DIFFERENCES, Engine, Layout, engine_label
+from ._autodiff import FINITE_DIFFERENCES, Engine, Job, Pull, engine_label
 from ._solve import (
     Counter,
     Problem,
@@ -66,11 +65,10 @@ def _jacobian(problem: Problem, engine: Engine, k: int) -> Any:
     return jac
 
 
-def vjp(
-    problem: Problem, engine: Engine, layout: Layout
-) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
+def vjp(job: Job) -> tuple[Solution, Pull]:
     """Solve with sensitivities; the pullback (on NumPy cotangents of shape
     ``(m, n)``) contracts them with the cotangent."""
+    problem, engine, layout = job.problem, job.engine, job.layout
     n, k = problem.n, problem.n + engine.size
     y0 = np.concatenate([problem.u0.reshape(-1), np.eye(n, k).reshape(-1)])
     jac, label = None, FINITE_DIFFERENCES
@@ -81,7 +79,7 @@ def vjp(
         problem, counted(engine.forward, counter), y0, options(problem, jac=jac)
     )
     sol = conclude_outcome(problem, outcome, counter, outcome.out[:, :n], label)
-    sens = outcome.out[:, n:].reshape(-1, n, k)
+    sens = outcome.out[:, n:].reshape(problem.ts.size, n, k)
 
     def pull(cot: Any) -> tuple[Any, Any]:
         g = np.einsum("mi,mik->k", cot, sens)

@@ -112,10 +112,11 @@ class _FixedStepRungeKutta(RungeKutta):
         return True, None
 
 
-def _runge_kutta(name: str) -> type[RungeKutta]:
-    """A SciPy solver class running the shared tableau `name`."""
+def _runge_kutta(name: str, constant: bool = False) -> type[RungeKutta]:
+    """A SciPy solver class running the shared tableau `name`; `constant`: on the
+    fixed grid even if the tableau is adaptive (``adaptive=False``)."""
     tab = get_tableau(name)
-    base = RungeKutta if tab.adaptive else _FixedStepRungeKutta
+    base = RungeKutta if tab.adaptive and not constant else _FixedStepRungeKutta
     attrs = {
         "C": tab.c,
         "A": tab.a,
@@ -199,8 +200,10 @@ class Method:
     dense_jac: bool = False
 
 
-def _rk(name: str, options: Callable[[_Setup], dict[str, Any]]) -> Method:
-    return Method(_runge_kutta(name), options, _rk_stats)
+def _rk(
+    name: str, options: Callable[[_Setup], dict[str, Any]], constant: bool = False
+) -> Method:
+    return Method(_runge_kutta(name, constant), options, _rk_stats)
 
 
 ALGS: Mapping[str, Method] = {
@@ -217,6 +220,11 @@ ALGS: Mapping[str, Method] = {
     "lsoda": Method(
         LSODA, _implicit_options, _implicit_stats, _quiet_lsoda, dense_jac=True
     ),
+}
+# The adaptive explicit algs with constant steps (``adaptive=False``).
+CONSTANT_STEP: Mapping[str, Method] = {
+    name: _rk(name, _fixed_options, constant=True)
+    for name in ("bosh3", "dopri5", "tsit5", "dopri8")
 }
 
 # SciPy's failure messages -> statuses; any other failure (LSODA's "Unexpected
@@ -292,7 +300,8 @@ class Problem:
 def prepare(req: SolveRequest) -> Problem:
     """Convert and check `req`; ``f(u0, p, t0)`` is validated here (not counted)."""
     _float64_only(req)
-    method = ALGS[req.alg.name]
+    table = CONSTANT_STEP if req.fixed_step and not req.alg.fixed_step else ALGS
+    method = table[req.alg.name]
     u0 = np.array(to_numpy(req.u0), dtype=np.float64)  # our own copy
     p = req.convert_p(_convert_leaf)
     t0, t1 = float(req.t0), float(req.t1)
@@ -558,23 +567,33 @@ def _integrate(
         def attempts() -> int:
             return naccept
 
+    retry = _Retry(solver) if isinstance(solver, BDF | Radau) else None
     if recorder is not None:
         recorder(solver)
     while True:
         if attempts() >= limit:
             return "max_steps_reached", naccept, float(solver.t), None
+        if retry is not None:
+            retry.keep()
         try:
             message = step()
         except ValueError as err:
             # SciPy's LU factorisation refuses a NaN/inf Jacobian (BDF, Radau):
-            # `solve` makes it "nonfinite" when f went non-finite, else re-raises
+            # retried smaller; at the end `solve` makes it "nonfinite" when f went
+            # non-finite, else re-raises
+            if retry is not None and retry.shrink():
+                continue
             return "solver_failed", naccept, float(solver.t), err
         if solver.status == "failed":
             status = _FAILURES.get(message, "solver_failed")
             return status, naccept, float(solver.t), None
-        naccept += 1
         if not finite(solver.y):
-            return "nonfinite", naccept, float(solver.t_old), None
+            if retry is not None and retry.shrink():
+                continue
+            return "nonfinite", naccept, float(solver.t_old or solver.t), None
+        naccept += 1
+        if retry is not None:
+            retry.accepted()
         if direction * solver.t >= nxt:
             i = _save(solver, ts, keys, i, out, direction)
             nxt = keys[i] if i < m else math.inf
@@ -586,6 +605,49 @@ def _integrate(
             solver.status = "running"
         if recorder is not None:
             recorder(solver)
+
+
+class _Retry:
+    """Rejects an implicit step that went non-finite and retries it smaller.
+
+    SciPy's BDF and Radau accept a step whose Newton iterates went NaN (the NaN
+    error norm passes their test), where the Runge-Kutta solvers, diffrax and
+    the torch backend reject it and shrink the step. Here the solver is put back
+    as it was before the step (its attributes; BDF's difference array is updated
+    in place, so it is copied) and its public ``max_step`` caps the retry at a
+    fifth of the failed step (the controllers' smallest factor); once a step
+    succeeds the cap is lifted. A step below 10 ulps of t ends the solve.
+    """
+
+    def __init__(self, solver: Any) -> None:
+        self.solver = solver
+        self.max_step = solver.max_step
+        self.saved: dict[str, Any] = {}
+
+    def keep(self) -> None:
+        self.saved = dict(vars(self.solver))
+        if "D" in self.saved:
+            self.saved["D"] = self.saved["D"].copy()
+
+    def shrink(self) -> bool:
+        solver, saved = self.solver, self.saved
+        # The step it attempted: the failure may come before t moves (an LU
+        # factorisation refusing a NaN Jacobian).
+        h = min(saved["h_abs"], solver.max_step)
+        vars(solver).update(saved)
+        self.keep()  # the restored D must not be the one the retry updates
+        if h <= _MIN_STEP_ULPS * abs(np.spacing(saved["t"])):
+            return False
+        solver.max_step = h * _SHRINK
+        return True
+
+    def accepted(self) -> None:
+        self.solver.max_step = self.max_step
+
+
+# SciPy's smallest step (in ulps of t) and smallest step-size factor.
+_MIN_STEP_ULPS = 10
+_SHRINK = 0.2
 
 
 def _save(solver: Any, ts: Any, keys: list[float], i: int, out: Any, d: float) -> int:
