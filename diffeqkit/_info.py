@@ -104,3 +104,53 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"       algs:      {', '.join(entry['algs'])}")
         lines.append(f"       sensealgs: {', '.join(entry['sensealgs']) or '-'}")
     return "\n".join(lines)
+
+
+def support_table() -> str:
+    """The support matrix as a Markdown table, generated from the registry (the
+    README and the docs include it; a test keeps the README's copy current)."""
+    from ._algs import ALGS
+
+    specs = backends.SPECS
+    kinds = {
+        "fixed": "fixed step (`dt0` required)",
+        "adaptive": "adaptive explicit (`adaptive=False`: constant steps)",
+        "implicit": "implicit (stiff), Jacobians by AD or `prob.jac`",
+    }
+
+    def cell(items: list[str]) -> str:
+        return ", ".join(f"`{x}`" for x in items) or "—"
+
+    rows = [
+        "| | " + " | ".join(specs) + " |",
+        "| --- | " + " | ".join("---" for _ in specs) + " |",
+    ]
+    for kind, label in kinds.items():
+        rows.append(
+            f"| {label} | "
+            + " | ".join(
+                cell([a for a in s.capabilities.algs if ALGS[a].kind == kind])
+                for s in specs.values()
+            )
+            + " |"
+        )
+    from ._sensealg import SENSEALGS
+
+    for cls in SENSEALGS:
+        entries = []
+        for s in specs.values():
+            support = s.capabilities.sensealgs.get(cls.name)
+            if support is None:
+                entries.append("—")
+                continue
+            text = support.computes
+            if len(support.kinds) < len(kinds):
+                text += " (" + ", ".join(support.kinds) + " algs)"
+            entries.append(text)
+        rows.append(f"| `{cls.name}` | " + " | ".join(entries) + " |")
+    rows.append(
+        "| devices | "
+        + " | ".join(", ".join(s.capabilities.devices) for s in specs.values())
+        + " |"
+    )
+    return "\n".join(rows)

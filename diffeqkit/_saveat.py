@@ -1,14 +1,5 @@
-"""Save times and fixed-step grids, computed once in the core for every backend.
-
-Requirements met here:
-
-- `saveat` is ``None`` (``[t0, t1]``), a float ``dt`` (every ``dt`` from ``t0``,
-  plus ``t1``) or a 1-D array of times inside `tspan`, strictly ordered in the
-  direction of integration. The result is a float64 NumPy array, or the array as
-  given when its values cannot be read (a JAX tracer under ``jax.jit``).
-- Fixed-step methods step on ``t0 + k*dt0`` *and* on every save time, so saved
-  values are step values, never interpolated (interpolants of several methods are
-  of lower order than the method itself).
+"""Save times and fixed-step grids, computed once in the core for every backend
+(docs/design.md, "Save times").
 """
 
 from __future__ import annotations

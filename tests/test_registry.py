@@ -124,3 +124,18 @@ def test_support_matrix_says_what_each_sensealg_computes():
     assert matrix["jax"]["gradients"]["ForwardMode"] == "discrete"
     assert matrix["torch"]["gradients"]["ForwardMode"] == "discrete"
     assert matrix["scipy"]["gradients"]["ForwardMode"] == "continuous"
+
+
+def test_readme_support_table_is_the_generated_one():
+    from pathlib import Path
+
+    from diffeqkit._info import support_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- support-table:start -->\n")[1].split(
+        "\n<!-- support-table:end -->"
+    )[0]
+    assert block == support_table(), (
+        "README.md's support table is stale: replace it with the output of "
+        'python -c "from diffeqkit._info import support_table as s; print(s())"'
+    )

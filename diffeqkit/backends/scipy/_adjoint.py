@@ -1,32 +1,5 @@
-"""`ContinuousAdjoint` on SciPy: the backsolve adjoint, and the backward
-integration both adjoints share.
-
-Requirements met here:
-
-- From the last save time back to ``t0`` the augmented state ``[u, λ, μ]`` is
-  integrated with ``du/dt = f``, ``dλ/dt = -(df/du)^T λ``, ``dμ/dt = -(df/dp)^T
-  λ`` (one VJP of the engine per evaluation), piece by piece between consecutive
-  save times: at each save time ``λ`` jumps by that row of the cotangent and
-  ``u`` is reset to the forward solution there (as torchdiffeq's
-  ``odeint_adjoint`` does). ``grads.u0 = λ(t0)``, ``grads.p = μ(t0)``.
-- The backward solve uses the request's alg with the sensealg's ``rtol``/``atol``
-  (None: the forward solve's), error control on the whole augmented state;
-  fixed-step algs step on the forward step grid, reversed. Each piece starts
-  with the step size the previous one ended with. Implicit algs get the exact
-  Jacobian ``[[J, 0, 0], [C_λ, -J^T, 0], [C_μ, -(df/dp)^T, 0]]`` from the engine,
-  ``C = d [-J^T λ, -(df/dp)^T λ] / du`` (JAX: AD of the VJP; torch and prob.jac:
-  differences along the ``n`` state directions): with ``λ`` large (stiff
-  problems) the second-derivative coupling dominates Newton's matrix.
-- On stiff problems a backsolve works only over short spans: backward in time
-  the fast, strongly damped modes grow like ``exp(|rate| t)`` and the
-  re-integrated state leaves the trajectory, whatever the method (ROBER: fine
-  over its onset, ``t <= 1e-2``, failed by ``t ~ 0.1``). So with an implicit alg
-  ContinuousAdjoint is not this backsolve but the interpolating adjoint (see
-  ``_backend._continuous_adjoint``).
-- The state integrated backward drifts from the forward one where the backward
-  flow is unstable (chaotic or strongly damped problems): the gradient is then
-  wrong, silently (see `dk.ContinuousAdjoint`). A backward solve that fails
-  raises `SolveError` naming the sensealg.
+"""`ContinuousAdjoint` on SciPy (the backsolve), and the backward integration the
+adjoints share (docs/design.md, "SciPy").
 """
 
 from __future__ import annotations

@@ -1,36 +1,6 @@
-"""What differentiates ``f`` for the SciPy backend's gradient methods: the engines.
-
-Requirements met here:
-
-- One engine per value of the sensealgs' ``autodiff`` option, in the table
-  `_ENGINES`: ``"jax"`` (``jax.jit``-compiled JVPs/VJPs of the user's Array-API
-  ``f``), ``"torch"`` (eager autograd on float64 tensors) and ``"jac"`` (the
-  user's ``prob.jac``, which is ``df/du`` only: gradients with respect to ``u0``).
-  Each offers the systems the gradient methods integrate, on flat float64 NumPy
-  vectors (`Engine`).
-- ``autodiff=None`` is resolved by `engine_name`: jax if it is installed *and*
-  its 64-bit mode is on (never switched on here: with it off JAX computes in
-  float32), else torch if installed, else "jac" if ``prob.jac`` was given, else
-  `UnsupportedError` with the pip lines. Frameworks are imported only here and
-  only when an engine is built, so importing the backend imports neither.
-- The compiled functions depend on ``f``, ``u0``'s shape and p's structure only
-  (p's values are an argument; integer leaves, which are settings rather than
-  parameters, are part of the structure), and are kept in a bounded LRU cache
-  (`_Cache`): a new p value or a new solve reuses them without retracing.
-  Closed-over values of ``f`` are therefore frozen at the first trace: pass what
-  changes through ``p``.
-- p is flattened by `Layout`: every floating leaf (arrays and Python floats, in
-  p's order) becomes a slice of one float64 vector, the vector the gradient is
-  taken with respect to; the gradient goes back into p's structure (a Python
-  float's gradient is a 0-d NumPy array, an integer leaf's is zeros of its shape,
-  None stays None).
-- ``loss_grad`` differentiates the user's loss of a `Solution` with the same
-  frameworks (`value_and_grad`).
-- The implicit algs' Newton Jacobians come from here too: `newton_jacobian_of_f`
-  for the plain solve (``prob.jac``, else the engine rule above, else SciPy's
-  finite differences), the engines' ``state_jacobian`` and coupling blocks for
-  the gradient methods' systems, and `finite_difference_jacobians` to force
-  SciPy's differences everywhere (benchmarks, tests).
+"""What differentiates ``f`` for the SciPy backend's gradients and Newton
+Jacobians: the JAX, PyTorch and ``prob.jac`` engines, and p's flat layout
+(docs/design.md, "SciPy").
 """
 
 from __future__ import annotations

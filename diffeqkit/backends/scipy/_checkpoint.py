@@ -1,27 +1,6 @@
-"""`CheckpointedAdjoint` on SciPy: CVODES-style checkpointing.
-
-Requirements met here:
-
-- The forward solve is the plain one; it keeps the solver's state at the start
-  of each of ``checkpoints`` segments (None: 10). The segments are cut at equally
-  spaced times of ``[t0, t_last]`` (``t_last`` the last save time): a segment
-  starts at the first accepted step that ends at or after its cut, so every
-  checkpoint is a step of the forward solve. Memory: ``checkpoints`` states.
-- The backward pass, segment by segment from the last, recomputes the forward
-  solution on the segment from its checkpoint with dense output, and integrates
-  ``[λ, μ]`` backward (``dλ/dt = -(df/du)^T λ``, ``dμ/dt = -(df/dp)^T λ``)
-  against the interpolated ``u(t)``, with the jumps ``λ += cotangent_i`` at the
-  save times. The state is never integrated backward, so the forward states are
-  exact and chaotic problems are no harder than for the forward solve. Memory:
-  one segment's dense output.
-- The Runge-Kutta recomputation restarts from the checkpoint with the solver's
-  step size and stop schedule, so it repeats the forward steps bit for bit;
-  BDF/Radau/LSODA restart fresh (their history cannot be restored) with the last
-  step size, and repeat the forward solution to the tolerances.
-- The backward solve uses the request's alg with the sensealg's ``rtol``/``atol``
-  (None: the forward solve's); fixed-step algs step on the forward grid, reversed,
-  with the dense output at the intermediate stages. Implicit algs get the
-  adjoint system's exact Jacobian ``[[-(df/du)^T, 0], [-(df/dp)^T, 0]]``.
+"""`CheckpointedAdjoint` and `InterpolatingAdjoint` on SciPy: CVODES-style
+checkpoints, each segment recomputed with dense output while the adjoint is
+integrated backward against it (docs/design.md, "SciPy").
 """
 
 from __future__ import annotations

@@ -1,28 +1,5 @@
-"""`ForwardMode` on SciPy: the forward sensitivity equations.
-
-Requirements met here:
-
-- The state is augmented with its sensitivities ``S = d u / d(u0, p)`` of shape
-  ``(n, k)``, ``k = n + P`` (``P`` the parameters the engine differentiates):
-  ``dS/dt = (df/du) S + (df/dp) [0 | I]``, ``S(t0) = [I | 0]``, one batched JVP
-  of the engine per evaluation. The augmented system is integrated with the
-  request's alg and tolerances, the error control covering the whole augmented
-  state (CVODES' ``errconS = True``): the steps, and so ``sol.u``, can differ a
-  little from those of a plain solve.
-- Fixed-step algs step on the same grid; differentiating a Runge-Kutta step and
-  stepping the sensitivity equations with it are the same computation, so there
-  the gradient is that of the computed solution, to rounding.
-- Implicit algs get the exact Jacobian of the augmented system from the engine,
-  ``[[J, 0], [C, J ⊗ I_k]]`` with ``J = df/du`` and the coupling ``C = d vec(J S
-  + (df/dp) [0 | I]) / du`` (JAX: forward-over-forward AD; torch and prob.jac:
-  differences of the sensitivity system along the ``n`` state directions only).
-  The coupling matters: on ROBER, dropping it (block-diagonal Newton matrix, as
-  CVODES' staggered corrector does) doubled BDF's steps and made 17x the
-  Jacobian evaluations; with it BDF takes the steps it takes with SciPy's
-  differences over the whole augmented state, at fewer calls (the Jacobian only
-  steers Newton's iteration: results agree either way to the tolerances).
-- The pullback contracts the stored ``S(t_i)`` with the cotangent: no further
-  integration, and it may be called any number of times.
+"""`ForwardMode` on SciPy: the forward sensitivity equations, integrated with the
+state under one error control (docs/design.md, "SciPy").
 """
 
 from __future__ import annotations

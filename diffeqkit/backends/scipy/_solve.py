@@ -1,38 +1,5 @@
-"""The plain solve: SciPy's solvers driven step by step, and the pieces every
-gradient method reuses (the alg table, solver options, the step loop).
-
-Requirements met here:
-
-- The explicit algs run the shared tableaux of `diffeqkit._tableaux` on SciPy's
-  Runge-Kutta machinery: classes made by `_runge_kutta` (class attributes
-  ``C, A, B, E, P``, orders and stage count), so SciPy integrates with the same
-  coefficients as the other backends; ``bosh3`` and ``dopri5`` are SciPy's ``RK23``
-  and ``RK45`` bit for bit. Fixed-step algs step exactly on
-  `diffeqkit._saveat.step_grid` with no error control.
-- The implicit algs are SciPy's ``BDF``, ``Radau`` and ``LSODA``. Their Jacobian
-  (`prepare`, by `_autodiff.newton_jacobian_of_f`): the user's ``jac(u, p, t)``
-  when given, else automatic differentiation of ``f`` (JAX or PyTorch, cached per
-  problem structure), else SciPy's finite differences (SciPy alone installed, or
-  inside `_autodiff.finite_difference_jacobians`); ``stats["jacobian"]`` names it
-  and ``stats["njev"]``, ``stats["nlu"]`` count Jacobians and LU factorisations.
-- The step loop is ours, as in `solve_ivp` (construct the solver, call
-  ``solver.step()`` until it finishes), because `solve_ivp` has no ``max_steps``,
-  hides accepted/rejected counts and returns nothing useful on failure. Save times
-  inside a step come from the solver's dense output (for the Runge-Kutta methods
-  the tableau's ``p``); a save time equal to a step's end takes the step's state.
-- Per-step Python work is kept to what `solve_ivp`'s own loop does: the benchmark
-  is `solve_ivp` with the same tableau.
-- SciPy integrates in float64 on the CPU only: float32 raises `UnsupportedError`.
-- Stats are real counts: ``nfev`` every call of the integrated system (finite-
-  difference Jacobian columns included, autodiff Jacobians not: they do not call
-  the system; the validation call at ``t0`` not),
-  ``naccept`` the accepted steps (``max_steps`` bounds them), ``nreject`` where it
-  can be told.
-- The gradient methods integrate other systems (the state with its
-  sensitivities, or adjoints) with the same machinery: `Problem` is the request
-  converted once, `integrate` runs any system ``fun(t, y)`` with the request's alg,
-  and `options` gives a solver's options with the tolerances, Jacobian or step grid
-  of that system.
+"""The plain SciPy solve, driven step by step, and what the gradient methods reuse:
+the alg table, solver options and the step loop (docs/design.md, "SciPy").
 """
 
 from __future__ import annotations
@@ -581,7 +548,7 @@ def _integrate(
             # SciPy's LU factorisation refuses a NaN/inf Jacobian (BDF, Radau):
             # retried smaller; at the end `solve` makes it "nonfinite" when f went
             # non-finite, else re-raises
-            if retry is not None and retry.shrink():
+            if retry is not None and _NONFINITE_LU in str(err) and retry.shrink():
                 continue
             return "solver_failed", naccept, float(solver.t), err
         if solver.status == "failed":
@@ -645,6 +612,8 @@ class _Retry:
         self.solver.max_step = self.max_step
 
 
+# What SciPy's LU factorisation says of a Jacobian with NaN/inf entries.
+_NONFINITE_LU = "infs or NaNs"
 # SciPy's smallest step (in ulps of t) and smallest step-size factor.
 _MIN_STEP_ULPS = 10
 _SHRINK = 0.2
