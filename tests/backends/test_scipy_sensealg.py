@@ -22,9 +22,6 @@ from problems import (
     linear,
     linear_grads,
     linear_problem,
-    logistic_exact,
-    logistic_grads,
-    logistic_problem,
     lotka_volterra,
 )
 
@@ -172,45 +169,6 @@ def test_implicit_algs_give_gradients_too(name, alg):
     du0, dA = linear_grads(ts, cot)
     np.testing.assert_allclose(grads.u0, du0, rtol=0, atol=IMPLICIT_TOL)
     np.testing.assert_allclose(grads.p, dA, rtol=0, atol=IMPLICIT_TOL)
-
-
-@pytest.mark.parametrize("alg", ["tsit5", "dopri5"])
-@pytest.mark.parametrize("autodiff", ENGINES)
-@pytest.mark.parametrize("name", list(SENSEALGS))
-def test_value_and_grad_of_logistic_matches_closed_form_with_dict_p(
-    name, autodiff, alg
-):
-    engine(autodiff)
-    ts = np.linspace(0.0, 4.0, 5)
-    data = np.random.default_rng(2).normal(size=(5, 2))
-
-    def loss(sol):
-        xp = dk.array_namespace(sol.u)
-        target = xp.asarray(data, dtype=sol.u.dtype)
-        return 0.5 * xp.sum((sol.u - target) ** 2) + 0.0 * xp.sum(sol.t)
-
-    value, grads = dk.value_and_grad(
-        loss,
-        logistic_problem(),
-        alg,
-        backend="scipy",
-        saveat=ts,
-        sensealg=sensealg(name, autodiff, **({} if name == "ForwardMode" else TIGHT)),
-        **TIGHT,
-    )
-    u = logistic_exact(ts)
-    du0, dp = logistic_grads(ts, u - data)
-    assert isinstance(value, float)
-    # The solution's relative error at rtol 1e-10 is ~1e-10.
-    assert value == pytest.approx(0.5 * np.sum((u - data) ** 2), rel=1e-8)
-    # O(1) gradients with ~1e-10 relative solver error (measured <= 3e-10).
-    np.testing.assert_allclose(grads.u0, du0, rtol=1e-8, atol=1e-9)
-    assert list(grads.p) == ["r", "K"]
-    for key in dp:
-        # Python-float leaves get 0-d NumPy arrays.
-        assert isinstance(grads.p[key], np.ndarray)
-        assert grads.p[key].shape == ()
-        assert float(grads.p[key]) == pytest.approx(dp[key], rel=1e-8, abs=1e-9)
 
 
 @pytest.mark.parametrize("name", list(SENSEALGS))
@@ -393,27 +351,6 @@ def test_lotka_volterra_gradient_matches_finite_differences(name, autodiff, lv_f
     # FD error ~1e-8 (see the fixture) and solver error ~1e-9 on gradients of
     # size 1-10: 1e-6 relative separates right from wrong clearly.
     np.testing.assert_allclose(flat(pullback(LV_COT)), lv_fd, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("autodiff", ENGINES)
-def test_the_three_sensealgs_agree(autodiff):
-    engine(autodiff)
-    results = {}
-    for name in SENSEALGS:
-        _, pullback = dk.vjp(
-            lv_problem(),
-            "dopri5",
-            backend="scipy",
-            saveat=LV_TS,
-            sensealg=sensealg(name, autodiff),
-            **TIGHT,
-        )
-        results[name] = flat(pullback(LV_COT))
-    ref = results["ForwardMode"]
-    for name, g in results.items():
-        # Each solves its own ODEs at rtol 1e-10: they differ by ~1e-10
-        # relative (measured 3e-10 at most).
-        np.testing.assert_allclose(g, ref, rtol=1e-8, atol=1e-9, err_msg=name)
 
 
 @pytest.mark.parametrize("name", list(SENSEALGS))
