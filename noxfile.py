@@ -1,12 +1,20 @@
 """Sessions: tests(backend), tests_all, lint, typecheck, docs (default); bench on
 demand.
 
-Each `tests(backend)` session installs ONLY that backend's extra into a fresh
-virtualenv and requires that backend's tests to run (DIFFEQKIT_REQUIRE_BACKENDS),
-which proves the other backends are optional; it skips the tests marked slow (the
-stiff suites and the implicit algs beyond each backend's first), which tests_all,
-with every backend installed, runs. PyTorch is installed first as the
-pinned CPU build so pip never resolves a multi-GB CUDA wheel.
+Each test runs where it means something, once where it can:
+
+- `tests(backend)` installs ONLY that backend's extra into a fresh virtualenv and
+  requires its tests to run (DIFFEQKIT_REQUIRE_BACKENDS), which proves the other
+  backends optional. It runs the tests marked with that backend and the unmarked
+  ones (the core, with only that backend present), not those marked slow.
+- `tests_all`, with every backend installed, runs what needs them together: the
+  slow tests (stiff suites, secondary implicit algs), the SciPy tests (whose
+  gradients differentiate f with JAX or PyTorch) and the unmarked ones
+  (cross-backend agreement). The fast JAX- and torch-only tests already ran in
+  their own sessions.
+
+PyTorch is installed first as the pinned CPU build so pip never resolves a
+multi-GB CUDA wheel.
 
 pytest runs on one worker per core (pytest-xdist), a test file per worker, so
 a file's module fixtures and JAX's compiled programs are built once; pass
@@ -27,6 +35,8 @@ PYRIGHT = "basedpyright==1.40.2"
 BACKENDS = ["jax", "torch", "scipy"]
 # One worker per core; a whole test file goes to one worker (see the docstring).
 XDIST = ["-n", "auto", "--dist", "loadfile"]
+# Tests marked with no backend.
+_UNMARKED = "not (" + " or ".join(BACKENDS) + ")"
 
 
 def _install(session: nox.Session, extras: str) -> None:
@@ -43,7 +53,7 @@ def tests(session: nox.Session, backend: str) -> None:
     session.run(
         "pytest",
         *XDIST,
-        *(session.posargs or ["-m", "not slow"]),
+        *(session.posargs or ["-m", f"({backend} or {_UNMARKED}) and not slow"]),
         env={"DIFFEQKIT_REQUIRE_BACKENDS": backend},
     )
 
@@ -55,7 +65,7 @@ def tests_all(session: nox.Session) -> None:
     session.run(
         "pytest",
         *XDIST,
-        *session.posargs,
+        *(session.posargs or ["-m", "slow or scipy or not (jax or torch)"]),
         env={"DIFFEQKIT_REQUIRE_BACKENDS": ",".join(BACKENDS)},
     )
 
