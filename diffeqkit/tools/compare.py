@@ -107,8 +107,10 @@ class Row:
         Peak memory of one gradient call, by `memory_method`.
     memory_method : str or None
         ``"tracemalloc"`` (NumPy buffers and Python objects allocated during the
-        call, SciPy) or ``"cuda allocator"`` (torch on CUDA: peak allocated
-        above what was allocated before the call).
+        call, SciPy), ``"cuda allocator"`` (torch on CUDA: peak allocated above
+        what was allocated before the call) or ``"xla buffer assignment"`` (JAX:
+        the compiled gradient's arguments, outputs and temporaries); see
+        `diffeqkit.tools.profiling.peak_memory`.
     forward_steps, forward_rejected : int or None
         Accepted and rejected steps of the gradient's forward pass, as the
         backend reports them in ``sol.stats``.
@@ -371,7 +373,7 @@ def compare(
         Backends to compare; default every installed one. A named backend that
         is not installed gives rows with status ``"unsupported"`` and its pip line.
     sensealgs : sequence of str, optional
-        Class names (``"ForwardMode"``, ...); default all four.
+        Class names (``"ForwardMode"``, ...); default every one of the core.
     alg : str
         The solver, as in `dk.solve`.
     rtol, atol : float, optional
@@ -858,8 +860,7 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
     shown = dict.fromkeys(r["sensealg"] for r in report["rows"])
     short = [f"{_SHORT[n]} = {n}" for n in shown if _SHORT.get(n, n) != n]
     console.print(
-        (", ".join(short) + ". " if short else "")
-        + "ms: median time of one gradient "
+        (", ".join(short) + ". " if short else "") + "ms: median time of one gradient "
         "(dk.vjp + pullback); 1st s: the first call (JIT compilation on jax); "
         "steps: accepted/rejected steps of the gradient's forward pass; f evals: "
         "evaluations of f counted in its forward/backward pass; "
