@@ -49,7 +49,7 @@ def _install(session: nox.Session, extras: str) -> None:
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
     """Run the test suite with only one backend installed."""
-    _install(session, f"{backend},test")
+    _install(session, f"{backend},test,cli")  # cli: the compare command's tests
     session.run(
         "pytest",
         *XDIST,

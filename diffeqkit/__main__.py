@@ -1,9 +1,9 @@
 """`python -m diffeqkit info|compare`: argument parsing only.
 
-The measuring lives in `diffeqkit._compare`, the report in `diffeqkit._info`.
+The command lives in `diffeqkit.tools.cli`, the report in `diffeqkit._info`.
 Exit codes: 0 done (rows that are unsupported or failed are part of the
 output); 2 a bad command line (unknown problem, backend or sensealg name, a bad
-number, ``--plot`` without matplotlib).
+number, ``compare`` without rich, ``--plot`` without matplotlib).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from . import backends, problems
-    from ._compare import DEFAULT_PROBLEM, SENSEALG_NAMES
-    from ._sweep import DEFAULT_BUDGET_S, SWEEP_WIDTHS
+    from .tools.compare import DEFAULT_PROBLEM, SENSEALG_NAMES
+    from .tools.sweep import DEFAULT_BUDGET_S, SWEEP_WIDTHS
 
     parser = argparse.ArgumentParser(
         prog="python -m diffeqkit",
@@ -118,19 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from . import backends
-    from ._compare import (
-        DEFAULT_PROBLEM,
-        compare,
-        format_table,
-        plot,
-        require_matplotlib,
-    )
     from ._errors import DiffEqKitError
-    from ._sweep import SWEEP_WIDTHS, format_sweep, plot_sweep, sweep
+    from .tools.cli import run_compare
 
     if args.sweep and args.problem is not None:
         parser.error(
@@ -138,58 +126,26 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     if not args.sweep and args.widths is not None:
         parser.error("--widths goes with --sweep.")
-    if args.plot:
-        try:
-            require_matplotlib()  # before minutes of measuring, not after
-        except DiffEqKitError as err:
-            parser.error(str(err))
-    if backends.installed("jax"):
-        # This command is a program, not the library: it asks JAX for float64 so
-        # that gradient errors mean something (the library never flips the flag).
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    err_console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=args.quiet,
-    ) as bar:
-        task = bar.add_task("compare", total=None)
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
-
-        common = {
-            "backends": args.backends,
-            "sensealgs": args.sensealgs,
-            "alg": args.alg,
-            "rtol": args.rtol,
-            "atol": args.atol,
-            "repeat": args.repeat,
-            "device": args.device,
-            "progress": progress,
-        }
-        try:
-            report: dict[str, Any] = (
-                sweep(args.widths or SWEEP_WIDTHS, budget_s=args.budget, **common)
-                if args.sweep
-                else compare(
-                    args.problem or DEFAULT_PROBLEM, count=not args.no_count, **common
-                )
-            )
-        except DiffEqKitError as err:
-            parser.error(str(err))
-    (format_sweep if args.sweep else format_table)(report)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
-    if args.plot:
-        (plot_sweep if args.sweep else plot)(report, args.plot)
+    try:
+        run_compare(
+            problem=args.problem,
+            as_sweep=args.sweep,
+            widths=args.widths,
+            budget_s=args.budget,
+            backends=args.backends,
+            sensealgs=args.sensealgs,
+            alg=args.alg,
+            rtol=args.rtol,
+            atol=args.atol,
+            repeat=args.repeat,
+            device=args.device,
+            count=not args.no_count,
+            quiet=args.quiet,
+            json_path=args.json,
+            plot_path=args.plot,
+        )
+    except DiffEqKitError as err:
+        parser.error(str(err))
     return 0
 
 

@@ -22,15 +22,17 @@ import pytest
 from conftest import SCIPY_AUTODIFF, backend_params, need, need_gradients
 
 import diffeqkit as dk
-from diffeqkit import _compare, backends
+from diffeqkit import backends
 from diffeqkit.__main__ import main
-from diffeqkit.backends._counting import EvaluationCounter
+from diffeqkit._sensealg import SENSEALGS
+from diffeqkit.tools import compare
+from diffeqkit.tools.counting import EvaluationCounter
 
 INSTALLED = [b for b in backends.SPECS if backends.installed(b)]
 # ReverseThroughSolver for its unsupported row on SciPy; CheckpointedAdjoint runs
 # everywhere. (torch's ForwardMode would add ~10 s of per-op forward-AD overhead.)
 METHODS = ["ReverseThroughSolver", "CheckpointedAdjoint"]
-ROW_KEYS = {f.name for f in dataclasses.fields(_compare.Row)}
+ROW_KEYS = {f.name for f in dataclasses.fields(compare.Row)}
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +202,7 @@ def test_backend_not_installed_gives_unsupported_rows_with_pip_line(monkeypatch)
     need("scipy")  # the problem's data comes from a SciPy solve
     real = backends.installed
     monkeypatch.setattr(backends, "installed", lambda b: b != "torch" and real(b))
-    report = _compare.compare(
+    report = compare.compare(
         "pk_two_compartment", backends=["torch"], sensealgs=["ForwardMode"]
     )
     (row,) = report["rows"]
@@ -210,7 +212,7 @@ def test_backend_not_installed_gives_unsupported_rows_with_pip_line(monkeypatch)
 
 def test_device_a_backend_lacks_gives_unsupported_rows():
     need("scipy")
-    report = _compare.compare(
+    report = compare.compare(
         "pk_two_compartment",
         backends=["scipy"],
         sensealgs=["ForwardMode"],
@@ -224,15 +226,15 @@ def test_device_a_backend_lacks_gives_unsupported_rows():
 
 def test_method_that_raises_is_a_failed_row_and_the_others_still_run(monkeypatch):
     need_gradients("scipy")
-    real = _compare.vjp
+    real = compare.vjp
 
     def vjp(prob, *args, sensealg, **kw):
         if sensealg.name == "ContinuousAdjoint":
             raise RuntimeError("boom in the backward pass")
         return real(prob, *args, sensealg=sensealg, **kw)
 
-    monkeypatch.setattr(_compare, "vjp", vjp)
-    report = _compare.compare(
+    monkeypatch.setattr(compare, "vjp", vjp)
+    report = compare.compare(
         "pk_two_compartment",
         backends=["scipy"],
         sensealgs=["ForwardMode", "ContinuousAdjoint"],
@@ -246,7 +248,7 @@ def test_method_that_raises_is_a_failed_row_and_the_others_still_run(monkeypatch
 
 
 def _row(backend, method, seconds, error):
-    row = _compare.Row(backend, method, gradient_s=seconds, rel_error=error)
+    row = compare.Row(backend, method, gradient_s=seconds, rel_error=error)
     row.forward_s, row.ratio = seconds / 2, 2.0
     return row
 
@@ -256,7 +258,7 @@ def test_inaccurate_method_is_flagged_and_not_called_fastest():
         _row("jax", "ForwardMode", 2e-3, 1e-5),
         _row("jax", "ContinuousAdjoint", 1e-3, 0.5),  # faster, but wrong
     ]
-    limit = _compare._accuracy_limit(rows, rtol=1e-6)
+    limit = compare._accuracy_limit(rows, rtol=1e-6)
     # 10 x the best error (1e-5) beats the floor of 100 x rtol (1e-4).
     assert limit == pytest.approx(1e-4)
     report = {
@@ -266,14 +268,14 @@ def test_inaccurate_method_is_flagged_and_not_called_fastest():
         "settings": {"accurate_if_rel_error_below": limit},
         "reference": {"backend": "scipy"},
     }
-    text = " ".join(_compare.conclusions(report))
+    text = " ".join(compare.conclusions(report))
     assert "jax: fastest accurate gradient is ForwardMode" in text
     assert "ContinuousAdjoint on jax is not accurate here" in text
 
 
 def test_accuracy_limit_has_a_floor_of_100_rtol():
     rows = [_row("jax", "ForwardMode", 1e-3, 1e-12)]
-    assert _compare._accuracy_limit(rows, rtol=1e-6) == pytest.approx(1e-4)
+    assert compare._accuracy_limit(rows, rtol=1e-6) == pytest.approx(1e-4)
 
 
 # ---------------------------------------------------------------------------------
@@ -305,8 +307,8 @@ def test_bad_command_line_exits_2_with_message(capsys, argv, match):
 
 
 def test_unknown_names_in_the_library_raise_invalid_problem_error():
-    with pytest.raises(_compare.InvalidProblemError, match=r"sensealg 'Fwd' unknown"):
-        _compare.compare("lotka_volterra", sensealgs=["Fwd"])
+    with pytest.raises(compare.InvalidProblemError, match=r"sensealg 'Fwd' unknown"):
+        compare.compare("lotka_volterra", sensealgs=["Fwd"])
 
 
 def test_plot_without_matplotlib_exits_2_with_pip_line(monkeypatch, capsys):
@@ -323,7 +325,7 @@ def test_plot_without_matplotlib_exits_2_with_pip_line(monkeypatch, capsys):
 def test_plot_writes_a_figure(run, tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "compare.png"
-    _compare.plot(run[2], str(path))
+    compare.plot(run[2], str(path))
     assert path.stat().st_size > 1000
     assert np.isfinite(run[2]["wall_s"])
 
@@ -384,7 +386,7 @@ def test_no_count_leaves_the_evaluation_counts_unknown(capsys):
     )
     assert code == 0
     assert re.search(r"ForwardMode .* n/a/n/a", capsys.readouterr().out)
-    report = _compare.compare(
+    report = compare.compare(
         "pk_two_compartment",
         backends=["scipy"],
         sensealgs=["ForwardMode"],
@@ -397,3 +399,94 @@ def test_no_count_leaves_the_evaluation_counts_unknown(capsys):
     assert row["forward_nfev"] is None
     assert row["backward_nfev"] is None
     assert row["forward_steps"] > 0  # steps come from the stats, not the count
+
+
+# ---------------------------------------------------------------------------------
+# The registry's data, not names in the tools: reference, sensealgs, algs.
+# ---------------------------------------------------------------------------------
+
+
+def test_reference_candidates_follow_the_registry_rank_and_algs():
+    names = list(reversed(backends.SPECS))
+    ranked = compare._reference_candidates(names)
+    caps = {b: backends.SPECS[b].capabilities for b in names}
+    expected = sorted(
+        (b for b in names if caps[b].reference_algs is not None),
+        key=lambda b: caps[b].reference_rank,
+    )
+    assert [b for b, _ in ranked] == expected
+    for b, algs in ranked:
+        assert algs == caps[b].reference_algs
+
+
+def test_default_sensealgs_are_every_one_of_the_core():
+    assert list(compare.SENSEALG_NAMES) == [c.name for c in SENSEALGS]
+    assert "InterpolatingAdjoint" in compare.SENSEALG_NAMES
+
+
+def test_continuous_adjoint_with_an_implicit_alg_is_unsupported_naming_the_fix(
+    monkeypatch,
+):
+    need("scipy")
+    # The row is decided before anything runs; the reference is not its subject.
+    monkeypatch.setattr(compare, "_reference", lambda pb, b: (None, {"error": "-"}))
+    report = compare.compare(
+        "van_der_pol",
+        backends=["scipy"],
+        sensealgs=["ContinuousAdjoint"],
+        alg="radau",
+        repeat=1,
+        count=False,
+    )
+    (row,) = report["rows"]
+    assert row["status"] == "unsupported"
+    assert "InterpolatingAdjoint" in row["reason"]
+    assert row["gradient_s"] is None
+
+
+def _every_method_report(run):
+    """The command run's report with a row per backend x every sensealg: ok rows
+    copied from a measured one, and one failed row with a long note."""
+    report = json.loads(json.dumps(run[2]))
+    rows = []
+    for backend in dict.fromkeys(r["backend"] for r in report["rows"]):
+        mine = [r for r in report["rows"] if r["backend"] == backend]
+        template = next((r for r in mine if r["status"] == "ok"), mine[0])
+        for name in compare.SENSEALG_NAMES:
+            row = dict(template, sensealg=name)
+            if name == "InterpolatingAdjoint":
+                row.update(status="failed", reason="RuntimeError: " + "x" * 120)
+            rows.append(row)
+    report["rows"] = rows
+    return report
+
+
+def test_table_of_every_method_fits_80_columns(run):
+    rich = pytest.importorskip("rich.console")
+    out = io.StringIO()
+    console = rich.Console(file=out, width=80, highlight=False, no_color=True)
+    compare.format_table(_every_method_report(run), console)
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    # One line per method row: a wrapped label would split it over two.
+    for short in ("ForwardMode", "Reverse", "Continuous", "Interp", "Checkpointed"):
+        labelled = [line for line in lines if line.startswith(f"  {short}")]
+        assert len(labelled) == len(INSTALLED), (short, lines)
+    assert "Interp = InterpolatingAdjoint" in " ".join(out.getvalue().split())
+
+
+def test_compare_without_rich_exits_2_with_pip_line(monkeypatch, capsys):
+    # None in sys.modules makes `import rich` raise ImportError.
+    monkeypatch.setitem(sys.modules, "rich", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "rich, which is not installed" in err
+    assert 'pip install "diffeqkit[cli]"' in err
+
+
+def test_info_works_without_rich(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    assert main(["info"]) == 0
+    assert "scipy" in capsys.readouterr().out

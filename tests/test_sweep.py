@@ -15,8 +15,9 @@ import json
 import pytest
 from conftest import need_gradients
 
-from diffeqkit import _sweep, problems
+from diffeqkit import problems
 from diffeqkit.__main__ import main
+from diffeqkit.tools import sweep
 
 METHODS = ["ForwardMode", "CheckpointedAdjoint"]
 
@@ -72,7 +73,7 @@ def test_sweep_reports_a_point_per_width_with_its_parameter_count(report):
 
 def test_method_over_the_budget_is_skipped_at_larger_widths():
     need_gradients("scipy")
-    rep = _sweep.sweep(
+    rep = sweep.sweep(
         (1, 2), backends=["scipy"], sensealgs=METHODS, repeat=1, budget_s=1e-9
     )
     first, second = rep["points"]
@@ -118,7 +119,7 @@ def _points(times):
     ],
 )
 def test_crossover_is_where_an_adjoint_wins_from_then_on(times, cross, won):
-    (c,) = _sweep.crossovers(_points(times)).values()
+    (c,) = sweep.crossovers(_points(times)).values()
     assert c["crossover_inputs"] == cross
     assert c["forward_wins_up_to"] == won
 
@@ -126,5 +127,5 @@ def test_crossover_is_where_an_adjoint_wins_from_then_on(times, cross, won):
 def test_sweep_figure_is_written(report, tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "sweep.png"
-    _sweep.plot_sweep(report[1], str(path))
+    sweep.plot_sweep(report[1], str(path))
     assert path.stat().st_size > 1000

@@ -190,19 +190,6 @@ class Backend(Protocol):
         """Versions and visible devices, for `python -m diffeqkit info`."""
         ...
 
-    def synchronize(self, tree: Any) -> None:
-        """Return once the backend's arrays in `tree` are computed (asynchronous
-        dispatch, GPU kernels), so that a timer around a call measures its work."""
-        ...
-
-    def peak_memory(
-        self, fn: Callable[[], Any], like: Any
-    ) -> tuple[float | None, str | None]:
-        """Peak memory in MiB of one call of `fn`, whose arrays live where the array
-        `like` lives, and how it was measured; ``(None, None)`` where no honest
-        in-process measurement exists."""
-        ...
-
 
 def conclude(
     req: SolveRequest,

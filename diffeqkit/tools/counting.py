@@ -1,18 +1,9 @@
 """Counting the evaluations of a vector field as they happen, in any framework.
 
-Requirements met here:
-
-- A count is of evaluations at run time, not of Python calls: inside compiled JAX
-  code ``f`` is called once, while tracing, and then runs once per evaluation, so
-  there the count is kept by a host callback (``jax.debug.callback``) that runs at
-  every evaluation. Eager calls (NumPy, torch, torch.func's transforms, concrete
-  JAX arrays) are counted directly.
-- The framework is recognised by the state's type, not by the backend, because a
-  backend may hand ``f`` to another framework (SciPy's derivative engines trace
-  ``f`` with JAX or torch).
-- Importing this module imports no framework; JAX is looked up in
-  ``sys.modules`` only when a tracer may be about (it must already be imported
-  for one to exist).
+Inside compiled JAX code ``f`` is called once, while tracing, so there the count
+is kept by a host callback that runs at every evaluation; eager calls are counted
+directly. The framework is told by the state's type, not by the backend (SciPy's
+derivative engines trace ``f`` with JAX or torch). Imports no framework.
 """
 
 from __future__ import annotations

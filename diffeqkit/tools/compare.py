@@ -1,38 +1,9 @@
-"""The gradient-method comparison: `compare()` and the ``compare`` command's output.
+"""The gradient-method comparison: `compare()` and the ``compare`` command's table.
 
-Requirements met here:
-
-- Every requested backend x sensealg becomes one row, whatever happens: a
-  combination the registry does not declare, a backend that is not installed or a
-  device it lacks is ``"unsupported"`` with the library's own message as the
-  reason; an exception while measuring is ``"failed"`` with its message. Nothing a
-  combination does stops the others.
-- The measured quantity is the user's: the gradient of the least-squares loss
-  ``L = 0.5 * sum((sol.u - data)**2)`` (``0.5 * sum(sol.u**2)`` for problems without
-  data) with respect to ``u0`` and ``p``, through `dk.vjp` and its pullback with
-  the closed-form cotangent ``sol.u - data``, the backend-neutral path.
-- Times are medians over `repeat` interleaved rounds (one call of each variant of
-  a backend per round, so drifts in machine load hit every variant alike), after
-  one warm-up call per variant whose time is reported apart (on JAX it is the
-  compilation). The spread is the interquartile range over the rounds.
-- The gradient error is relative to a reference gradient computed once by the
-  most accurate method available (`REFERENCES`), and the output names it.
-- Steps come from the solution the gradient's own forward pass returned (a
-  method may step differently from a plain solve: SciPy's forward sensitivities
-  control the error of the sensitivities too). Evaluations of ``f`` are counted,
-  not taken from the backends' stats, in one extra, untimed gradient call with
-  ``f`` wrapped by an `EvaluationCounter`: those during `dk.vjp` are the forward
-  pass's, those during the pullback the backward pass's (recomputation from
-  checkpoints, replays, adjoint right-hand sides). One yardstick for every
-  backend and method, and it sees what stats cannot: Newton iterations, a
-  replay, a backward solve.
-- Peak memory is measured where it can be measured honestly in-process (the
-  backend's `peak_memory`: NumPy buffers by tracemalloc; XLA's buffer assignment
-  of the compiled programs on JAX; the CUDA caching allocator's peak on torch);
-  elsewhere (torch on the CPU) it is None, never a guess.
-- Versions, platform and devices go into the report, so a number can be traced.
-- Importing this module imports no framework and no rich; the renderers import
-  rich (a dependency of diffeqkit) and matplotlib (optional) when called.
+Every requested backend x sensealg becomes one row, whatever happens (unsupported,
+failed or measured): times of `dk.vjp` plus a pullback of a least-squares loss,
+its error against a tight-tolerance reference gradient, its peak memory and its
+evaluations of ``f``. What each column means: docs/compare.md.
 """
 
 from __future__ import annotations
@@ -51,21 +22,22 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
-from . import backends as registry
-from . import problems
-from ._algs import get_alg
-from ._arrays import array_namespace, to_numpy
-from ._errors import DiffEqKitError, InvalidProblemError, UnsupportedError, listing
-from ._gradients import vjp
-from ._info import versions
-from ._pytree import leaves
-from ._sensealg import SENSEALGS, SensitivityAlgorithm, input_size
-from ._solve import solve
-from .backends._counting import EvaluationCounter
+from .. import backends as registry
+from .. import problems
+from .._algs import get_alg
+from .._arrays import array_namespace, to_numpy
+from .._errors import DiffEqKitError, InvalidProblemError, UnsupportedError, listing
+from .._gradients import vjp
+from .._info import versions
+from .._pytree import leaves, tree_map
+from .._sensealg import SENSEALGS, SensitivityAlgorithm, input_size
+from .._solve import solve
+from .counting import EvaluationCounter
+from .profiling import peak_memory, synchronize
 
 __all__ = [
     "DEFAULT_PROBLEM",
-    "REFERENCES",
+    "SENSEALG_NAMES",
     "Row",
     "compare",
     "format_table",
@@ -77,16 +49,6 @@ DEFAULT_PROBLEM = "lotka_volterra"
 SENSEALG_NAMES: tuple[str, ...] = tuple(c.name for c in SENSEALGS)
 _BY_NAME: dict[str, type[SensitivityAlgorithm]] = {c.name: c for c in SENSEALGS}
 
-# The reference gradient: the first of these that runs. SciPy's forward
-# sensitivities put the sensitivities themselves under error control, so at a
-# tight tolerance they converge to the exact derivative of the ODE's solution
-# (the quantity every method approximates); the discrete forward modes of JAX and
-# torch are the fallbacks. (backend, explicit alg, implicit alg for stiff problems)
-REFERENCES: tuple[tuple[str, str, str], ...] = (
-    ("scipy", "dopri8", "radau"),
-    ("jax", "dopri8", "kvaerno5"),
-    ("torch", "dopri8", "rosenbrock23"),
-)
 # Tolerances of the reference solve. dopri8 at 1e-12 leaves gradient errors near
 # 1e-11 on the built-in problems, five orders below what rtol=1e-6 gives; implicit
 # solvers are run at 1e-10 (lower order: 1e-12 would take minutes on ROBER).
@@ -145,8 +107,10 @@ class Row:
         Peak memory of one gradient call, by `memory_method`.
     memory_method : str or None
         ``"tracemalloc"`` (NumPy buffers and Python objects allocated during the
-        call, SciPy) or ``"cuda allocator"`` (torch on CUDA: peak allocated
-        above what was allocated before the call).
+        call, SciPy), ``"cuda allocator"`` (torch on CUDA: peak allocated above
+        what was allocated before the call) or ``"xla buffer assignment"`` (JAX:
+        the compiled gradient's arguments, outputs and temporaries); see
+        `diffeqkit.tools.profiling.peak_memory`.
     forward_steps, forward_rejected : int or None
         Accepted and rejected steps of the gradient's forward pass, as the
         backend reports them in ``sol.stats``.
@@ -253,7 +217,6 @@ class _Problem:
         problem's ``f``), the call returns ``(forward, backward)``: the
         evaluations of ``f`` in `dk.vjp` and in the pullback."""
         target: list[Any] = []
-        engine = registry.load(backend)
         prob = self.prob if counter is None else self.prob.remake(f=counter)
 
         def run() -> tuple[Any, Any]:
@@ -264,7 +227,7 @@ class _Problem:
                 target.append(self.target(sol.u))
             before = 0 if counter is None else counter.read()
             grads = pullback(sol.u - target[0])
-            engine.synchronize((grads.u0, grads.p))
+            synchronize((grads.u0, grads.p))
             if counter is not None:
                 return before, counter.read() - before
             return sol, grads
@@ -272,14 +235,44 @@ class _Problem:
         return run
 
     def forward(self, backend: str, kw: dict[str, Any]) -> Callable[[], Any]:
-        engine = registry.load(backend)
-
         def run() -> Any:
             sol = solve(self.prob, backend=backend, saveat=self.bp.saveat, **kw)
-            engine.synchronize(sol.u)
+            synchronize(sol.u)
             return sol
 
         return run
+
+    def memory(
+        self,
+        run: Callable[[], Any],
+        backend: str,
+        sensealg: SensitivityAlgorithm,
+        kw: dict[str, Any],
+        like: Any,
+    ) -> tuple[float | None, str | None]:
+        """Peak memory of the gradient `run` computes (`profiling.peak_memory`),
+        with ``u0`` and ``p`` in the array type, dtype and device of `like` (the
+        gradient's ``sol.u``) and the loss as a function of them."""
+        xp = array_namespace(like)
+
+        def convert(x: Any) -> Any:
+            return xp.asarray(x, dtype=like.dtype, device=aac.device(like))
+
+        target = self.target(like)
+
+        def loss(u0: Any, p: Any) -> Any:
+            sol = solve(
+                self.prob.remake(u0=u0, p=p),
+                backend=backend,
+                sensealg=sensealg,
+                saveat=self.bp.saveat,
+                **kw,
+            )
+            return array_namespace(sol.u).sum((sol.u - target) ** 2) / 2
+
+        u0 = convert(self.prob.u0)
+        p = tree_map(lambda x: x if x is None else convert(x), self.prob.p)
+        return peak_memory(run, loss, u0, p)
 
     def count(
         self, backend: str, sensealg: SensitivityAlgorithm, kw: dict[str, Any]
@@ -287,6 +280,21 @@ class _Problem:
         """Evaluations of ``f`` in the forward and the backward pass of one
         gradient (an extra, untimed call: on JAX a compilation of its own)."""
         return self.gradient(backend, sensealg, kw, EvaluationCounter(self.prob.f))()
+
+
+def _reference_candidates(
+    available: Iterable[str],
+) -> list[tuple[str, tuple[str, str]]]:
+    """``(backend, (explicit alg, implicit alg))`` of the backends that can compute
+    the reference gradient, most preferred first (the registry's `reference_rank`:
+    error-controlled forward sensitivities, which converge to the exact derivative
+    of the ODE's solution, before the discrete forward modes)."""
+    usable = []
+    for backend in available:
+        caps = registry.SPECS[backend].capabilities
+        if caps.reference_algs is not None and "ForwardMode" in caps.sensealgs:
+            usable.append((caps.reference_rank, backend, caps.reference_algs))
+    return [(backend, algs) for _, backend, algs in sorted(usable)]
 
 
 def _reference(
@@ -298,10 +306,7 @@ def _reference(
     rtol = REFERENCE_RTOL[stiff]
     atol = min(pb.bp.atol, rtol) * 1e-2
     reasons = []
-    available = set(ad_backends)
-    for backend, explicit, implicit in REFERENCES:
-        if backend not in available:
-            continue
+    for backend, (explicit, implicit) in _reference_candidates(ad_backends):
         alg = implicit if stiff else explicit
         kw = {"alg": alg, "rtol": rtol, "atol": atol, "max_steps": 1_000_000}
         start = time.perf_counter()
@@ -322,7 +327,10 @@ def _reference(
             "atol": atol,
             "method": (
                 "forward sensitivity equations, error-controlled"
-                if backend == registry.DEFAULT
+                if registry.SPECS[backend]
+                .capabilities.sensealgs["ForwardMode"]
+                .computes
+                == "continuous"
                 else "forward-mode AD through the solver"
             ),
             "time_s": time.perf_counter() - start,
@@ -365,7 +373,7 @@ def compare(
         Backends to compare; default every installed one. A named backend that
         is not installed gives rows with status ``"unsupported"`` and its pip line.
     sensealgs : sequence of str, optional
-        Class names (``"ForwardMode"``, ...); default all four.
+        Class names (``"ForwardMode"``, ...); default every one of the core.
     alg : str
         The solver, as in `dk.solve`.
     rtol, atol : float, optional
@@ -552,7 +560,7 @@ def _accuracy_limit(rows: list[Row], rtol: float) -> float:
 
 
 def _own_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -586,7 +594,7 @@ def _measure_backend(
     for row in rows:
         sensealg = _BY_NAME[row.sensealg]()
         try:
-            registry.check_sensealg(backend, sensealg)
+            registry.check_sensealg(backend, sensealg, get_alg(kw["alg"]))
         except UnsupportedError as err:
             row.status, row.reason = "unsupported", _message(err)
             continue
@@ -615,16 +623,19 @@ def _measure_backend(
                     timer.error = _message(err)
             step(f"{backend} round {round_ + 1} of {repeat}")
     fwd = timers["forward"]
-    engine = registry.load(backend)
     for row in rows:
         timer = timers.get(row.sensealg)
         if timer is not None:
             _fill_row(row, timer, fwd, results.get(row.sensealg), ref)
             if row.status == "ok" and memory:
-                grads = results[row.sensealg][1]
-                row.peak_memory_mb, row.memory_method = engine.peak_memory(
-                    timer.fn, grads.u0
-                )
+                sol = results[row.sensealg][0]
+                sensealg = _BY_NAME[row.sensealg]()
+                try:
+                    row.peak_memory_mb, row.memory_method = pb.memory(
+                        timer.fn, backend, sensealg, kw, sol.u
+                    )
+                except Exception:  # a memory figure that cannot be had is n/a
+                    row.peak_memory_mb = row.memory_method = None
         if memory:
             step(f"{backend} {row.sensealg}: memory")
         if count:
@@ -737,6 +748,7 @@ _SHORT = {
     "ForwardMode": "ForwardMode",
     "ReverseThroughSolver": "Reverse",
     "ContinuousAdjoint": "Continuous",
+    "InterpolatingAdjoint": "Interp",
     "CheckpointedAdjoint": "Checkpointed",
 }
 
@@ -744,6 +756,7 @@ _SHORT = {
 def format_table(report: dict[str, Any], console: Any = None) -> None:
     """Print the report as a table with notes, on `console` (a rich Console;
     default stdout). Columns: docs/compare.md."""
+    require_rich()
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -844,9 +857,10 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
     for r in report["rows"]:
         if r["memory_method"]:
             methods.setdefault(r["memory_method"], {})[r["backend"]] = None
+    shown = dict.fromkeys(r["sensealg"] for r in report["rows"])
+    short = [f"{_SHORT[n]} = {n}" for n in shown if _SHORT.get(n, n) != n]
     console.print(
-        "Reverse = ReverseThroughSolver, Continuous = ContinuousAdjoint, "
-        "Checkpointed = CheckpointedAdjoint. ms: median time of one gradient "
+        (", ".join(short) + ". " if short else "") + "ms: median time of one gradient "
         "(dk.vjp + pullback); 1st s: the first call (JIT compilation on jax); "
         "steps: accepted/rejected steps of the gradient's forward pass; f evals: "
         "evaluations of f counted in its forward/backward pass; "
@@ -861,6 +875,17 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
     )
     for line in report["conclusion"]:
         console.print(f"[bold]{line}[/]")
+
+
+def require_rich() -> None:
+    """Raise a clear error when rich, which prints the tables, is not installed."""
+    try:
+        importlib.import_module("rich")
+    except ImportError as err:
+        raise UnsupportedError(
+            "python -m diffeqkit compare prints its tables with rich, which is not "
+            'installed. Run: pip install "diffeqkit[cli]" (or pip install rich).'
+        ) from err
 
 
 def require_matplotlib() -> Any:

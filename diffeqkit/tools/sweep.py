@@ -1,23 +1,6 @@
-"""The parameter-count sweep: ``python -m diffeqkit compare --sweep``.
-
-Requirements met here:
-
-- The question is where forward mode stops winning: gradient time against the
-  number of inputs (``u0.size`` plus parameters) per backend x sensealg, on the
-  built-in neural ODE (a backend-neutral tanh MLP, the same weights everywhere)
-  widened from about 10 to about 10^4 parameters.
-- Each width is measured exactly as the plain comparison measures a problem
-  (`diffeqkit._compare`: warm-up apart, interleaved rounds, medians and IQR), so
-  the two reports agree where they overlap. No reference gradient, memory or
-  counting pass: those are the plain comparison's job, and a dopri8 forward-
-  sensitivity reference with 10^4 inputs would cost more than the sweep.
-- A budget keeps the sweep finite: once a method's median gradient exceeds
-  `budget_s`, its larger widths are ``"skipped"`` rows with the reason, since
-  forward mode's cost grows with the inputs and would otherwise take minutes.
-- The crossover is computed from the measurements, never assumed: per backend,
-  the smallest size from which an adjoint method is faster than ForwardMode at
-  every larger size measured (None when ForwardMode wins throughout, or when it
-  never wins).
+"""The parameter-count sweep (``python -m diffeqkit compare --sweep``): gradient
+time against the number of inputs on neural ODEs of growing width, measured as
+`compare` measures a problem, and where forward mode stops winning.
 """
 
 from __future__ import annotations
@@ -29,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from . import backends as registry
-from . import problems
-from ._compare import (
+from .. import backends as registry
+from .. import problems
+from .._errors import InvalidProblemError
+from .compare import (
     _SHORT,
     Row,
     _backend_steps,
@@ -43,8 +27,8 @@ from ._compare import (
     _Steps,
     environment,
     require_matplotlib,
+    require_rich,
 )
-from ._errors import InvalidProblemError
 
 __all__ = ["SWEEP_WIDTHS", "crossovers", "format_sweep", "plot_sweep", "sweep"]
 
@@ -78,7 +62,7 @@ def sweep(
         with ``depth=2``), each >= 1; default `SWEEP_WIDTHS` (9 to 9,794
         parameters).
     backends, sensealgs, alg, rtol, atol, repeat, device
-        As in `diffeqkit._compare.compare`.
+        As in `diffeqkit.tools.compare.compare`.
     budget_s : float
         A method whose median gradient takes longer than this is not run at
         larger widths (its rows there are ``"skipped"``).
@@ -256,6 +240,7 @@ def sweep_conclusions(report: dict[str, Any]) -> list[str]:
 
 def format_sweep(report: dict[str, Any], console: Any = None) -> None:
     """Print the sweep as a table: median gradient ms per method and size."""
+    require_rich()
     from rich import box
     from rich.console import Console
     from rich.table import Table
