@@ -174,13 +174,10 @@ def build_request(
     if not isinstance(adaptive, bool):
         raise invalid("adaptive", "must be True or False", adaptive, "Pass a bool.")
     if not adaptive and info.implicit:
-        raise invalid(
-            "adaptive",
-            f"=False runs an explicit alg with constant steps, but alg='{info.name}' "
-            "is implicit",
-            adaptive,
-            "Use an explicit alg such as 'tsit5' with adaptive=False, or keep "
-            "adaptive=True.",
+        raise InvalidProblemError(
+            f"adaptive=False runs an explicit alg with constant steps, but "
+            f"alg='{info.name}' is implicit. Use an explicit alg such as 'tsit5' "
+            "with adaptive=False, or keep adaptive=True."
         )
     fixed_step = info.fixed_step or not adaptive
     tol_fix = "Pass a positive number such as 1e-6."
