@@ -49,7 +49,8 @@ from ..._pytree import leaves
 from ..._solution import Solution
 from .._protocol import SolveRequest
 from ._replay import Plan, Replayer, Schedule, make_plan, record
-from ._solve import Lift, replace_leaves
+from ._rk import Lift
+from ._solve import replace_leaves
 
 
 def solve(req: SolveRequest) -> Solution:
