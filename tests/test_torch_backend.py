@@ -1,4 +1,4 @@
-"""The PyTorch backend: its tables, torchdiffeq integration, numerics and adapter.
+"""The PyTorch backend: its tables, torchdiffeq as a reference, numerics and adapter.
 
 Tolerances: adaptive solves run at rtol=1e-10, atol=1e-12 (bosh3 at 1e-8, 1e-10;
 rosenbrock23 at 1e-7, 1e-9, see `allowed_error`) unless a test says otherwise; on
@@ -81,60 +81,35 @@ def torch_linear_problem(tspan=(0.0, 2.0)) -> dk.ODEProblem:
 
 
 def test_alg_table_matches_registry_declaration():
-    assert tuple(torch_backend._ALGS) == backends.SPECS["torch"].capabilities.algs
+    assert tuple(torch_backend.ALGS) == backends.SPECS["torch"].capabilities.algs
 
 
-@pytest.mark.parametrize("alg", list(torch_backend._ALGS))
-def test_solver_classes_are_registered_in_torchdiffeq(alg):
+def test_torchdiffeq_is_left_untouched():
+    # Importing the backend adds nothing to torchdiffeq's solver table.
     solvers = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS
-    assert solvers[f"diffeqkit_{alg}"] is torch_backend._ALGS[alg]
-    # torchdiffeq's own entries are untouched.
-    assert solvers["dopri5"].__module__.startswith("torchdiffeq")
+    assert not [name for name in solvers if "diffeqkit" in name]
+    assert all(cls.__module__.startswith("torchdiffeq") for cls in solvers.values())
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("alg", list(torch_backend._ALGS))
-def test_odeint_runs_our_solvers_with_the_same_result(alg, backward):
-    # torchdiffeq.odeint (and so odeint_adjoint, later) runs the very classes
-    # dk.solve drives: on an autonomous problem the two agree to the last bit.
-    tspan = (2.0, 0.0) if backward else (0.0, 2.0)
-    ts = np.linspace(*tspan, 5)
-    prob = torch_linear_problem(tspan)
-    kw = {"dt0": 0.01} if ALGS[alg].fixed_step else {"rtol": 1e-6, "atol": 1e-8}
-    sol = dk.solve(prob, alg, saveat=ts, **kw)
-    # dk.solve's adaptive steps land on t1, and dopri8's on every save time
-    step_t = ts[1:] if alg == "dopri8" else ts[-1:]
-    options = (
-        {"step_size": 0.01}
-        if ALGS[alg].fixed_step
-        else {"step_t": torch.tensor(step_t, dtype=torch.float64)}
-    )
-    a = prob.p
-    u = torchdiffeq.odeint(
-        lambda t, y: a @ y,
-        prob.u0,
-        torch.tensor(ts),
-        method=f"diffeqkit_{alg}",
-        options=options,
-        rtol=1e-6,
-        atol=1e-8,
-    )
-    assert torch.equal(u, sol.u)
-
-
-def test_odeint_adjoint_runs_our_solver():
+def test_continuous_adjoint_matches_closed_form_and_torchdiffeqs_adjoint():
+    # d/dk exp(-2k) = -2 exp(-2k); both adjoint solves are accurate to ~rtol.
     k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0], dtype=torch.float64)
+    prob = dk.ODEProblem(lambda u, p, t: -p * u, y0, (0.0, 2.0), k)
+    sol = dk.solve(prob, "tsit5", sensealg=dk.ContinuousAdjoint(), **TIGHT)
+    (ours,) = torch.autograd.grad(sol.u[-1].sum(), k)
     u = torchdiffeq.odeint_adjoint(
         lambda t, y: -k * y,
-        torch.tensor([1.0], dtype=torch.float64),
+        y0,
         torch.tensor([0.0, 2.0], dtype=torch.float64),
-        method="diffeqkit_tsit5",
+        method="dopri5",
         adjoint_params=(k,),
         **TIGHT,
     )
-    (grad,) = torch.autograd.grad(u[-1].sum(), k)
-    # d/dk exp(-2k) = -2 exp(-2k); the adjoint solve is accurate to ~rtol.
-    assert float(grad) == pytest.approx(-2 * math.exp(-1.4), rel=1e-7)
+    (theirs,) = torch.autograd.grad(u[-1].sum(), k)
+    exact = -2 * math.exp(-1.4)
+    assert float(ours) == pytest.approx(exact, rel=1e-8)
+    assert float(theirs) == pytest.approx(exact, rel=1e-8)
 
 
 def test_describe_lists_devices_and_threads():
@@ -148,7 +123,7 @@ def test_describe_lists_devices_and_threads():
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("alg", list(torch_backend._ALGS))
+@pytest.mark.parametrize("alg", list(torch_backend.ALGS))
 def test_every_alg_matches_closed_form(alg, backward):
     tspan = (2.0, 0.0) if backward else (0.0, 2.0)
     # Start the backward solve from the exact state at t = 2.
@@ -202,23 +177,55 @@ class _StepEnds:
         self.ends.append(float(t0 + dt))
 
 
-def _between_step_errors(method: str, rtol: float) -> tuple[float, float]:
-    """Max error at the step ends and at points inside the steps, via odeint."""
+def _drive(alg: str, rtol: float, ts, ends: list[float] | None = None):
+    """Our adaptive driver of `alg` on the linear problem through `ts` (steps
+    landing on t = 2), recording the accepted step ends into `ends`."""
+    a, y0 = torch.tensor(LINEAR_A), torch.tensor(LINEAR_U0)
+    times = torch.tensor(ts, dtype=torch.float64)
+    solver = torch_backend.ALGS[alg](
+        lambda t, y: a @ y,
+        y0,
+        rtol,
+        rtol * 1e-2,
+        step_t=torch.tensor([2.0], dtype=torch.float64),
+    )
+    if ends is not None:
+        solver.on_step = lambda t0, y0, dt: ends.append(float(t0 + dt))
+    solver.begin(times[0])
+    return torch.stack([y0, *(solver.advance(t) for t in times[1:])])
+
+
+def _between_step_errors(alg: str, rtol: float) -> tuple[float, float]:
+    """Max error at the step ends and at points inside the steps of our driver."""
+    tspan = (0.0, 2.0)
+    found: list[float] = []
+    _drive(alg, rtol, tspan, found)
+    ends = np.array([tspan[0], *(t for t in found if t <= tspan[1])])
+    return _errors(ends, lambda ts: _drive(alg, rtol, ts))
+
+
+def _native_between_step_errors(method: str, rtol: float) -> tuple[float, float]:
+    """The same for torchdiffeq's own `method`, via odeint."""
     a, y0, tspan = torch.tensor(LINEAR_A), torch.tensor(LINEAR_U0), (0.0, 2.0)
     opts = {"step_t": torch.tensor([tspan[1]], dtype=torch.float64)}
     kw = {"method": method, "rtol": rtol, "atol": rtol * 1e-2, "options": opts}
     func = _StepEnds(a)
     torchdiffeq.odeint(func, y0, torch.tensor(tspan), **kw)
     ends = np.array([tspan[0], *(t for t in func.ends if t <= tspan[1])])
+    return _errors(
+        ends, lambda ts: torchdiffeq.odeint(_StepEnds(a), y0, torch.tensor(ts), **kw)
+    )
+
+
+def _errors(ends: np.ndarray, solve) -> tuple[float, float]:
     inner = np.sort(
         np.concatenate([ends[:-1] + theta * np.diff(ends) for theta in (0.3, 0.5)])
     )
 
     def error(ts):
-        u = torchdiffeq.odeint(_StepEnds(a), y0, torch.tensor(ts), **kw)
-        return np.abs(u.numpy() - linear_exact(ts)).max()
+        return np.abs(solve(ts).numpy() - linear_exact(ts)).max()
 
-    return error(ends), error(np.concatenate([[tspan[0]], inner]))
+    return error(ends), error(np.concatenate([[ends[0]], inner]))
 
 
 # rtol per alg: 1e-10 as in the brief; bosh3 at 1e-8 to keep its ~750 steps fast;
@@ -247,7 +254,7 @@ def test_dense_output_as_accurate_as_step_ends(alg):
     # Save values come from the tableau's dense output: of the method's order, its
     # error between steps is of the size of the (global) error at the step ends.
     # Measured ratios: bosh3 1.0, dopri5 1.0, tsit5 2.1.
-    at_ends, inside = _between_step_errors(f"diffeqkit_{alg}", DENSE_RTOL[alg])
+    at_ends, inside = _between_step_errors(alg, DENSE_RTOL[alg])
     assert inside < 5 * at_ends
 
 
@@ -255,8 +262,8 @@ def test_dopri8_dense_output_beats_torchdiffeqs_own_interpolation():
     # torchdiffeq's dopri8 interpolates with a quartic through a midpoint (order
     # 4); ours is the shared order-5 dense output. Measured at rtol=1e-12:
     # ours 8e-11, torchdiffeq's 1.4e-8 between steps (step ends: 1.3e-14 both).
-    ours_ends, ours = _between_step_errors("diffeqkit_dopri8", 1e-12)
-    native_ends, native = _between_step_errors("dopri8", 1e-12)
+    ours_ends, ours = _between_step_errors("dopri8", 1e-12)
+    native_ends, native = _native_between_step_errors("dopri8", 1e-12)
     assert ours_ends == pytest.approx(native_ends, rel=0.5)  # the same method
     assert ours < native / 50
 
@@ -267,7 +274,7 @@ def test_dense_output_through_dk_solve_between_steps(alg):
     # output (tsit5), or because steps end on save times (dopri8, whose dense
     # output is only 5th order: SolveRequest.land_on_saves).
     rtol = DENSE_RTOL[alg]
-    at_ends, _ = _between_step_errors(f"diffeqkit_{alg}", rtol)
+    at_ends, _ = _between_step_errors(alg, rtol)
     ts = np.linspace(0.0, 2.0, 401)
     sol = dk.solve(torch_linear_problem(), alg, saveat=ts, rtol=rtol, atol=rtol / 100)
     assert np.abs(to_numpy(sol.u) - linear_exact(ts)).max() < 5 * at_ends

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SENSEALGS
+from conftest import SENSEALGS as ALL_SENSEALGS
 from problems import LINEAR_A, LINEAR_U0, linear, linear_grads, to_numpy
 
 import diffeqkit as dk
@@ -26,7 +26,14 @@ from diffeqkit._solve import build_request
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchdiffeq")
 from diffeqkit.backends.torch import _implicit, _interpolating, _replay  # noqa: E402
-from diffeqkit.backends.torch._solve import no_lift  # noqa: E402
+from diffeqkit.backends.torch._rk import no_lift  # noqa: E402
+
+# With an implicit alg the continuous adjoint is the interpolating one: the core
+# refuses the backsolve (ContinuousAdjoint).
+SENSEALGS = {
+    **{k: v for k, v in ALL_SENSEALGS.items() if k != "continuous"},
+    "interpolating": dk.InterpolatingAdjoint(),
+}
 
 # Long stiff solves (order 2 in Python, ~3 ms a step): tests_all runs these,
 # the torch session skips them.
@@ -36,7 +43,7 @@ ALG = "rosenbrock23"
 ROBER_P = np.array([0.04, 3e7, 1e4])
 # ROBER's onset: the fast species approaches its quasi-steady state by t ~ 1e-3.
 # It keeps these tests fast (~150 steps at rtol=1e-8); the continuous adjoint
-# also gets a test over [0, 1] (test_continuous_adjoint_over_rober_...).
+# also gets a test over [0, 1] (test_interpolating_adjoint_over_rober_...).
 ONSET = np.array([0.0, 1e-4, 3e-4, 1e-3])
 # Weights that make every species count in a loss (u[1] is ~3e-5).
 WEIGHTS = np.array([1.0, 1e4, 1.0])
@@ -158,10 +165,10 @@ def test_nonfinite_f_stops_with_status_nonfinite():
 
     prob = dk.ODEProblem(f, torch.tensor([1.0], dtype=torch.float64), (0.0, 2.0))
     sol = dk.solve(prob, ALG, throw=False)
-    # The first attempt with a stage past t = 0.5 has a NaN error estimate,
-    # which makes the next step size NaN: the solve stops there.
+    # Trial steps with a stage past t = 0.5 are rejected and retried smaller
+    # until the step underflows just short of 0.5 (tests/backends: within 1e-6).
     assert sol.status == "nonfinite"
-    assert 0.0 < float(sol.message.split("t=")[1].split()[0]) < 0.5
+    assert float(sol.message.split("t=")[1].split()[0]) == 0.5
 
 
 def test_explicit_solver_stalling_on_rober_suggests_rosenbrock23():
@@ -313,9 +320,21 @@ def _backward_landed_on_forward_steps() -> None:
     assert record["naccept"] >= len(forward)
 
 
-def test_continuous_adjoint_integrates_the_adjoint_implicitly(reverse_rober_grads):
+def test_backsolve_with_an_implicit_alg_is_refused():
+    with pytest.raises(dk.UnsupportedError, match=r"dk\.InterpolatingAdjoint\(\)"):
+        dk.value_and_grad(
+            rober_loss,
+            rober_problem(),
+            ALG,
+            backend="torch",
+            saveat=ONSET,
+            sensealg=dk.ContinuousAdjoint(),
+        )
+
+
+def test_interpolating_adjoint_integrates_the_adjoint_implicitly(reverse_rober_grads):
     _interpolating.LAST_BACKWARD.clear()
-    du0, dp = rober_grads.__wrapped__("continuous")
+    du0, dp = rober_grads.__wrapped__("interpolating")
     _backward_landed_on_forward_steps()
     # The continuous adjoint at rtol=1e-8 against the discrete derivative: both
     # are within ~1e-6 relative of the exact gradient (order 2 at these
@@ -324,7 +343,7 @@ def test_continuous_adjoint_integrates_the_adjoint_implicitly(reverse_rober_grad
     np.testing.assert_allclose(du0, reverse_rober_grads[0], rtol=1e-4, atol=1e-8)
 
 
-def test_continuous_adjoint_over_rober_onset_and_decay_matches_the_discrete_gradient():
+def test_interpolating_adjoint_over_rober_onset_and_decay_matches_discrete():
     # Over [0, 1] a backsolve fails (the re-integrated state's fast modes grow
     # backward like exp(1e4 t)); the interpolating adjoint reads the state off
     # the forward dense output and integrates only the adjoint, which is stable.
@@ -335,7 +354,7 @@ def test_continuous_adjoint_over_rober_onset_and_decay_matches_the_discrete_grad
     )
     _interpolating.LAST_BACKWARD.clear()
     _, continuous = dk.value_and_grad(
-        rober_loss, prob, ALG, sensealg=dk.ContinuousAdjoint(), **kwargs
+        rober_loss, prob, ALG, sensealg=dk.InterpolatingAdjoint(), **kwargs
     )
     _backward_landed_on_forward_steps()
     # Each is within its global error (up to ~60 x rtol on ROBER, see the
@@ -349,12 +368,12 @@ def test_continuous_adjoint_over_rober_onset_and_decay_matches_the_discrete_grad
     )
 
 
-def test_continuous_adjoint_backward_failure_raises_solve_error():
+def test_interpolating_adjoint_backward_failure_raises_solve_error():
     # Over ROBER's onset at rtol=1e-6 the forward solve takes 33 steps and the
     # backward one 64 (measured): max_steps=40 stops only the backward solve.
     with pytest.raises(
         dk.SolveError,
-        match=r"backward solve of sensealg=dk\.ContinuousAdjoint.*"
+        match=r"backward solve of sensealg=dk\.InterpolatingAdjoint.*"
         r"'max_steps_reached' \(40 steps\)",
     ):
         dk.value_and_grad(
@@ -366,5 +385,5 @@ def test_continuous_adjoint_backward_failure_raises_solve_error():
             rtol=1e-6,
             atol=1e-10,
             max_steps=40,
-            sensealg=dk.ContinuousAdjoint(),
+            sensealg=dk.InterpolatingAdjoint(),
         )

@@ -1,131 +1,168 @@
-"""ContinuousAdjoint on torch: torchdiffeq's ``odeint_adjoint`` on our solvers.
+"""ContinuousAdjoint on torch: the backsolve adjoint, as a `torch.autograd.Function`.
 
-Requirements met here:
-
-- Explicit algs only: with an implicit alg, `solve` hands over to
-  `_interpolating` (the interpolating adjoint), since a backsolve of a stiff
-  problem re-integrates fast decaying modes backward, where they grow.
-- ``torchdiffeq.odeint_adjoint`` runs the forward solve with method
-  ``"diffeqkit_<alg>"`` and the options `solve` uses (``first_step``,
-  ``max_steps``, the landing times ``step_t``; ``step_size`` for fixed-step
-  algs), so its forward pass is the plain solve, step for step. The backward
-  solve of the adjoint ODE runs the same method between consecutive integration
-  times at the sensealg's ``rtol``/``atol`` (None: the forward ones), its steps
-  landing on every integration time; fixed-step algs step by ``dt0`` backward
-  from each of them.
-- ``adjoint_params`` are exactly p's tensors that require grad (leaves that were
-  Python numbers cannot). u0 gets its gradient as the adjoint state at t0.
-- Stats are those of the forward pass: the solver object reports itself to a
-  sink passed through ``options`` (torchdiffeq builds it inside ``odeint``), and
-  ``nfev`` is read from the vector field before any backward pass; the backward
-  solve is given its own options without that sink, so it counts nothing here.
-- A backward solve that cannot go on (max_steps, a step size that underflows, a
-  non-finite adjoint: the re-integrated state has left the forward trajectory,
-  as on chaotic problems) raises `SolveError` saying so, from ``loss.backward()``
-  or `dk.vjp`'s pullback; its ``max_steps`` is the forward solve's, per interval
-  between integration times.
-- A forward solve that fails (torchdiffeq has no partial results; a fixed-step
-  solver steps on through a blow-up to inf/NaN) is solved again plainly to
-  return the partial `Solution` with its status (or raise `SolveError`); that
-  partial solution carries no gradient (`dk.vjp` gives zeros).
-- Only u0 and the tensors in p are differentiated; tensors that ``f`` closes
-  over get no gradient (pass them in p).
+The forward pass is the plain solve. The backward pass integrates the state, its
+adjoint and the parameter adjoint backward from each integration time to the one
+before with the forward method (Chen et al. 2018; torchdiffeq's
+``odeint_adjoint``, whose augmented system, tolerances and error norm this keeps):
+the state restarts from the forward value and the cotangent joins there.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, cast
 
 import torch
-import torchdiffeq
+from torch.autograd.function import once_differentiable
 
 from ..._errors import SolveError, backward_failed, solve_failed
 from ..._pytree import leaves
 from ..._sensealg import ContinuousAdjoint
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from ._solve import Run, Setup, _StoppedError, finish, prepare, run_steps
+from ._rk import AdaptiveRK, FixedRK, Run, rms_norm
+from ._solve import Setup, finish, prepare, replace_leaves, run_steps, solver_for
+
+__all__ = ["backward_stopped", "solve"]
 
 
 def solve(req: SolveRequest) -> Solution:
-    """A solve whose gradients come from the backward adjoint ODE (for implicit
-    algs, the interpolating adjoint of `_interpolating`)."""
-    if req.alg.implicit:
-        from . import _interpolating  # it imports this module
-
-        return _interpolating.solve(req)
-    sensealg = cast("ContinuousAdjoint", req.sensealg)
+    """A solve whose gradients come from `_Backsolve`. A failed solve returns its
+    partial solution, with no gradient."""
     setup = prepare(req, graph=False)
-    rhs = setup.rhs()
-    params = tuple(
-        x for x in leaves(setup.p) if isinstance(x, torch.Tensor) and x.requires_grad
-    )
-    method = f"diffeqkit_{req.alg.name}"
-    times = setup.times
-    if req.alg.fixed_step:
-        options: dict[str, Any] = {"step_size": req.dt0}
-        adjoint_options: dict[str, Any] = {"step_size": req.dt0}
-    else:
-        options = {
-            "first_step": req.dt0,
-            "max_steps": req.max_steps,
-            "step_t": times[1:] if req.land_on_saves else times[-1:],
-        }
-        adjoint_options = {
-            "max_steps": req.max_steps,
-            "step_t": times,
-            "stop": functools.partial(_backward_stopped, req, setup.backward),
-        }
-    sink: list[Any] = []
-    options["sink"] = sink
-    try:
-        u = torchdiffeq.odeint_adjoint(
-            rhs,
-            setup.y0,
-            times,
-            rtol=req.rtol,
-            atol=req.atol,
-            method=method,
-            options=options,
-            adjoint_rtol=req.rtol if sensealg.rtol is None else sensealg.rtol,
-            adjoint_atol=req.atol if sensealg.atol is None else sensealg.atol,
-            adjoint_method=method,
-            adjoint_options=adjoint_options,
-            adjoint_params=params,
-        )
-        u = cast("torch.Tensor", u)
-    except _StoppedError:
-        return _failed(req, setup)
-    # Fixed-step solvers step on through a blow-up; the plain run tells where.
-    if not bool(torch.isfinite(u).all()):
-        return _failed(req, setup)
-    (solver,) = sink
-    naccept = solver.naccept
-    run = Run(
-        u=u,
-        status="success",
-        t_reached=None,
-        naccept=naccept,
-        nreject=solver.nsteps - naccept,
-        nfev=rhs.nfev,
-        reached=int(times.shape[0]),
-        t_end=float(times[-1]),
-    )
-    return finish(req, setup, run, u)
-
-
-def _failed(req: SolveRequest, setup: Setup) -> Solution:
-    """The partial solution of a failed solve, by the plain run (no gradient)."""
     with torch.no_grad():
         run = run_steps(req, setup)
-    return finish(req, setup, run, run.u)
+    if run.status != "success":
+        return finish(req, setup, run, run.u)
+    u = _Backsolve.apply((req, setup, run), setup.y0, *leaves(setup.p))
+    return finish(req, setup, run, cast("torch.Tensor", u))
 
 
-def _backward_stopped(
+def backward_stopped(
     req: SolveRequest, backward: bool, status: str, t: float, steps: int
 ) -> SolveError:
     """The error of a backward (adjoint) solve that cannot go on. It runs in
     negated time, unless the forward solve already did (``t1 < t0``)."""
     reason = solve_failed(t if backward else -t, (req.t1, req.t0), status, steps, "")
     return SolveError(backward_failed(req.sensealg, reason))
+
+
+class _Backsolve(torch.autograd.Function):
+    """``(y0, *p_leaves) -> u`` at every integration time, differentiated by the
+    backsolve (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, solved: tuple[SolveRequest, Setup, Run], *inputs: Any
+    ) -> torch.Tensor:
+        ctx.solved = solved
+        ctx.inputs = inputs
+        return solved[2].u
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # pyright: ignore[reportIncompatibleMethodOverride]
+        ctx: Any, grad_u: torch.Tensor
+    ) -> tuple[Any, ...]:
+        req, setup, run = ctx.solved
+        inputs = list(ctx.inputs)
+        needs = ctx.needs_input_grad[1:]
+        wrt = [i for i in range(1, len(inputs)) if needs[i]]
+        du0, dps = _backsolve(req, setup, run, inputs, wrt, grad_u)
+        grads: list[Any] = [None] * len(inputs)
+        if needs[0]:
+            grads[0] = du0
+        for i, g in zip(wrt, dps, strict=True):
+            grads[i] = g
+        return (None, *grads)
+
+
+def _backsolve(
+    req: SolveRequest,
+    setup: Setup,
+    run: Run,
+    inputs: list[Any],
+    wrt: list[int],
+    grad_u: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(dL/dy0, [dL/d inputs[i] for i in wrt])``.
+
+    The backward state is ``z = (t-adjoint, u, a, g)`` flattened, integrated in
+    ``tau = -s``: ``dz/dtau = -(-(df/dt)^T a, f, -(df/du)^T a, -(df/dp)^T a)``. Its
+    error norm is the largest RMS norm of the four parts.
+    """
+    sensealg = cast("ContinuousAdjoint", req.sensealg)
+    dtype, shape = setup.dtype, setup.y0.shape
+    n = setup.y0.numel()
+    params = [inputs[i].detach() for i in wrt]
+    sizes = [x.numel() for x in params]
+    fixed = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs[1:]]
+    bounds = [0, 1, 1 + n, 1 + 2 * n]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+
+    def dynamics(tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            s = (-tau).to(z.dtype).detach().requires_grad_()
+            y = z[1 : 1 + n].reshape(shape).detach().requires_grad_()
+            ps = [x.detach().requires_grad_() for x in params]
+            local = list(fixed)
+            for i, x in zip(wrt, ps, strict=True):
+                local[i - 1] = x
+            fy = setup.f(y, replace_leaves(setup.p, local), s.to(dtype))
+            a = z[1 + n : 1 + 2 * n].reshape(shape)
+            found = torch.autograd.grad(fy, (s, y, *ps), -a, allow_unused=True)
+        # torchdiffeq's order: (t-adjoint, f, u-adjoint, p-adjoints).
+        parts = [found[0], fy, *found[1:]]
+        like = [s, fy, y, *params]
+        out = [
+            (torch.zeros_like(x) if g is None else g).reshape(-1).to(z.dtype)
+            for g, x in zip(parts, like, strict=True)
+        ]
+        return -torch.cat(out)
+
+    def norm(z: torch.Tensor) -> torch.Tensor:
+        pieces = [
+            rms_norm(z[lo:hi]) for lo, hi in itertools.pairwise(bounds) if hi > lo
+        ]
+        return torch.stack(pieces).max()
+
+    solver = solver_for(req)
+    rtol = req.rtol if sensealg.rtol is None else sensealg.rtol
+    atol = req.atol if sensealg.atol is None else sensealg.atol
+    stop = functools.partial(backward_stopped, req, setup.backward)
+    times = setup.times
+    rows = run.u.reshape(run.u.shape[0], -1)
+    cot = grad_u.reshape(grad_u.shape[0], -1).to(rows.dtype)
+    z = torch.cat([rows.new_zeros(1), rows[-1], cot[-1], rows.new_zeros(sum(sizes))])
+    for i in range(times.shape[0] - 1, 0, -1):
+        taus = torch.stack([-times[i], -times[i - 1]])
+        if issubclass(solver, FixedRK):
+            if req.dt0 is None:  # pragma: no cover - the core checks it
+                raise ValueError("a fixed-step solve needs dt0")
+            grid, _ = solver.grid(taus, req.dt0)
+            z = solver.march(dynamics, z, grid)[-1]
+        else:
+            stepper = cast("type[AdaptiveRK]", solver)(
+                dynamics,
+                z,
+                rtol,
+                atol,
+                max_steps=req.max_steps,
+                step_t=taus[1:],
+                stop=stop,
+                norm=norm,
+            )
+            stepper.begin(taus[0])
+            z = stepper.advance(taus[1])
+        # The state restarts from the forward one; the cotangent joins in.
+        z = torch.cat(
+            [z[:1], rows[i - 1], z[1 + n : 1 + 2 * n] + cot[i - 1], z[1 + 2 * n :]]
+        )
+    du0 = z[1 + n : 1 + 2 * n].reshape(shape)
+    dps = [
+        g.reshape(x.shape).to(x.dtype)
+        for g, x in zip(z[1 + 2 * n :].split(sizes), params, strict=True)
+    ]
+    return du0, dps

@@ -1,41 +1,31 @@
 """`TorchBackend`: the plain solve, the sensealg table, `dk.vjp` and its losses.
 
-Requirements met here:
-
-- `solve` runs the plain solve, with nothing added, unless autograd records and
-  u0 or a tensor in p requires grad; then the request's sensealg runs it, looked
-  up in `_SENSEALGS` by its class (a test checks the table against the
-  registry's declaration).
-- Options of other backends are refused by name, whether or not a gradient is
-  asked for: ``autodiff`` other than None/"torch" (what differentiates f on
-  SciPy), CheckpointedAdjoint's ``rtol``/``atol`` (SciPy's backward solve).
-- `vjp` differentiates with respect to fresh leaves (u0 and p's floating
-  leaves), so the pullback can be called any number of times
-  (``retain_graph=True``) and the returned `Solution` carries no graph;
-  `loss_grad` gives the cotangent of a loss by autograd.
+`SENSEALGS` maps each gradient method to the function that runs a request whose
+inputs require grad; `vjp` differentiates with respect to fresh leaves, so its
+pullback can be called any number of times.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..._errors import UnsupportedError
 from ..._pytree import leaves
 from ..._sensealg import (
     CheckpointedAdjoint,
     ContinuousAdjoint,
     ForwardMode,
+    InterpolatingAdjoint,
     ReverseThroughSolver,
-    SensitivityAlgorithm,
 )
 from ..._solution import Solution
-from .._protocol import Pullback, SolveRequest
-from . import _adjoint, _checkpoint, _forward
+from .._protocol import Pullback, SensealgTable, SolveRequest
+from . import _adjoint, _checkpoint, _forward, _interpolating
 from ._solve import (
     replace_leaves,
     requires_grad,
@@ -47,49 +37,26 @@ from ._solve import (
     visible_devices,
 )
 
-__all__ = ["TorchBackend"]
+__all__ = ["SENSEALGS", "TorchBackend"]
 
 # How each gradient method runs a solve whose inputs require grad. (A solve that
 # autograd does not record is the plain one whatever the sensealg.)
-_SENSEALGS: Mapping[type[SensitivityAlgorithm], Callable[[SolveRequest], Solution]] = {
+SENSEALGS: SensealgTable[SolveRequest, Solution] = {
     ForwardMode: _forward.solve,
     ReverseThroughSolver: solve_plain,
     ContinuousAdjoint: _adjoint.solve,
+    InterpolatingAdjoint: _interpolating.solve,
     CheckpointedAdjoint: _checkpoint.solve,
 }
 
 
-def _check_options(sensealg: SensitivityAlgorithm) -> None:
-    """Refuse the options of other backends, by name."""
-    name = type(sensealg).__name__
-    autodiff = getattr(sensealg, "autodiff", None)
-    if autodiff not in (None, "torch"):
-        raise UnsupportedError(
-            f"{name}(autodiff={autodiff!r}) is a SciPy-backend option (what "
-            "differentiates f there); on backend='torch' PyTorch's autograd always "
-            f"does. Pass autodiff=None, or use backend='scipy' for autodiff="
-            f"{autodiff!r}."
-        )
-    if isinstance(sensealg, CheckpointedAdjoint) and (
-        sensealg.rtol is not None or sensealg.atol is not None
-    ):
-        raise UnsupportedError(
-            f"CheckpointedAdjoint(rtol={sensealg.rtol!r}, atol={sensealg.atol!r}): "
-            "rtol and atol are SciPy-backend options (the tolerances of its "
-            "backward adjoint solve); on backend='torch' the reverse pass "
-            "recomputes the forward steps exactly and has no tolerances. Leave "
-            "them None, or use backend='scipy'."
-        )
-
-
 class TorchBackend:
-    """diffeqkit on PyTorch, through torchdiffeq's solvers.
+    """diffeqkit on PyTorch.
 
     Offers the explicit methods euler, midpoint, heun, rk4 (fixed step) and bosh3,
     dopri5, tsit5, dopri8 (adaptive), all built from `diffeqkit._tableaux`, the
-    implicit rosenbrock23 (stiff problems), and
-    every sensealg: `loss.backward()` through `dk.solve` runs the one the request
-    names. See the package docstring.
+    implicit rosenbrock23 (stiff problems), and every sensealg: `loss.backward()`
+    through `dk.solve` runs the one the request names.
     """
 
     name = "torch"
@@ -104,19 +71,17 @@ class TorchBackend:
         Raises
         ------
         UnsupportedError
-            The device asked for is not visible to torch; a sensealg option of
-            another backend (``autodiff``, CheckpointedAdjoint's tolerances).
+            The device asked for is not visible to torch.
         InvalidProblemError
             ``f(u0, p, t0)`` has the wrong shape, dtype, or is not finite.
         SolveError
             The integration failed and ``req.throw`` is True.
         """
         sensealg = req.sensealg
-        if sensealg is not None:
-            _check_options(sensealg)
-        if sensealg is None or not requires_grad(req):
+        if sensealg is None or not requires_grad(req) or _empty(req.u0):
+            # An empty state has nothing to differentiate: its solution is u0.
             return solve_plain(req)
-        return _SENSEALGS[type(sensealg)](req)
+        return SENSEALGS[type(sensealg)](req)
 
     def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
         """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
@@ -173,30 +138,13 @@ class TorchBackend:
         """Visible devices and torch's intra-op thread count."""
         return {"devices": visible_devices(), "threads": torch.get_num_threads()}
 
-    def synchronize(self, tree: Any) -> None:
-        """Wait for the CUDA kernels computing `tree`'s tensors (CPU work is
-        synchronous already)."""
-        for device in {x.device for x in leaves(tree) if _on_cuda(x)}:
-            torch.cuda.synchronize(device)
 
-    def peak_memory(
-        self, fn: Callable[[], Any], like: Any
-    ) -> tuple[float | None, str | None]:
-        """On CUDA, the caching allocator's peak during the call above what was
-        allocated before it; on the CPU nothing honest exists in-process (torch's
-        CPU allocations bypass tracemalloc), so None."""
-        if not _on_cuda(like):
-            return None, None
-        torch.cuda.synchronize(like.device)
-        torch.cuda.reset_peak_memory_stats(like.device)
-        before = torch.cuda.memory_allocated(like.device)
-        self.synchronize(fn())
-        peak = torch.cuda.max_memory_allocated(like.device)
-        return (peak - before) / 2**20, "cuda allocator"
-
-
-def _on_cuda(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_cuda
+def _empty(u0: Any) -> bool:
+    return (
+        math.prod(np.shape(u0)) == 0
+        if not isinstance(u0, torch.Tensor)
+        else u0.numel() == 0
+    )
 
 
 def _input(

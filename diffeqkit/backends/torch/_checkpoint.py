@@ -1,25 +1,10 @@
 """CheckpointedAdjoint on torch: a reverse pass over recomputed segments.
 
-Requirements met here:
-
-- A `torch.autograd.Function`. Its forward pass is the plain solve under
-  ``no_grad`` (`_replay.record`), keeping the accepted step schedule (two floats
-  per step) and the states at the starts of at most ``K`` segments
-  (``K = checkpoints``; None: about ``sqrt(n_steps)``; see `_replay.Recorder`).
-- Its backward pass walks the segments last to first. Each is replayed from its
-  checkpoint with autograd recording (the same steps and the same dense-output
-  reads, by the same operations, so the recomputed states are the forward ones
-  bit for bit), then differentiated once: the cotangents of the rows read in the
-  segment plus the adjoint carried from the next segment, with respect to the
-  segment's start state and p's tensors. Parameter gradients accumulate; the
-  segment's graph is freed before the next is built.
-- Memory: the checkpoints plus one segment's graph, about
-  ``(K + n_steps / K)`` steps' worth instead of ``n_steps``; time: one extra
-  forward pass (the replay) on top of the reverse pass. The gradient is that of
-  `ReverseThroughSolver` (the derivative of the computed solution with the steps
-  held fixed), to rounding.
-- Only u0 and the tensors in p are differentiated; tensors that ``f`` closes
-  over get no gradient (pass them in p). Not twice differentiable.
+The forward pass is the plain solve, keeping the step schedule and the states at
+the starts of at most ``checkpoints`` segments (`_replay.Recorder`). The backward
+pass replays each segment from its checkpoint, last to first, with autograd
+recording, and differentiates it once: the gradient of `ReverseThroughSolver` to
+rounding, with the memory of the checkpoints plus one segment's graph.
 """
 
 from __future__ import annotations

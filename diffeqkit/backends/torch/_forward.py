@@ -1,37 +1,10 @@
 """ForwardMode on torch: the Jacobian of the saved states by forward-mode AD.
 
-Requirements met here:
-
-- A `torch.autograd.Function`. Its forward pass records the step schedule (the
-  plain solve under ``no_grad``, `_replay.record`), then replays the fixed
-  schedule under ``torch.func.vmap(torch.func.jvp(...))``, one tangent per number
-  in the inputs that need a gradient (u0 and p's tensors, from
-  ``ctx.needs_input_grad``), giving ``d u(t_i) / d input``; its backward pass
-  contracts that Jacobian with the cotangent (SciMLSensitivity's
-  ``ForwardDiffSensitivity`` under reverse mode). The solution returned is the
-  recorded one; the gradient is that of the computed solution with the steps
-  held fixed, as on every backend.
-- The replay has no data-dependent control flow, and only tangents are batched
-  (the primal, and every decision on it in ``f``, is shared), so vmap applies.
-  Where vmap still refuses the user's ``f`` (a random op, in vmap's default
-  ``randomness="error"``; an op whose batching rule fails), the tangents are
-  pushed one at a time by a loop of ``jvp``; where ``f`` has no forward-mode
-  derivative at all (an ``autograd.Function`` without ``jvp``),
-  `UnsupportedError` says which gradient methods work instead.
-- Speed: torch's forward-mode AD of an operation between a tensor that carries
-  a tangent and one that does not is ~30x slower than between two that do, so
-  every floating input is a primal (zero tangents for those not differentiated)
-  and the replay's constants are "lifted" to carry zero tangents, exactly
-  (`_lifter`). Constants inside ``f`` (Python numbers) still take the slow path.
-- Cost: the recorded solve, plus one replay carrying ``k`` tangents (``k`` =
-  ``u0.numel()`` plus the sizes of p's tensors needing gradients); memory
-  ``O(k * m * u0.numel())`` for the Jacobian, independent of the number of
-  steps. The Jacobian is computed in the forward pass, once, so the backward
-  pass (or `dk.vjp`'s pullback, called many times) is a contraction. Measured
-  on Lotka-Volterra (k = 6, rtol=1e-6): gradient ~4x the plain solve, against
-  ~2.5x for `ReverseThroughSolver`.
-- Only u0 and the tensors in p are differentiated; tensors that ``f`` closes
-  over get no gradient (pass them in p).
+The forward pass records the step schedule, then replays it under
+``torch.func.vmap(torch.func.jvp(...))`` with one tangent per input number (a loop
+of ``jvp`` where vmap refuses ``f``); the backward pass contracts that Jacobian
+with the cotangent. Constants of the replay are "lifted" to carry zero tangents,
+which keeps torch's forward-mode AD on its fast path.
 """
 
 from __future__ import annotations
@@ -49,7 +22,8 @@ from ..._pytree import leaves
 from ..._solution import Solution
 from .._protocol import SolveRequest
 from ._replay import Plan, Replayer, Schedule, make_plan, record
-from ._solve import Lift, replace_leaves
+from ._rk import Lift
+from ._solve import replace_leaves
 
 
 def solve(req: SolveRequest) -> Solution:

@@ -1,52 +1,21 @@
 """Rosenbrock methods on torch: adaptive, L-stable, for stiff problems.
 
-Requirements met here:
-
-- ``rosenbrock23`` is Shampine & Reichelt's method (MATLAB's ``ode23s``): order
-  2, L-stable, an embedded order-3 error estimate, one Jacobian and one LU
-  factorisation of ``W = I - h d J`` (``d = 1/(2 + sqrt(2))``) per step, two
-  evaluations of ``f`` (the last one FSAL), and its own order-2 dense output.
-- ``J = df/du`` and ``T = df/dt`` at the step start come from ``torch.func``
-  (one ``jacrev`` over ``(t, u)``: one evaluation and ``n`` batched reverse
-  passes; ``jacfwd`` measured 3-4x slower, torch's forward-mode AD of small ops
-  being slow), or ``J`` from ``prob.jac`` and ``T`` from one ``torch.func.jvp`` when the
-  user gave ``jac``. ``T`` is what keeps the order on non-autonomous problems.
-  Both are differentiable functions of ``(u, p)`` in the surrounding autograd
-  graph, so a gradient through the steps (`ReverseThroughSolver`) is the exact
-  derivative of the discrete solution, ``dJ/dp`` included.
-- The solver classes subclass `_solve._AdaptiveRK`, so they are ordinary
-  torchdiffeq solvers (registered as ``"diffeqkit_<alg>"``) with the same step
-  counting, clean stops (max_steps, underflowing step, non-finite state), first
-  step selection and recorder callbacks; only the step attempt (`_attempt`) is
-  theirs: torchdiffeq's controller (``_optimal_step_size``, under ``no_grad``)
-  with exponent ``1/3``, the landing on ``step_t``, and its accept/reject
-  bookkeeping, repeated op for op around a Rosenbrock step.
-- One step is a pure function (`_ros23_step`) shared by the solver and the
-  replay's `stepper`: the replay repeats the recorded steps bit for bit and runs
-  under ``torch.func.vmap``/``jvp`` (ForwardMode), ``jacrev`` and the LU nested
-  inside.
-- ``n_implicit`` (a solver option): only the first ``n_implicit`` components of
-  the flattened state are solved implicitly; the rest are *quadratures*, whose
-  derivative may depend on the implicit part but never feeds back (the
-  parameter gradients of an adjoint solve). Their block of ``W`` is the
-  identity and their stage values follow from one matrix product, so a
-  backward adjoint solve factorises an ``n x n`` matrix whatever the number of
-  parameters (see `_interpolating`).
-- Stats: ``njev`` Jacobians and ``nlu`` LU factorisations (one each per step
-  attempt); the ``f`` evaluations inside the Jacobian are not in ``nfev``.
+``rosenbrock23`` is Shampine & Reichelt's method (MATLAB's ``ode23s``): order 2,
+an embedded order-3 error estimate, one Jacobian (``torch.func.jacrev``, or
+``prob.jac``) and one LU factorisation per step, its own order-2 dense output.
+The driver is `_rk.AdaptiveRK`'s; only the trial step is Rosenbrock's.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple, cast
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
-from torchdiffeq._impl.misc import _compute_error_ratio, _optimal_step_size
-from torchdiffeq._impl.rk_common import _ButcherTableau, _RungeKuttaState
 
-from ._solve import Lift, Stepper, _AdaptiveRK, fsal_stepper, no_lift
+from ._rk import AdaptiveRK, Lift, Stepper, fsal_stepper, no_lift
 
 __all__ = ["IMPLICIT_SOLVERS"]
 
@@ -176,21 +145,12 @@ def _ros23_step(
 # ---------------------------------------------------------------------------------
 
 
-def _no_tableau(
-    dtype: torch.dtype, device: torch.device
-) -> tuple[_ButcherTableau, torch.Tensor]:
-    """What torchdiffeq's constructor moves to the device: nothing to speak of."""
-    empty = torch.zeros(0, dtype=dtype, device=device)
-    return _ButcherTableau(alpha=empty, beta=[], c_sol=empty, c_error=empty), empty
-
-
-class _Rosenbrock(_AdaptiveRK):
-    """An adaptive Rosenbrock method (see the module docstring).
-
-    Options beyond `_AdaptiveRK`'s: ``n_implicit`` (None: every component is
-    implicit). torchdiffeq's ``jump_t`` is not supported (diffeqkit never
-    passes it).
-    """
+class _Rosenbrock(AdaptiveRK):
+    """An adaptive Rosenbrock method: `AdaptiveRK`'s controller around a
+    Rosenbrock trial step. ``n_implicit`` (None: every component): only the first
+    ``n_implicit`` components of the flattened state are solved implicitly; the
+    rest are quadratures (their block of ``W`` is the identity), as the parameter
+    gradients of an adjoint solve are. Counts ``njev`` and ``nlu``."""
 
     def __init__(
         self,
@@ -202,63 +162,36 @@ class _Rosenbrock(_AdaptiveRK):
         n_implicit: int | None = None,
         **options: Any,
     ) -> None:
-        if options.get("jump_t") is not None:
-            raise ValueError(f"diffeqkit_{self.alg} does not support jump_t")
         super().__init__(func, y0, rtol, atol, **options)
         self.n_implicit = n_implicit
         self.njev = 0
         self.nlu = 0
-        self.constants = _ros23_constants(y0.dtype, y0.device, no_lift)
 
-    @classmethod
-    def _tables(
-        cls, dtype: torch.dtype, device: torch.device
-    ) -> tuple[_ButcherTableau, torch.Tensor]:
-        return _no_tableau(dtype, device)
+    def _prepare(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.constants = _ros23_constants(dtype, device, no_lift)
 
-    def _attempt(self, rk_state: Any) -> Any:
-        """One step attempt: torchdiffeq's ``_adaptive_step`` with a Rosenbrock
-        step in place of its Runge-Kutta one."""
-        y0, f0, _, t0, dt, interp_coeff = rk_state
-        dt = dt.clamp(self.min_step, self.max_step)
-        self.func.callback_step(t0, y0, dt)
-        t1 = t0 + dt
-        on_step_t = False
-        # Set by torchdiffeq's _before_integrate (possibly empty).
-        step_t = cast("torch.Tensor", self.step_t)
-        if len(step_t):
-            next_step_t = step_t[self.next_step_index]
-            on_step_t = bool(t0 < next_step_t < t0 + dt)
-            if on_step_t:
-                t1 = next_step_t
-                dt = t1 - t0
+    def _trial(
+        self,
+        y0: torch.Tensor,
+        f0: torch.Tensor,
+        t0: torch.Tensor,
+        dt: torch.Tensor,
+        t1: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[], list[Any]]]:
         y1, f1, error, coeffs = _ros23_step(
             self.func, y0, f0, t0, dt, t1, self.constants, self.n_implicit
         )
         self.njev += 1
         self.nlu += 1
-        error_ratio = _compute_error_ratio(
-            error, self.rtol, self.atol, y0, y1, self.norm
-        )
-        accept = bool(error_ratio <= 1)
-        if accept:
-            self.func.callback_accept_step(t0, y0, dt)
-            if on_step_t and self.next_step_index != len(step_t) - 1:
-                self.next_step_index += 1
-            t_next, y_next, f_next, interp_coeff = t1, y1, f1, coeffs
-        else:
-            self.func.callback_reject_step(t0, y0, dt)
-            t_next, y_next, f_next = t0, y0, f0
-        dt_next = _optimal_step_size(
-            dt, error_ratio, self.safety, self.ifactor, self.dfactor, self.order
-        ).clamp(self.min_step, self.max_step)
-        return _RungeKuttaState(y_next, f_next, t0, t_next, dt_next, interp_coeff)
+        if error is None:  # pragma: no cover - asked for
+            raise RuntimeError("no error estimate")
+        return y1, f1, error, lambda: coeffs
 
     @classmethod
     def stepper(
         cls, dtype: torch.dtype, device: torch.device, lift: Lift = no_lift
     ) -> Stepper:
-        """One step as a pure function (see `_solve.Stepper`), for replays."""
+        """One step as a pure function (see `_rk.Stepper`), for replays."""
         constants = _ros23_constants(dtype, device, lift)
 
         def advance(
@@ -274,7 +207,7 @@ class _Rosenbrock(_AdaptiveRK):
 
 class _Rosenbrock23(_Rosenbrock):
     alg = "rosenbrock23"
-    # torchdiffeq's controller exponent is 1/order: the error estimate is O(h^3).
+    # The controller's exponent is 1/order: the error estimate is O(h^3).
     order = 3
 
 

@@ -1,75 +1,31 @@
-"""ContinuousAdjoint for implicit algs: the interpolating adjoint.
+"""InterpolatingAdjoint on torch: the adjoint ODE against the forward dense output.
 
-Requirements met here:
-
-- A backsolve (torchdiffeq's ``odeint_adjoint``, which `_adjoint` runs for
-  explicit algs) re-integrates the state backward in time, where a stiff
-  problem's fast decaying modes grow: on ROBER a backsolve with rosenbrock23
-  failed past t ~ 1e-2. The adjoint equations themselves are stable backward,
-  so here, as on JAX and SciPy (SciMLSensitivity's InterpolatingAdjoint), the
-  state ``u(s)`` comes from the forward solve's dense output and only
-  ``(a, g)`` is integrated, in negated solver time ``tau = -s``::
-
-      da/dtau = (df/du)^T a,  dg/dtau = (df/dp)^T a
-
-  from each integration time to the one before, the cotangent of each row added
-  to ``a`` there; at ``t0``, ``a`` is the gradient with respect to u0 and ``g``
-  that with respect to p's tensors. ``(df/du)^T a`` and ``(df/dp)^T a`` are one
-  ``torch.func.vjp`` of ``f``.
-- Forward pass: the plain solve under ``no_grad``, its recorder keeping every
-  accepted step's bounds and dense-output coefficients (for rosenbrock23 three
-  vectors of u0's size per step): memory O(steps), not O(1) as a backsolve's.
-  `CheckpointedAdjoint` bounds that memory and gives the discrete gradient.
-- ``u(s)`` is read off the recorded step containing ``s``, with ``s`` clamped
-  into the solve's span first: stage times can fall a rounding error outside it,
-  where a polynomial's extrapolation is garbage (this broke the JAX version).
-- Backward pass: the request's implicit method (rosenbrock23) at the
-  sensealg's ``rtol`` (None: the forward one) and ``atol`` (None:
-  `diffeqkit._sensealg.adjoint_atol`, the forward atol scaled to the
-  cotangent), its steps landing on every forward step end (torchdiffeq's
-  ``step_t``): the interpolant's higher derivatives jump there, and an error
-  estimate straddling one reads the jump as error (on JAX, Kvaerno5's adjoint
-  took 10-50x more steps without). rosenbrock23's low-order estimate is less
-  sensitive: on ROBER over [0, 1] landing cost ~12% more steps at the same
-  accuracy (measured), kept so that every step integrates a smooth function, as
-  on the other backends. Its W-matrix Jacobian is over ``a`` only: ``g`` is a
-  quadrature (``n_implicit = n``, see `_implicit`), so each step factorises an
-  ``n x n`` matrix whatever the number of parameters. ``df/dt`` of the
-  adjoint dynamics (the Rosenbrock ``T``) includes the interpolant's slope.
-- Cost: each backward step is a Rosenbrock step on the adjoint system, its
-  Jacobian a ``jacrev`` of a ``vjp`` of ``f`` (second-order AD). The backward
-  solve may take several times the forward steps: a cotangent excites the
-  adjoint's fast modes, a transient the forward solve does not have (ROBER over
-  [0, 1], the loss weighting u[1] by 1e4, rtol=1e-6: 116 forward steps, 535
-  backward).
-- The gradient is that of the continuous problem, up to the forward and
-  backward solves' errors: it converges to the discrete methods' one as the
-  tolerances shrink (order 2 for rosenbrock23), it does not equal it.
-- A backward solve that cannot go on raises `SolveError` (the wording of
-  `_adjoint`); a forward solve that fails returns its partial solution with no
-  gradient. Stats are those of the forward solve; the backward solve's counts
-  and step ends are kept in `LAST_BACKWARD` for tests and benchmarks.
-- Only u0 and the tensors in p are differentiated; tensors that ``f`` closes
-  over get no gradient (pass them in p). Not twice differentiable.
+The state ``u(s)`` is read off the forward solve's dense output (the method's own
+for adaptive algs, cubic Hermite through the step values for fixed steps) and only
+the adjoint ``(a, g)`` is integrated backward, with the forward method: adaptively
+(steps landing on every forward step end) or on the forward grid reversed. Stable
+on stiff problems, where a backsolve is not; memory O(steps).
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..._errors import SolveError
 from ..._pytree import leaves
-from ..._sensealg import ContinuousAdjoint, adjoint_atol
+from ..._sensealg import InterpolatingAdjoint, adjoint_atol
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from ._adjoint import _backward_stopped
-from ._implicit import IMPLICIT_SOLVERS
-from ._solve import Run, Setup, _Rhs, finish, prepare, replace_leaves, run_steps
+from ._adjoint import backward_stopped
+from ._rk import AdaptiveRK, FixedRK, Rhs, Run, State
+from ._solve import Setup, finish, prepare, replace_leaves, run_steps, solver_for
 
 __all__ = ["LAST_BACKWARD", "solve"]
 
@@ -87,7 +43,10 @@ def solve(req: SolveRequest) -> Solution:
         run = run_steps(req, setup, dense)
     if run.status != "success":
         return finish(req, setup, run, run.u)
-    dense.freeze()
+    if req.fixed_step:
+        dense.hermite(setup, run)
+    else:
+        dense.freeze()
     u = _InterpolatingAdjoint.apply(
         (req, setup, run, dense), setup.y0, *leaves(setup.p)
     )
@@ -96,8 +55,8 @@ def solve(req: SolveRequest) -> Solution:
 
 class _DenseOutput:
     """The forward solve's dense output, kept step by step by its recorder hooks
-    (`step`, `accepted`), then tabulated by `freeze` and read as ``u(s)``, ``s``
-    in solver time."""
+    (`step`, `accepted`), then tabulated by `freeze` (adaptive) or `hermite`
+    (fixed steps) and read as ``u(s)``, ``s`` in solver time."""
 
     starts: torch.Tensor
     ends: torch.Tensor
@@ -106,14 +65,42 @@ class _DenseOutput:
     def __init__(self) -> None:
         self.bounds: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.coeffs: list[list[torch.Tensor]] = []
+        self.states: list[torch.Tensor] = []
 
     def step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
-        """torchdiffeq's accept callback: everything comes from `accepted`."""
+        """Every accepted step's start: what fixed steps are read from."""
+        self.bounds.append((t0, t0 + dt))
+        self.states.append(y0)
 
-    def accepted(self, state: Any) -> None:
-        """Keep an accepted step: its bounds and dense-output coefficients."""
-        self.bounds.append((state.t0, state.t1))
-        self.coeffs.append(list(state.interp_coeff))
+    def accepted(self, state: State) -> None:
+        """An adaptive step: its dense-output coefficients."""
+        self.coeffs.append(list(state.coeffs))
+        # Its exact bounds (`step` saw t0 + dt, which may round differently).
+        self.bounds[-1] = (state.t0, state.t1)
+
+    def hermite(self, setup: Setup, run: Run) -> None:
+        """Tabulate the cubic Hermite interpolant through the fixed steps' values
+        and slopes (``f`` evaluated again at every grid point)."""
+        # The grid: every step's start, and t1 (`step` saw t0 + dt, which may
+        # round differently from the next start).
+        grid = [t0 for t0, _ in self.bounds] + [setup.times[-1]]
+        ys = [*self.states, run.u[-1]]
+        rhs = setup.rhs(first=False)
+        with torch.no_grad():
+            fs = [rhs(t, y) for t, y in zip(grid, ys, strict=True)]
+        self.bounds = list(itertools.pairwise(grid))
+        for k, (t0, t1) in enumerate(self.bounds):
+            h = (t1 - t0).to(ys[k].dtype)
+            y0, y1, f0, f1 = ys[k], ys[k + 1], fs[k], fs[k + 1]
+            self.coeffs.append(
+                [
+                    y0,
+                    h * f0,
+                    3 * (y1 - y0) - h * (2 * f0 + f1),
+                    2 * (y0 - y1) + h * (f0 + f1),
+                ]
+            )
+        self.freeze()
 
     def freeze(self) -> None:
         """Stack the steps: `starts`, `ends` of shape ``(steps,)`` and `table` of
@@ -121,7 +108,7 @@ class _DenseOutput:
         self.starts = torch.stack([t0 for t0, _ in self.bounds])
         self.ends = torch.stack([t1 for _, t1 in self.bounds])
         self.table = torch.stack([torch.stack(c) for c in self.coeffs], dim=1)
-        del self.bounds, self.coeffs
+        del self.bounds, self.coeffs, self.states
 
     def __call__(self, s: torch.Tensor) -> torch.Tensor:
         """``u(s)``: the polynomial of the step containing `s` (clamped into the
@@ -180,7 +167,7 @@ def _adjoint(
     grad_u: torch.Tensor,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(dL/dy0, [dL/d inputs[i] for i in wrt])`` by the backward solve."""
-    sensealg = cast("ContinuousAdjoint", req.sensealg)
+    sensealg = cast("InterpolatingAdjoint", req.sensealg)
     dtype, shape = setup.dtype, setup.y0.shape
     n = setup.y0.numel()
     params = [inputs[i].detach() for i in wrt]
@@ -203,15 +190,15 @@ def _adjoint(
 
     # Solver time stays float64 here (the interpolant is read at it); f gets it
     # in the state's dtype, as in the forward solve.
-    rhs = _Rhs(dynamics, None, torch.float64)
-    solver_class = IMPLICIT_SOLVERS[req.alg.name]
+    rhs = Rhs(dynamics, None, torch.float64)
+    solver_class = solver_for(req)
     rtol = req.rtol if sensealg.rtol is None else sensealg.rtol
     atol = (
         float(adjoint_atol(req.atol, grad_u, run.u))
         if sensealg.atol is None
         else sensealg.atol
     )
-    stop = functools.partial(_backward_stopped, req, setup.backward)
+    stop = functools.partial(backward_stopped, req, setup.backward)
     times = setup.times.to(dtype=torch.float64).tolist()
     # Where the backward steps land, in tau: every forward step end.
     forward_ends = dense.ends.tolist()
@@ -225,32 +212,44 @@ def _adjoint(
         backward_ends.append(-float(state.t1))
 
     first_step = None
+    on_grid = issubclass(solver_class, FixedRK)
+    grid = np.array([float(dense.starts[0]), *forward_ends]) if on_grid else None
     # Integration times are strictly increasing in solver time (`build_request`
     # checks saveat; t0 and t1 are not repeated).
     for i in range(len(times) - 1, 0, -1):
         start, end = -times[i], -times[i - 1]
-        lo = bisect.bisect_right(landings, start)
-        hi = bisect.bisect_right(landings, end)
-        solver = solver_class(
-            rhs,
-            z,
-            rtol,
-            atol,
-            first_step=first_step,
-            max_steps=req.max_steps,
-            step_t=torch.tensor(landings[lo:hi], dtype=torch.float64, device=z.device),
-            stop=stop,
-            n_implicit=n,
-        )
-        solver.on_accept = accepted
-        taus = torch.tensor([start, end], dtype=torch.float64, device=z.device)
-        solver._before_integrate(taus)
-        z = solver._advance(taus[1])
-        # The next interval starts where this one's controller left off.
-        first_step = solver.rk_state.dt
-        counts["naccept"] += solver.naccept
-        counts["nreject"] += solver.nsteps - solver.naccept
-        counts["njev"] += solver.njev
+        if grid is not None:
+            # The forward steps of this interval, backward.
+            lo, hi = np.searchsorted(grid, [times[i - 1], times[i]])
+            taus = torch.as_tensor(-grid[lo : hi + 1][::-1], device=z.device)
+            z = cast("type[FixedRK]", solver_class).march(rhs, z, taus)[-1]
+            counts["naccept"] += int(hi - lo)
+            backward_ends.extend(-float(t) for t in taus[1:])
+        else:
+            lo = bisect.bisect_right(landings, start)
+            hi = bisect.bisect_right(landings, end)
+            solver = cast("type[AdaptiveRK]", solver_class)(
+                rhs,
+                z,
+                rtol,
+                atol,
+                first_step=first_step,
+                max_steps=req.max_steps,
+                step_t=torch.tensor(
+                    landings[lo:hi], dtype=torch.float64, device=z.device
+                ),
+                stop=stop,
+                n_implicit=n,
+            )
+            solver.on_accept = accepted
+            taus = torch.tensor([start, end], dtype=torch.float64, device=z.device)
+            solver.begin(taus[0])
+            z = solver.advance(taus[1])
+            # The next interval starts where this one's controller left off.
+            first_step = solver.state.dt
+            counts["naccept"] += solver.naccept
+            counts["nreject"] += solver.nsteps - solver.naccept
+            counts["njev"] += getattr(solver, "njev", 0)
         # The cotangent of this row joins in.
         z = torch.cat([z[:n] + cot[i - 1], z[n:]])
     LAST_BACKWARD.clear()

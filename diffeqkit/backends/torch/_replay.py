@@ -1,21 +1,10 @@
 """Record a solve's step schedule, then replay the fixed schedule.
 
-Requirements met here (shared by `_forward` and `_checkpoint`):
-
-- `record` runs the ordinary solve under ``no_grad`` with a `Recorder` watching:
-  the start time and size of every accepted step (Python floats: two per step)
-  and, when asked, the states at the starts of evenly spaced steps (checkpoints;
-  see `Recorder` for how many). From those it builds a `Schedule`: the steps,
-  and which saved rows each step's dense output produced.
-- `Replayer.run` takes a state at the start of a recorded step and repeats steps
-  ``start..stop-1`` with the recorded times and sizes and nothing else: no error
-  estimate, no step-size decision, no data-dependent control flow, so it runs
-  under autograd, ``torch.func.jvp`` and ``torch.func.vmap`` alike. Its
-  operations are those of the recorded run (`_solve._rk_step`, the same dense
-  output), so replayed states equal the recorded ones bit for bit and the
-  derivative is that of the computed solution with the steps held fixed.
-- Rows not reached by a failed solve (NaN in the solution) depend on no step and
-  get no gradient.
+`record` runs the plain solve under ``no_grad``, keeping every accepted step's
+start time and size (and, if asked, checkpoint states); `Replayer.run` repeats
+recorded steps with the same operations and no control flow, so replayed states
+equal the recorded ones bit for bit and run under autograd, ``torch.func.jvp``
+and ``vmap`` alike (`_forward`, `_checkpoint`).
 """
 
 from __future__ import annotations
@@ -30,16 +19,8 @@ import torch
 from ..._saveat import step_grid
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from ._solve import (
-    ALG_SOLVERS,
-    Lift,
-    Run,
-    Setup,
-    finish,
-    no_lift,
-    prepare,
-    run_steps,
-)
+from ._rk import Lift, Run, no_lift
+from ._solve import Setup, finish, prepare, run_steps, solver_for
 
 
 class Recorder:
@@ -133,7 +114,7 @@ def record(
     """The plain solve under ``no_grad``, with its `Schedule`."""
     req, setup = plan.req, plan.setup
     nsteps = None
-    if req.alg.fixed_step and req.dt0 is not None:
+    if req.fixed_step and req.dt0 is not None:
         times = setup.times.cpu().numpy()
         nsteps = step_grid(times[0], times[-1], req.dt0, times).size - 1
     recorder = Recorder(keep=keep, checkpoints=checkpoints, nsteps=nsteps)
@@ -144,7 +125,7 @@ def record(
     t1 = np.append(t0[1:], run.t_end) if n else t0
     times = setup.times.cpu().numpy()
     # A row is read off the first accepted step ending at or after its time
-    # (torchdiffeq's `_advance`; fixed-step grids contain every save time).
+    # (`AdaptiveRK.advance`; fixed-step grids contain every save time).
     which = np.searchsorted(t1, times[1 : run.reached], side="left")
     reads: list[list[int]] = [[] for _ in range(n)]
     for row, step in enumerate(which.tolist(), start=1):
@@ -176,7 +157,7 @@ class Replayer:
 
     def __init__(self, plan: Plan, schedule: Schedule, lift: Lift = no_lift) -> None:
         setup = plan.setup
-        solver = ALG_SOLVERS[plan.req.alg.name]
+        solver = solver_for(plan.req)
         self.stepper = solver.stepper(setup.dtype, setup.device, lift)
         self.steps = lift(schedule.steps)
         self.times = lift(schedule.times)
