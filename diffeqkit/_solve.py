@@ -168,7 +168,6 @@ def build_request(
     chosen = check_sensealg(sensealg)
     if chosen is None:
         chosen = default_sensealg(name, prob.u0, prob.p)
-    backends.check_sensealg(name, chosen, info)
     if not isinstance(throw, bool):
         raise invalid("throw", "must be True or False", throw, "Pass a bool.")
     if not isinstance(adaptive, bool):
@@ -180,6 +179,7 @@ def build_request(
             "with adaptive=False, or keep adaptive=True."
         )
     fixed_step = info.fixed_step or not adaptive
+    backends.check_sensealg(name, chosen, info, fixed_step)
     tol_fix = "Pass a positive number such as 1e-6."
     _check_positive("rtol", rtol, tol_fix)
     _check_positive("atol", atol, tol_fix)

@@ -139,3 +139,18 @@ def test_readme_support_table_is_the_generated_one():
         "README.md's support table is stale: replace it with the output of "
         'python -c "from diffeqkit._info import support_table as s; print(s())"'
     )
+
+
+@pytest.mark.parametrize("name", list(backends.SPECS))
+@pytest.mark.parametrize(
+    "sensealg",
+    [dk.ContinuousAdjoint(rtol=1e-8), dk.InterpolatingAdjoint(atol=1e-9)],
+    ids=["continuous", "interpolating"],
+)
+def test_backward_tolerances_are_refused_with_constant_steps(name, sensealg):
+    with pytest.raises(dk.InvalidProblemError, match="no effect with constant steps"):
+        dk.solve(_prob(), "rk4", backend=name, dt0=0.1, sensealg=sensealg)
+    with pytest.raises(dk.InvalidProblemError, match="no effect with constant steps"):
+        dk.solve(
+            _prob(), "tsit5", backend=name, adaptive=False, dt0=0.1, sensealg=sensealg
+        )

@@ -221,10 +221,12 @@ def spec_of(name: str) -> BackendSpec:
     return SPECS[ALIASES.get(name, name)]
 
 
-def check_sensealg(name: str, sensealg: Any, alg: AlgInfo | None = None) -> None:
+def check_sensealg(
+    name: str, sensealg: Any, alg: AlgInfo | None = None, fixed_step: bool = False
+) -> None:
     """Refuse a sensealg the backend does not run, one with an option that has no
-    effect there, or one that cannot run `alg`'s kind; each message names what
-    works instead."""
+    effect there (the backward tolerances with constant steps, `fixed_step`), or
+    one that cannot run `alg`'s kind; each message names what works instead."""
     caps = SPECS[name].capabilities
     offered = caps.sensealgs
     if sensealg.name not in offered:
@@ -244,6 +246,12 @@ def check_sensealg(name: str, sensealg: Any, alg: AlgInfo | None = None) -> None
                 in getattr(s.capabilities.sensealgs.get(sensealg.name), "options", ())
             ]
             raise ineffective_option(sensealg, option, value, name, by)
+        elif fixed_step and option in _TOLS:
+            raise InvalidProblemError(
+                f"sensealg=dk.{type(sensealg).__name__}({option}={value!r}) has no "
+                "effect with constant steps (a fixed-step alg, or adaptive=False): "
+                f"the backward solve steps on the forward grid. Leave {option}=None."
+            )
     if alg is not None and alg.kind not in support.kinds:
         others = [s for s, sup in offered.items() if alg.kind in sup.kinds]
         raise unsupported_kind(
