@@ -96,6 +96,73 @@ def test_vjp_of_linear_ode_matches_matrix_exponential_derivative(backend, name):
 
 
 @pytest.mark.parametrize(("backend", "name"), sensealg_params())
+def test_backward_in_time_gradients_match_closed_form(backend, name):
+    need_gradients(backend)
+    t0 = 2.0
+    ts = np.linspace(2.0, 0.0, 5)
+    cot = np.random.default_rng(3).normal(size=(5, 2))
+    prob = dk.ODEProblem(linear, LINEAR_U0, (t0, 0.0), LINEAR_A)
+    _, pullback = dk.vjp(
+        prob, "tsit5", backend=backend, saveat=ts, sensealg=SENSEALGS[name], **TIGHT
+    )
+    grads = pullback(cot)
+    # u(t) = exp(A (t - t0)) u0: the closed form at the (negative) elapsed times.
+    du0, dA = linear_grads(ts - t0, cot)
+    # Backward in time the solution grows like e^{0.5 |t|}: gradients up to ~10,
+    # solved to ~1e-10 relative.
+    np.testing.assert_allclose(to_numpy(grads.u0), du0, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(to_numpy(grads.p), dA, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize(("backend", "name"), sensealg_params())
+def test_save_times_inside_tspan_count_only_where_they_are(backend, name):
+    need_gradients(backend)
+    ts = np.array([0.5, 1.0, 1.7])  # neither t0 nor t1
+    cot = np.random.default_rng(4).normal(size=(3, 2))
+    _, pullback = dk.vjp(
+        linear_problem(),
+        "dopri8",
+        backend=backend,
+        saveat=ts,
+        sensealg=SENSEALGS[name],
+        **TIGHT,
+    )
+    grads = pullback(cot)
+    du0, dA = linear_grads(ts, cot)
+    # As in the matrix-exponential test above.
+    np.testing.assert_allclose(to_numpy(grads.u0), du0, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(to_numpy(grads.p), dA, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize(("backend", "name"), sensealg_params())
+def test_saving_only_t0_gives_the_cotangent_itself(backend, name):
+    need_gradients(backend)
+    _, pullback = dk.vjp(
+        linear_problem(), backend=backend, saveat=[0.0], sensealg=SENSEALGS[name]
+    )
+    grads = pullback(np.array([[2.0, -1.0]]))
+    np.testing.assert_array_equal(to_numpy(grads.u0), [2.0, -1.0])
+    np.testing.assert_array_equal(to_numpy(grads.p), np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize(("backend", "name"), sensealg_params())
+def test_u0_of_any_shape_gets_a_gradient_of_that_shape(backend, name):
+    need_gradients(backend)
+    prob = dk.ODEProblem(linear, LINEAR_U0.reshape(2, 1), (0.0, 2.0), LINEAR_A)
+    ts = np.linspace(0.0, 2.0, 3)
+    cot = np.random.default_rng(5).normal(size=(3, 2, 1))
+    _, pullback = dk.vjp(
+        prob, backend=backend, saveat=ts, sensealg=SENSEALGS[name], **TIGHT
+    )
+    grads = pullback(cot)
+    du0, dA = linear_grads(ts, cot[..., 0])
+    assert tuple(grads.u0.shape) == (2, 1)
+    # As in the matrix-exponential test above.
+    np.testing.assert_allclose(to_numpy(grads.u0)[:, 0], du0, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(to_numpy(grads.p), dA, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize(("backend", "name"), sensealg_params())
 def test_value_and_grad_of_logistic_matches_closed_form_with_dict_p(backend, name):
     need_gradients(backend)
     ts = np.linspace(0.0, 4.0, 5)

@@ -116,32 +116,6 @@ def test_fixed_steps_stop_at_the_last_finite_step(alg):
     assert np.isnan(u[2:]).all()
 
 
-# --- adaptive=False ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("alg", "order", "dt0"),
-    [("bosh3", 3, 0.1), ("dopri5", 5, 0.1), ("tsit5", 5, 0.1), ("dopri8", 8, 0.2)],
-)
-def test_adaptive_false_has_the_order_of_the_method(alg, order, dt0):
-    # u' = cos(t) u, u = exp(sin t): non-autonomous, so the order is not that of
-    # the stability polynomial alone (on the linear problem dopri8 shows 9).
-    # Halving dt0 from 0.1 (dopri8: 0.2) divides the error by 2**order; measured
-    # log2 ratios 3.06, 5.16, 5.28, 8.08.
-    def f(u, p, t):
-        return u * torch.cos(t)
-
-    prob = dk.ODEProblem(f, torch.ones(1, dtype=torch.float64), (0.0, 2.0))
-    ts = np.array([0.0, 1.0, 2.0])
-    errors = []
-    for dt in (dt0, dt0 / 2):
-        sol = dk.solve(prob, alg, adaptive=False, dt0=dt, saveat=ts)
-        assert sol.stats["nreject"] == 0
-        assert sol.stats["naccept"] == round(2.0 / dt)
-        errors.append(np.abs(to_numpy(sol.u)[:, 0] - np.exp(np.sin(ts))).max())
-    assert math.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.35)
-
-
 SENSEALGS = {
     "forward": dk.ForwardMode(),
     "reverse": dk.ReverseThroughSolver(),
@@ -164,24 +138,6 @@ def _grads(alg: str, sensealg, ts, **kw):
     ct = np.cos(np.arange(2.0 * len(ts))).reshape(len(ts), 2) + 0.5
     (sol.u * torch.tensor(ct)).sum().backward()
     return to_numpy(u0.grad), to_numpy(a.grad), linear_grads(ts, ct)
-
-
-@pytest.mark.parametrize("sensealg", list(SENSEALGS))
-def test_every_sensealg_runs_with_adaptive_false(sensealg):
-    ts = np.array([0.0, 0.5, 1.0])
-    du0, da, (exact_u0, exact_a) = _grads(
-        "tsit5", SENSEALGS[sensealg], ts, adaptive=False, dt0=0.05
-    )
-    # tsit5 at h = 0.05: solution error ~1e-9; the Hermite dense output of the
-    # interpolating adjoint is of order 4 (~1e-7 here).
-    np.testing.assert_allclose(du0, exact_u0, atol=1e-6)
-    np.testing.assert_allclose(da, exact_a, atol=1e-6)
-    if sensealg in ("forward", "checkpointed"):
-        ref_u0, ref_a, _ = _grads(
-            "tsit5", dk.ReverseThroughSolver(), ts, adaptive=False, dt0=0.05
-        )
-        np.testing.assert_allclose(du0, ref_u0, rtol=1e-12)
-        np.testing.assert_allclose(da, ref_a, rtol=1e-12)
 
 
 # --- InterpolatingAdjoint on every kind ---------------------------------------------
@@ -219,35 +175,3 @@ def test_interpolating_adjoint_converges_as_the_steps_shrink(alg):
         errors.append(max(np.abs(du0 - exact_u0).max(), np.abs(da - exact_a).max()))
     # Order 4: the step is rk4's / tsit5's, the state between steps cubic Hermite.
     assert errors[1] < errors[0] / 10
-
-
-# --- empty state ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("alg", "sensealg"),
-    [
-        (alg, sensealg)
-        for alg in ("tsit5", "rk4", "rosenbrock23")
-        for sensealg in SENSEALGS
-        # The core refuses the backsolve with an implicit alg.
-        if not (alg == "rosenbrock23" and sensealg == "continuous")
-    ],
-)
-def test_empty_state_solves_trivially(alg, sensealg):
-    p = np.array([2.0])
-    prob = dk.ODEProblem(lambda u, p, t: -p * u, np.zeros(0), (0.0, 1.0), p)
-    kw = {"dt0": 0.1} if alg == "rk4" else {}
-    sol, pull = dk.vjp(
-        prob,
-        alg,
-        saveat=[0.0, 0.5, 1.0],
-        sensealg=SENSEALGS[sensealg],
-        backend="torch",
-        **kw,
-    )
-    assert sol.status == "success"
-    assert tuple(sol.u.shape) == (3, 0)
-    grads = pull(np.zeros((3, 0)))
-    assert tuple(grads.u0.shape) == (0,)
-    assert to_numpy(grads.p).tolist() == [0.0]

@@ -19,7 +19,6 @@ from problems import (
     LINEAR_A,
     LINEAR_U0,
     linear_exact,
-    linear_problem,
     lotka_volterra_problem,
     to_numpy,
 )
@@ -80,10 +79,6 @@ def torch_linear_problem(tspan=(0.0, 2.0)) -> dk.ODEProblem:
 # --- tables and torchdiffeq integration -------------------------------------------
 
 
-def test_alg_table_matches_registry_declaration():
-    assert tuple(torch_backend.ALGS) == backends.SPECS["torch"].capabilities.algs
-
-
 def test_torchdiffeq_is_left_untouched():
     # Importing the backend adds nothing to torchdiffeq's solver table.
     solvers = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS
@@ -120,22 +115,6 @@ def test_describe_lists_devices_and_threads():
 
 
 # --- numerics ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("alg", list(torch_backend.ALGS))
-def test_every_alg_matches_closed_form(alg, backward):
-    tspan = (2.0, 0.0) if backward else (0.0, 2.0)
-    # Start the backward solve from the exact state at t = 2.
-    u0 = linear_exact([tspan[0]])[0]
-    prob = linear_problem(tspan).remake(u0=torch.tensor(u0))
-    ts = np.linspace(*tspan, 7)
-    sol = dk.solve(prob, alg, saveat=ts, **solve_kwargs(alg))
-    assert sol.success
-    assert sol.u.shape == (7, 2)
-    assert np.array_equal(to_numpy(sol.t), ts)
-    error = np.abs(to_numpy(sol.u) - linear_exact(ts)).max()
-    assert error < allowed_error(alg)
 
 
 def test_rk4_is_the_classical_method_not_the_three_eighths_rule():

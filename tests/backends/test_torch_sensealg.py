@@ -3,7 +3,7 @@
 Tolerances: adaptive solves run at rtol=1e-10, atol=1e-12, where the error of the
 computed solution -- and so of its derivative, which is that of the discrete
 solution -- is a small multiple of rtol (measured: up to 1e-10 for dopri5 on
-these problems); we allow 100 * rtol, as tests/test_torch_backend.py does for
+these problems); we allow 100 * rtol, as tests/backends/test_torch_solve.py does for
 values. rk4 runs at dt0=0.01, global error ~ dt0**4; we allow 10 * dt0**4. The
 three methods that differentiate the discrete solution with the steps held fixed
 (ForwardMode, ReverseThroughSolver, CheckpointedAdjoint) compute one derivative
@@ -32,13 +32,11 @@ from problems import (
 )
 
 import diffeqkit as dk
-from diffeqkit import backends
 from diffeqkit._solve import build_request
 from diffeqkit._tableaux import get_tableau
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchdiffeq")
-from diffeqkit.backends import torch as torch_backend  # noqa: E402
 from diffeqkit.backends.torch import _replay  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -85,11 +83,6 @@ def max_rel(a, b) -> float:
 # --- tables --------------------------------------------------------------------------
 
 
-def test_sensealg_table_matches_registry_declaration():
-    names = tuple(cls.name for cls in torch_backend.SENSEALGS)
-    assert set(names) == set(backends.SPECS["torch"].capabilities.sensealgs)
-
-
 # --- against closed forms -------------------------------------------------------------
 
 
@@ -123,17 +116,6 @@ def test_logistic_dict_p_gradients_match_closed_form(sensealg, alg):
     assert np.abs(to_numpy(u0.grad) - exact_u0).max() < allowed(alg) * scale
     for k in ("r", "K"):
         assert abs(float(p[k].grad) - exact_p[k]) < allowed(alg) * scale
-
-
-@pytest.mark.parametrize("sensealg", list(SENSEALGS))
-def test_backward_in_time_gradients_match_closed_form(sensealg):
-    # From u(2) = u0 back to t = 0: u(t) = exp(A (t - 2)) u0, the closed form at
-    # shifted (negative) times.
-    ts = np.linspace(2.0, 0.0, 5)
-    du0, da, _ = linear_backward(SENSEALGS[sensealg], tspan=(2.0, 0.0), ts=ts, **TIGHT)
-    exact_u0, exact_a = linear_grads(ts - 2.0, cotangent(len(ts)))
-    assert np.abs(du0 - exact_u0).max() < allowed("tsit5")
-    assert np.abs(da - exact_a).max() < allowed("tsit5")
 
 
 # --- the derivative of the discrete solution ------------------------------------------
