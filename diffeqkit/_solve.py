@@ -43,12 +43,10 @@ def solve(
     prob : ODEProblem
         The problem.
     alg : str, default "tsit5"
-        A neutral solver name. Fixed step (need `dt0`): ``euler``, ``midpoint``,
-        ``heun``, ``rk4``. Adaptive explicit: ``bosh3``, ``dopri5``, ``tsit5``,
-        ``dopri8``. Implicit (stiff): ``kvaerno3``, ``kvaerno4``, ``kvaerno5``,
-        ``kencarp3``, ``kencarp4``, ``kencarp5``, ``implicit_euler`` (jax),
-        ``rosenbrock23`` (torch), ``bdf``, ``radau``, ``lsoda`` (scipy).
-        `dk.support_matrix()` lists what each backend offers.
+        A neutral solver name: fixed step (``euler``, ``rk4``, ...; need
+        `dt0`), adaptive explicit (``tsit5``, ``dopri5``, ...) or implicit for
+        stiff problems (``kvaerno5``, ``bdf``, ...). `dk.support_matrix()` lists
+        what each backend offers.
     backend : {"jax", "torch", "scipy", "numpy", None}
         None infers it from the arrays in `u0` and `p`: torch tensors -> torch,
         JAX arrays -> jax, anything else -> scipy. ``"numpy"`` is ``"scipy"``.
@@ -71,9 +69,9 @@ def solve(
     max_steps : int
         The most steps the solver may take, >= 1.
     sensealg : SensitivityAlgorithm or None
-        `dk.ForwardMode()`, `dk.ReverseThroughSolver()`, `dk.ContinuousAdjoint()`
-        or `dk.CheckpointedAdjoint()`: how gradients of this solve are computed
-        when it is differentiated
+        `dk.ForwardMode()`, `dk.ReverseThroughSolver()`, `dk.ContinuousAdjoint()`,
+        `dk.InterpolatingAdjoint()` or `dk.CheckpointedAdjoint()`: how gradients
+        of this solve are computed when it is differentiated
         (``jax.grad``, ``loss.backward()``, `dk.vjp`, `dk.value_and_grad`). None
         picks `default_sensealg` for the backend and the problem size; the choice
         is recorded in ``Solution.sensealg``.

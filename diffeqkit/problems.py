@@ -6,23 +6,11 @@ dk.array_namespace(u)``), so the same problem runs on every backend; ``u0`` and
 ``p`` are float64 NumPy arrays (each backend converts them). Importing this module
 imports NumPy only.
 
-Requirements met here:
-
-- The stiff problems of the IVP test set (Mazzia and Magherini, "Test Set for IVP
-  Solvers", release 2.4, University of Bari): ROBER, VDPOL (Van der Pol with
-  mu = 1000) and HIRES, with the test set's reference values at the end time.
-- Non-stiff problems for comparing gradient methods (``python -m diffeqkit
-  compare``): Lotka-Volterra, the cubic spiral of the neural-ODE literature, Lorenz
-  over a short span, a two-compartment pharmacokinetic model and a neural ODE whose
-  weights are the pytree ``p`` (a tanh MLP written against the Array API, so the
-  same weights run on every backend). Each carries synthetic observations,
-  `BuiltinProblem.data`: the solution of a tight solve at ``saveat`` plus seeded
-  Gaussian noise, computed when the builder is called (never at import, which
-  loads no SciPy).
-- Each returns a `BuiltinProblem`; `get(name, **options)` and `names()` look them
-  up by name, for tools and tests that loop over the collection. Every option is
-  a keyword with a documented default; a bad one raises `InvalidProblemError`
-  naming it.
+The stiff problems (ROBER, Van der Pol with mu = 1000, HIRES) come from the IVP
+test set (Mazzia and Magherini, release 2.4) with its reference values; the
+fitting problems (Lotka-Volterra, the cubic spiral, Lorenz, a two-compartment
+PK model, a neural ODE whose weights are the pytree ``p``) carry synthetic
+observations. `get(name, **options)` and `names()` look them up by name.
 
 Examples
 --------
