@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import pytest
 
-import diffeqkit as dk
 from diffeqkit import backends
+from diffeqkit._sensealg import SENSEALGS as CLASSES
 
 if importlib.util.find_spec("jax") is not None:
     import jax
@@ -33,13 +34,12 @@ if unknown:
     raise RuntimeError(f"DIFFEQKIT_REQUIRE_BACKENDS names unknown backends {unknown}")
 
 
-# The gradient methods by short name, for parametrised tests.
+# Every gradient method by short name (the first word of its class name:
+# "forward", "reverse", "continuous", "interpolating", "checkpointed"), with its
+# default options, for parametrised tests.
 SENSEALGS = {
-    "forward": dk.ForwardMode(),
-    "reverse": dk.ReverseThroughSolver(),
-    "continuous": dk.ContinuousAdjoint(),
-    "interpolating": dk.InterpolatingAdjoint(),
-    "checkpointed": dk.CheckpointedAdjoint(),
+    re.sub(r"(?<=[a-z])[A-Z].*", "", cls.__name__).lower(): cls()
+    for cls in CLASSES
 }
 # The methods that differentiate the computed solution with the steps held fixed.
 DISCRETE = ["forward", "reverse", "checkpointed"]
