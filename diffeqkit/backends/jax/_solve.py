@@ -226,21 +226,54 @@ def _butcher(name: str) -> diffrax.ButcherTableau:
     )
 
 
+class _RK4Interpolation(diffrax.AbstractLocalInterpolation):
+    """The classical Runge-Kutta method's third-order continuous extension: the
+    weights ``b(theta)`` of its stages, equal to ``b`` at ``theta = 1``."""
+
+    t0: Any
+    t1: Any
+    y0: Any
+    k: Any  # diffrax's stage increments (f times the step), stage axis first
+
+    @classmethod
+    def from_dense(cls, *, t0: Any, t1: Any, y0: Any, k: Any, **_: Any) -> Any:
+        return cls(t0=t0, t1=t1, y0=y0, k=k)
+
+    def evaluate(self, t0: Any, t1: Any = None, left: bool = True) -> Any:
+        del left
+        if t1 is not None:
+            return jax.tree_util.tree_map(
+                jnp.subtract, self.evaluate(t1), self.evaluate(t0)
+            )
+        th = (t0 - self.t0) / (self.t1 - self.t0)
+        middle = th**2 - 2 * th**3 / 3
+        b = jnp.stack(
+            [
+                th - 3 * th**2 / 2 + 2 * th**3 / 3,
+                middle,
+                middle,
+                2 * th**3 / 3 - th**2 / 2,
+            ]
+        )
+        return jax.tree_util.tree_map(
+            lambda y0, k: y0 + jnp.tensordot(b.astype(k.dtype), k, axes=1),
+            self.y0,
+            self.k,
+        )
+
+
 class RK4(diffrax.AbstractERK):
     """The classical 4th-order Runge-Kutta method, from ``get_tableau("rk4")``.
 
     A fixed-step method (no error estimate): use it with ``diffrax.StepTo`` or
-    ``diffrax.ConstantStepSize``. Its interpolant is linear between the step ends.
+    ``diffrax.ConstantStepSize``. Its interpolant is the method's third-order
+    continuous extension.
     """
 
     tableau: ClassVar[diffrax.ButcherTableau | diffrax.MultiButcherTableau] = _butcher(
         "rk4"
     )
-    interpolation_cls: ClassVar[Callable[..., Any]] = functools.partial(
-        lambda *, t0, t1, y0, y1, **_: diffrax.LocalLinearInterpolation(
-            t0=t0, t1=t1, y0=y0, y1=y1
-        )
-    )
+    interpolation_cls: ClassVar[Callable[..., Any]] = _RK4Interpolation.from_dense
 
     def order(self, terms: Any) -> int:
         del terms
