@@ -32,6 +32,7 @@ diffrax = pytest.importorskip("diffrax")
 import jax.numpy as jnp  # noqa: E402
 
 from diffeqkit.backends import jax as jax_backend  # noqa: E402
+from diffeqkit.backends.jax import _solve  # noqa: E402
 
 pytestmark = pytest.mark.jax
 
@@ -108,18 +109,18 @@ def linear_solution(alg: str, backward: bool = False):
 
 
 def test_alg_table_matches_registry_declaration():
-    assert set(jax_backend._ALGS) == set(backends.SPECS["jax"].capabilities.algs)
+    assert set(jax_backend.ALGS) == set(backends.SPECS["jax"].capabilities.algs)
 
 
 def test_sensealg_table_matches_registry_declaration():
     declared = set(backends.SPECS["jax"].capabilities.sensealgs)
-    assert {cls.name for cls in jax_backend._SENSEALGS} == declared
+    assert {cls.name for cls in jax_backend.SENSEALGS} == declared
 
 
 DIFFRAX_SOLVERS = {
     "midpoint": diffrax.Midpoint,
     "heun": diffrax.Heun,
-    "rk4": jax_backend.RK4,
+    "rk4": _solve.RK4,
     "bosh3": diffrax.Bosh3,
     "dopri5": diffrax.Dopri5,
     "tsit5": diffrax.Tsit5,
@@ -192,7 +193,7 @@ def test_interpolant_orders_are_what_the_table_says(alg):
     0.7 falls as h**(dense_order + 1) when h halves."""
     a = jnp.asarray(LINEAR_A)
     term = diffrax.ODETerm(lambda t, y, args: a @ y)
-    solver = jax_backend._ALGS[alg].solver()
+    solver = jax_backend.ALGS[alg].solver()
     y0 = jnp.asarray(LINEAR_U0)
     errors = []
     for h in (0.2, 0.1, 0.05):
@@ -205,14 +206,14 @@ def test_interpolant_orders_are_what_the_table_says(alg):
         got = np.stack([to_numpy(interp.evaluate(th * h)) for th in thetas])
         errors.append(np.abs(got - exact).max())
     orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:])) - 1
-    expected = jax_backend._ALGS[alg].dense_order
+    expected = jax_backend.ALGS[alg].dense_order
     # Measured orders approach the asymptotic one from above (by up to ~0.7 here).
     assert np.all(orders > expected - 0.3), orders
     assert np.all(orders < expected + 1), orders
 
 
 def test_weak_interpolants_make_steps_land_on_save_times():
-    landing = {a for a in ADAPTIVE if jax_backend._ALGS[a].lands_on_saves}
+    landing = {a for a in ADAPTIVE if jax_backend.ALGS[a].lands_on_saves}
     # dopri8's interpolant is of order 5; every implicit method lands (their
     # interpolants are cubic at best, and stiff problems have few saves).
     assert landing == {"dopri8"} | {a for a in ADAPTIVE if ALGS[a].implicit}
@@ -241,10 +242,10 @@ def test_every_alg_matches_closed_form(alg, backward):
 def test_backward_solves_reuse_the_forward_programs():
     for alg in QUICK:
         linear_solution(alg, False)
-    compiled = set(jax_backend._PROGRAMS.keys())
+    compiled = set(_solve.PROGRAMS.keys())
     for alg in QUICK:
         linear_solution(alg, True)
-    assert set(jax_backend._PROGRAMS.keys()) == compiled
+    assert set(_solve.PROGRAMS.keys()) == compiled
 
 
 @pytest.mark.parametrize("alg", params(ADAPTIVE))
@@ -297,11 +298,11 @@ def test_nfev_counts_real_evaluations(alg):
     the compiled program (`jax.disable_jit` is no use here: diffrax also calls f
     to trace shapes, which a Python counter would count)."""
     sol, counted = linear_solution(alg)
-    fsal = jax_backend._ALGS[alg].fsal
+    fsal = jax_backend.ALGS[alg].fsal
     # Without FSAL, our own check of f(u0, p, t0) is the one evaluation the
     # solver does not use; with FSAL it is the first step's first stage.
     assert sol.stats["nfev"] == counted - (0 if fsal else 1)
-    stages = jax_backend._ALGS[alg].stages
+    stages = jax_backend.ALGS[alg].stages
     assert sol.stats["naccept"] > 0
     assert sol.stats["nfev"] >= (stages - fsal) * sol.stats["naccept"]
 
@@ -349,7 +350,7 @@ def test_new_values_never_retrace_or_recompile():
     prob = dk.ODEProblem(traced_decay, np.array([1.0, 2.0]), (0.0, 1.0), 2.0)
     kw = {"backend": "jax", "saveat": np.linspace(0.0, 1.0, 5), "dt0": 0.1}
     dk.solve(prob, **kw)
-    traces, programs = TRACES[0], set(jax_backend._PROGRAMS.keys())
+    traces, programs = TRACES[0], set(_solve.PROGRAMS.keys())
     changes = [
         {"u0": np.array([3.0, -1.0])},
         {"p": 0.5},
@@ -373,7 +374,7 @@ def test_new_values_never_retrace_or_recompile():
             rtol=1e-4,
         )
     assert TRACES[0] == traces
-    assert set(jax_backend._PROGRAMS.keys()) == programs
+    assert set(_solve.PROGRAMS.keys()) == programs
 
 
 def test_jit_of_solve_traces_f_once():
@@ -395,7 +396,7 @@ def test_jit_of_solve_traces_f_once():
 
 
 def test_the_program_cache_is_a_bounded_lru():
-    cache = jax_backend._Programs(2)
+    cache = _solve.Programs(2)
     fn = jnp.sin
     first = cache.get("a", fn)
     cache.get("b", fn)
@@ -403,7 +404,7 @@ def test_the_program_cache_is_a_bounded_lru():
     cache.get("c", fn)  # evicts "b"
     assert len(cache) == 2
     assert cache.get("a", fn) is first
-    assert jax_backend._CACHE_SIZE == 128
+    assert _solve.CACHE_SIZE == 128
 
 
 # ---------------------------------------------------------------------------------
@@ -621,34 +622,3 @@ def test_describe_lists_devices_backend_and_x64():
     assert "cpu:0" in info["devices"]
     assert info["default_backend"] == jax.default_backend()
     assert info["x64"] is True
-
-
-def test_peak_memory_is_the_buffer_assignment_of_the_programs_run():
-    """`JaxBackend.peak_memory` reads XLA's plan of the programs a call ran. For
-    ReverseThroughSolver that plan holds diffrax's buffer of one checkpoint per
-    possible step, so it grows with max_steps (the cost `compare` must show);
-    a call that runs no program of the backend has no figure."""
-    engine = backends.load("jax")
-    prob = dk.ODEProblem(lambda u, p, t: -p * u, np.ones(3), (0.0, 1.0), 0.5)
-
-    def peak(max_steps: int) -> tuple[float | None, str | None]:
-        def gradient():
-            sol, pullback = dk.vjp(
-                prob,
-                "tsit5",
-                backend="jax",
-                saveat=[1.0],
-                max_steps=max_steps,
-                sensealg=dk.ReverseThroughSolver(),
-            )
-            return pullback(np.ones_like(np.asarray(sol.u)))
-
-        return engine.peak_memory(gradient, None)
-
-    small, method = peak(200)
-    large, _ = peak(2000)
-    assert method == "xla buffer assignment"
-    assert small is not None
-    assert large is not None
-    assert 6 < large / small <= 10  # the checkpoint buffer dominates
-    assert engine.peak_memory(lambda: 1.0, None) == (None, None)

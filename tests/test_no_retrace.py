@@ -24,9 +24,12 @@ import diffeqkit as dk
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from diffeqkit.backends import jax as jax_backend  # noqa: E402
+from diffeqkit.backends.jax import _solve  # noqa: E402
 
 pytestmark = pytest.mark.jax
+
+# Every sensealg the JAX backend runs, InterpolatingAdjoint included.
+SENSEALGS = {**SENSEALGS, "interpolating": dk.InterpolatingAdjoint()}
 
 U0 = np.array([1.0, 2.0])
 T1 = 1.0
@@ -82,14 +85,14 @@ def test_vjp_with_new_u0_and_p_reuses_the_compiled_program(sensealg):
     prob = dk.ODEProblem(f, U0, (0.0, T1), 1.3)
     sol, pullback = dk.vjp(prob, sensealg=sensealg, **KW)
     pullback(2 * np.asarray(sol.u))
-    traces, programs = f.traces, set(jax_backend._PROGRAMS.keys())
+    traces, programs = f.traces, set(_solve.PROGRAMS.keys())
     assert traces > 0  # a fresh f: the first call traced it
     for u0, p in CHANGES:
         sol, pullback = dk.vjp(prob.remake(u0=u0, p=p), sensealg=sensealg, **KW)
         grads = pullback(2 * np.asarray(sol.u))  # L = sum(u**2)
         check_grads(grads.u0, grads.p, u0, p)
     assert f.traces == traces
-    assert set(jax_backend._PROGRAMS.keys()) == programs
+    assert set(_solve.PROGRAMS.keys()) == programs
 
 
 def jitted_grad(prob: dk.ODEProblem, sensealg: Any) -> Callable[..., Any]:

@@ -1,0 +1,256 @@
+"""`JaxBackend`: the eager solve, the solve under a JAX transformation, `dk.vjp`,
+and the sensealg table that makes a solve differentiable."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..._errors import SolveError, UnsupportedError, backward_failed
+from ..._problem import rhs_nonfinite_error
+from ..._saveat import step_grid
+from ..._sensealg import (
+    CheckpointedAdjoint,
+    ContinuousAdjoint,
+    ForwardMode,
+    InterpolatingAdjoint,
+    ReverseThroughSolver,
+)
+from ..._solution import Solution
+from .._protocol import Pullback, SensealgTable, SolveRequest, conclude
+from . import _adjoint, _checkpoint, _forward, _interpolating
+from ._inputs import (
+    concrete_times,
+    convert_leaves,
+    host,
+    is_traced,
+    placement,
+    signature,
+    state_dtype,
+    traced_inputs,
+    visible_devices,
+    x64,
+)
+from ._solve import (
+    ALGS,
+    PROGRAMS,
+    PULLBACK,
+    STATUSES,
+    Config,
+    Job,
+    Method,
+    nfev,
+    program,
+    vjp_program,
+)
+
+__all__ = ["SENSEALGS", "JaxBackend"]
+
+# How each gradient method makes a solve differentiable: job -> (ys, counts).
+SENSEALGS: SensealgTable[Job, tuple[Any, Any]] = {
+    ForwardMode: _forward.solve,
+    ReverseThroughSolver: _checkpoint.reverse,
+    ContinuousAdjoint: _adjoint.solve,
+    InterpolatingAdjoint: _interpolating.solve,
+    CheckpointedAdjoint: _checkpoint.checkpointed,
+}
+
+
+def _stats(method: Method, naccept: int, nreject: int) -> dict[str, Any]:
+    return {
+        "nfev": nfev(method, naccept, nreject),
+        "naccept": naccept,
+        "nreject": nreject,
+    }
+
+
+class JaxBackend:
+    """diffeqkit on JAX, through diffrax.
+
+    Works eagerly and under ``jax.jit``, ``jax.grad`` and ``jax.vmap``: under a
+    transformation the cached program inlines into the caller's trace, a failure
+    raises when it runs (``throw=False`` is refused), and stats are None.
+    """
+
+    name = "jax"
+
+    def solve(self, req: SolveRequest) -> Solution:
+        """Solve `req`; ``t`` and ``u`` of the `Solution` are JAX arrays.
+
+        Raises
+        ------
+        UnsupportedError
+            float64 without JAX's x64 mode; a device JAX does not see;
+            ``throw=False``, or fixed steps with traced times, under a JAX
+            transformation.
+        InvalidProblemError
+            ``f(u0, p, t0)`` has the wrong shape or dtype, or is not finite.
+        SolveError
+            The integration failed and ``req.throw`` is True.
+        """
+        dtype = state_dtype(req)
+        method = ALGS[req.alg.name]
+        if is_traced(req):
+            return self._solve_traced(req, method, dtype)
+
+        # Per-call work is kept to NumPy conversions, a dictionary lookup, one
+        # compiled call and one transfer back (the eager path is benchmarked).
+        leaves, treedef = jax.tree_util.tree_flatten(req.p)
+        device, put = placement(req, leaves)
+        u0 = req.u0 if isinstance(req.u0, jax.Array) else host(req.u0, dtype)
+        leaves = convert_leaves(leaves, dtype)
+        t0, t1, saveat = concrete_times(req)
+        grid = (
+            np.asarray(step_grid(t0, t1, req.dt0, saveat), dtype=dtype)
+            if req.fixed_step and req.dt0 is not None
+            else None
+        )
+        ts = saveat.astype(dtype, copy=False)
+        dt0 = 0.0 if req.dt0 is None else req.dt0
+        scalars = np.array([t0, t1, req.rtol, req.atol, dt0], dtype=dtype)
+        args = (u0, treedef.unflatten(leaves), scalars, ts, grid)
+        run = self._program(req, method, dtype, u0, args[1], ts, grid, device)
+        t, u, info = run(*(jax.device_put(args, device) if put else args))
+        info = np.asarray(info)
+        code, naccept, nreject, rhs_finite = (int(v) for v in info[:4])
+        if not rhs_finite:
+            raise rhs_nonfinite_error(req.t0)
+        return conclude(
+            req,
+            t=t,
+            u=u,
+            stats=_stats(method, naccept, nreject),
+            status=STATUSES[code],
+            t_reached=float(info[4:].view(dtype)[0]),
+        )
+
+    def _solve_traced(self, req: SolveRequest, method: Method, dtype: str) -> Solution:
+        """`solve` under a JAX transformation: the program inlines into the trace."""
+        if not req.throw:
+            raise UnsupportedError(
+                "throw=False is not supported under a JAX transformation (jax.jit, "
+                "jax.grad, jax.vmap, ...): the status of the solve is a traced value "
+                "and cannot be read while tracing. Call dk.solve outside the "
+                "transformation to get the status and partial solution, or keep "
+                "throw=True: a failed solve then raises when the compiled program runs."
+            )
+        u0, p, scalars, ts, grid = traced_inputs(req, dtype)
+        run = self._program(req, method, dtype, u0, p, ts, grid, None, "traced")
+        t, u, _ = run(u0, p, scalars, ts, grid)
+        # Only a successful solve returns at all (diffrax raises at run time).
+        stats = {"nfev": None, "naccept": None, "nreject": None}
+        return conclude(req, t=t, u=u, stats=stats, status="success")
+
+    def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
+        """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
+
+        One compiled program (cached like `solve`'s) runs the solve and keeps what
+        the reverse pass needs; a second one, compiled once per structure, runs
+        the pullback. Gradients are JAX arrays: ``du0`` of u0's shape, ``dp``
+        with p's structure.
+        """
+        dtype = state_dtype(req)
+        method = ALGS[req.alg.name]
+        if is_traced(req):
+            raise UnsupportedError(
+                "dk.vjp cannot run under a JAX transformation; inside jax.jit, "
+                "jax.grad or jax.vmap call dk.solve and differentiate it with "
+                "jax.grad or jax.vjp instead (the sensealg does the work there too)."
+            )
+        device, _ = placement(req, jax.tree_util.tree_leaves(req.p))
+        u0, p, scalars, ts, grid = traced_inputs(req, dtype)
+        run = self._program(req, method, dtype, u0, p, ts, grid, device, "vjp")
+        u0, p, scalars, ts, grid = jax.device_put((u0, p, scalars, ts, grid), device)
+        u, pullback, (t, counts) = run(u0, p, scalars, ts, grid)
+        code, naccept, nreject = (int(v) for v in np.asarray(counts))
+        sol = conclude(
+            req,
+            t=t,
+            u=u,
+            stats=_stats(method, naccept, nreject),
+            status=STATUSES[code],
+        )
+
+        def pull(cotangent: Any) -> tuple[Any, Any]:
+            ct = jax.device_put(jnp.asarray(cotangent, dtype=u.dtype), device)
+            try:
+                return jax.block_until_ready(PULLBACK(pullback, ct))
+            except jax.errors.JaxRuntimeError as err:
+                raise SolveError(backward_failed(req.sensealg, str(err))) from err
+
+        return sol, pull
+
+    def loss_grad(
+        self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
+    ) -> tuple[Any, Any]:
+        """``loss(sol)`` and its gradient with respect to ``sol.u``, by JAX."""
+        del req
+        return jax.value_and_grad(lambda u: loss(dataclasses.replace(sol, u=u)))(sol.u)
+
+    @staticmethod
+    def _program(
+        req: SolveRequest,
+        method: Method,
+        dtype: str,
+        u0: Any,
+        p: Any,
+        ts: Any,
+        grid: Any,
+        device: Any,
+        mode: str = "eager",
+    ) -> Callable[..., Any]:
+        """The cached compiled program for this problem structure."""
+        leaves, treedef = jax.tree_util.tree_flatten(p)
+        # An eager solve is not differentiated: one program serves every sensealg.
+        sensealg = None if mode == "eager" else req.sensealg
+        fixed_step = req.fixed_step
+        adaptive_dt0 = not fixed_step and req.dt0 is not None
+        # The core asks for landing where the shared tableau's dense output is weak;
+        # diffrax's interpolants are not the shared ones, so their own orders count.
+        land = not fixed_step and (method.lands_on_saves or req.land_on_saves)
+        key = (
+            req.f,
+            req.jac,
+            req.alg.name,
+            signature(u0),
+            treedef,
+            tuple(signature(x) for x in leaves),
+            len(ts),
+            None if grid is None else len(grid),
+            req.max_steps,
+            fixed_step,
+            adaptive_dt0,
+            land,
+            device,
+            mode,
+            sensealg,
+            dtype,
+        )
+        cfg = Config(
+            req.f,
+            method,
+            dtype,
+            req.max_steps,
+            fixed_step,
+            adaptive_dt0,
+            land,
+            mode,
+            sensealg,
+            None if sensealg is None else SENSEALGS[type(sensealg)],
+        )
+        run = vjp_program if mode == "vjp" else program
+        return PROGRAMS.get(key, functools.partial(run, cfg))
+
+    def describe(self) -> dict[str, Any]:
+        """Visible devices, JAX's default platform and whether x64 is on."""
+        return {
+            "devices": visible_devices(),
+            "default_backend": jax.default_backend(),
+            "x64": x64(),
+        }

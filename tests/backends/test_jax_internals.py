@@ -1,0 +1,226 @@
+"""The JAX backend's own parts: InterpolatingAdjoint on every alg kind, constant
+steps of adaptive algs (``adaptive=False``), empty states, and the sensealg table.
+
+Gradients are checked against the closed form of the linear problem
+(`problems.linear_grads`), in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from problems import linear_exact, linear_grads, linear_problem
+
+import diffeqkit as dk
+from diffeqkit import backends
+
+jax = pytest.importorskip("jax")
+pytest.importorskip("diffrax")
+
+from diffeqkit.backends import jax as jax_backend  # noqa: E402
+from diffeqkit.backends.jax import _solve  # noqa: E402
+
+pytestmark = pytest.mark.jax
+
+SAVES = np.linspace(0.0, 2.0, 9)
+COTANGENT = np.random.default_rng(0).standard_normal((9, 2))
+
+
+def gradient_error(alg: str, sensealg: dk.SensitivityAlgorithm, **kw) -> float:
+    """Largest error of dL/du0 and dL/dA, relative to each one's largest entry,
+    for L = sum <COTANGENT_i, u(t_i)> on the linear problem."""
+    sol, pullback = dk.vjp(
+        linear_problem(), alg, backend="jax", saveat=SAVES, sensealg=sensealg, **kw
+    )
+    assert sol.status == "success"
+    grads = pullback(COTANGENT)
+    du0, da = linear_grads(SAVES, COTANGENT)
+    got_u0, got_a = np.asarray(grads.u0), np.asarray(grads.p)
+    return max(
+        np.abs(got_u0 - du0).max() / np.abs(du0).max(),
+        np.abs(got_a - da).max() / np.abs(da).max(),
+    )
+
+
+def test_the_tables_match_the_registry_declaration():
+    caps = backends.SPECS["jax"].capabilities
+    assert set(jax_backend.ALGS) == set(caps.algs)
+    assert {cls.name for cls in jax_backend.SENSEALGS} == set(caps.sensealgs)
+
+
+# ---------------------------------------------------------------------------------
+# InterpolatingAdjoint.
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alg", "kw", "allowed"),
+    [
+        # Measured: 1.2e-11 (tsit5), 1.2e-9 (dopri8), 5.6e-8 (kvaerno5).
+        ("tsit5", {"rtol": 1e-10, "atol": 1e-12}, 1e-9),
+        ("dopri8", {"rtol": 1e-10, "atol": 1e-12}, 1e-7),
+        ("kvaerno5", {"rtol": 1e-8, "atol": 1e-10}, 1e-6),
+    ],
+)
+def test_interpolating_adjoint_matches_closed_form_adaptive(alg, kw, allowed):
+    assert gradient_error(alg, dk.InterpolatingAdjoint(), **kw) < allowed
+
+
+@pytest.mark.parametrize(
+    ("alg", "kw", "order"),
+    [
+        # The adjoint steps backward over the forward grid, reading the state off
+        # the method's interpolant: linear for euler (order 1), rk4's third-order
+        # continuous extension (measured order 4.0), tsit5's quartic with
+        # constant steps (measured 5.2).
+        ("euler", {}, 1),
+        ("rk4", {}, 4),
+        ("tsit5", {"adaptive": False}, 4),
+    ],
+)
+def test_interpolating_adjoint_on_a_fixed_grid_converges(alg, kw, order):
+    coarse = gradient_error(alg, dk.InterpolatingAdjoint(), dt0=0.05, **kw)
+    fine = gradient_error(alg, dk.InterpolatingAdjoint(), dt0=0.025, **kw)
+    assert fine < 1e-3 or alg == "euler"
+    assert np.log2(coarse / fine) > order - 0.3, (coarse, fine)
+
+
+def test_interpolating_adjoint_rtol_atol_take_effect():
+    # The forward solve is tight; the adjoint's own tolerances change its steps
+    # (measured 1.2e-11 with the forward ones, 2.5e-11 with these).
+    tight = {"rtol": 1e-10, "atol": 1e-12}
+    default = gradient_error("tsit5", dk.InterpolatingAdjoint(), **tight)
+    loose = gradient_error(
+        "tsit5", dk.InterpolatingAdjoint(rtol=1e-4, atol=1e-6), **tight
+    )
+    assert default < 1e-9
+    assert loose < 1e-9
+    assert loose != default
+
+
+def test_continuous_adjoint_with_an_implicit_alg_is_refused_by_the_core():
+    with pytest.raises(dk.UnsupportedError, match="InterpolatingAdjoint"):
+        dk.vjp(
+            linear_problem(), "kvaerno5", backend="jax", sensealg=dk.ContinuousAdjoint()
+        )
+
+
+def test_an_option_without_effect_is_invalid():
+    with pytest.raises(dk.InvalidProblemError, match="rtol"):
+        dk.vjp(
+            linear_problem(),
+            backend="jax",
+            sensealg=dk.CheckpointedAdjoint(rtol=1e-6),
+        )
+
+
+# ---------------------------------------------------------------------------------
+# adaptive=False.
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alg", "order", "steps"),
+    [
+        # Step lengths (dividing t1 = 2) in each method's asymptotic range, above
+        # rounding. dopri8's leading error term is so small that its h**9 term
+        # dominates until rounding: 9.3 measured here (9.3, 9.0, 8.9 halving from
+        # h = 1 on the logistic problem), hence the upper allowance.
+        ("bosh3", 3, (0.025, 0.0125)),
+        ("dopri5", 5, (0.1, 0.05)),
+        ("tsit5", 5, (0.1, 0.05)),
+        ("dopri8", 8, (0.4, 0.2)),
+    ],
+)
+def test_constant_steps_have_the_methods_order(alg, order, steps):
+    errors = []
+    for dt0 in steps:
+        sol = dk.solve(
+            linear_problem(), alg, backend="jax", saveat=[2.0], dt0=dt0, adaptive=False
+        )
+        assert sol.stats["naccept"] == round(2.0 / dt0)
+        assert sol.stats["nreject"] == 0
+        errors.append(np.abs(np.asarray(sol.u[-1]) - linear_exact([2.0])[0]).max())
+    measured = np.log2(errors[0] / errors[1])
+    assert order - 0.3 < measured < order + 1.5, (errors, measured)
+
+
+def test_constant_steps_save_the_step_values_and_have_their_own_program():
+    prob = linear_problem()
+    kw = {"backend": "jax", "saveat": SAVES, "dt0": 0.125}
+    before = set(_solve.PROGRAMS.keys())
+    steps = dk.solve(prob, "tsit5", adaptive=False, **kw)
+    adaptive = dk.solve(prob, "tsit5", **kw)
+    assert len(set(_solve.PROGRAMS.keys()) - before) == 2
+    # The saves are step ends: each one is the value a solve ending there reaches.
+    for i in (3, 8):
+        t = float(SAVES[i])
+        alone = dk.solve(
+            prob.remake(tspan=(0.0, t)),
+            "tsit5",
+            adaptive=False,
+            **{**kw, "saveat": SAVES[: i + 1]},
+        )
+        np.testing.assert_array_equal(np.asarray(alone.u[-1]), np.asarray(steps.u[i]))
+    assert steps.stats["naccept"] == 16
+    assert adaptive.stats["naccept"] != 16
+
+
+# ---------------------------------------------------------------------------------
+# An empty state.
+# ---------------------------------------------------------------------------------
+
+EMPTY_SENSEALGS = [
+    dk.ForwardMode(),
+    dk.ReverseThroughSolver(),
+    dk.ContinuousAdjoint(),
+    dk.InterpolatingAdjoint(),
+    dk.CheckpointedAdjoint(),
+]
+
+
+def empty_decay(u, p, t):
+    return -p * u
+
+
+@pytest.mark.parametrize(("alg", "dt0"), [("tsit5", None), ("rk4", 0.25)])
+def test_an_empty_state_solves_trivially(alg, dt0):
+    prob = dk.ODEProblem(empty_decay, np.zeros(0), (0.0, 1.0), 2.0)
+    sol = dk.solve(prob, alg, backend="jax", saveat=[0.0, 0.5, 1.0], dt0=dt0)
+    assert sol.status == "success"
+    assert sol.u.shape == (3, 0)
+
+
+@pytest.mark.parametrize("sensealg", EMPTY_SENSEALGS, ids=lambda s: s.name)
+def test_an_empty_state_has_empty_and_zero_gradients(sensealg):
+    prob = dk.ODEProblem(empty_decay, np.zeros(0), (0.0, 1.0), 2.0)
+    for alg, kw in [("tsit5", {}), ("rk4", {"dt0": 0.25})]:
+        sol, pullback = dk.vjp(
+            prob, alg, backend="jax", saveat=[0.0, 0.5, 1.0], sensealg=sensealg, **kw
+        )
+        assert sol.status == "success"
+        assert sol.u.shape == (3, 0)
+        grads = pullback(np.zeros((3, 0)))
+        assert np.asarray(grads.u0).shape == (0,)
+        assert float(grads.p) == 0.0
+
+
+def test_an_empty_state_without_parameters():
+    prob = dk.ODEProblem(lambda u, p, t: -u, np.zeros(0), (0.0, 1.0))
+    for sensealg in (dk.ForwardMode(), dk.InterpolatingAdjoint()):
+        _, pullback = dk.vjp(prob, backend="jax", saveat=[1.0], sensealg=sensealg)
+        grads = pullback(np.zeros((1, 0)))
+        assert np.asarray(grads.u0).shape == (0,)
+
+
+def test_an_empty_state_with_an_implicit_alg():
+    rates = np.array([2.0, 3.0])
+    prob = dk.ODEProblem(
+        lambda u, p, t: -p[0] * p[1] * u, np.zeros(0), (0.0, 1.0), rates
+    )
+    sol, pullback = dk.vjp(
+        prob, "kvaerno5", backend="jax", sensealg=dk.InterpolatingAdjoint()
+    )
+    assert sol.status == "success"
+    grads = pullback(np.zeros((2, 0)))
+    np.testing.assert_array_equal(np.asarray(grads.p), np.zeros(2))
