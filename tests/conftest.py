@@ -38,8 +38,7 @@ if unknown:
 # "forward", "reverse", "continuous", "interpolating", "checkpointed"), with its
 # default options, for parametrised tests.
 SENSEALGS = {
-    re.sub(r"(?<=[a-z])[A-Z].*", "", cls.__name__).lower(): cls()
-    for cls in CLASSES
+    re.sub(r"(?<=[a-z])[A-Z].*", "", cls.__name__).lower(): cls() for cls in CLASSES
 }
 # The methods that differentiate the computed solution with the steps held fixed.
 DISCRETE = ["forward", "reverse", "checkpointed"]

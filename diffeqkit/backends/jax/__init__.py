@@ -14,6 +14,3 @@ from ._solve import ALGS
 __all__ = ["ALGS", "BACKEND", "SENSEALGS", "JaxBackend"]
 
 BACKEND = JaxBackend()
-
-# The alg table under the name tests/test_solve.py reads for every backend.
-_ALGS = ALGS
