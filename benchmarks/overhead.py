@@ -452,7 +452,7 @@ def _cycle(items: list[Any]) -> Callable[[], Any]:
 def jax_gradient_group(bp: Any) -> Group:
     """dk.solve under jitted jax.value_and_grad against diffrax called directly.
 
-    What dk's JAX backend runs (diffeqkit/backends/jax.py), and the direct
+    What dk's JAX backend runs (diffeqkit/backends/jax/), and the direct
     equivalent here: Tsit5; ``PIDController(rtol, atol)`` (dk's subclass adds a
     guard that stops a step rejected below 10 ulps: a few extra operations per
     step, counted as dk's overhead); ``SaveAt(ts=...)``; ``max_steps=100_000``;

@@ -121,12 +121,14 @@ def test_linear_gradients_match_the_matrix_exponential(name, autodiff, alg):
     extra, tol = ALGS[alg]
     ts = np.linspace(0.0, 2.0, 6)
     cot = np.random.default_rng(0).normal(size=(6, 2))
+    # Backward tolerances mean nothing with constant steps (and are refused).
+    backward = {} if name == "ForwardMode" or "dt0" in extra else TIGHT
     sol, pullback = dk.vjp(
         linear_problem(),
         alg,
         backend="scipy",
         saveat=ts,
-        sensealg=sensealg(name, autodiff, **({} if name == "ForwardMode" else TIGHT)),
+        sensealg=sensealg(name, autodiff, **backward),
         **TIGHT,
         **extra,
     )
@@ -136,9 +138,7 @@ def test_linear_gradients_match_the_matrix_exponential(name, autodiff, alg):
     np.testing.assert_allclose(grads.p, dA, rtol=0, atol=tol)
     assert grads.u0.shape == (2,)
     assert grads.p.shape == (2, 2)
-    assert sol.sensealg == sensealg(
-        name, autodiff, **({} if name == "ForwardMode" else TIGHT)
-    )
+    assert sol.sensealg == sensealg(name, autodiff, **backward)
     assert sol.success
 
 
