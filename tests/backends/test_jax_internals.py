@@ -78,16 +78,16 @@ def test_interpolating_adjoint_on_a_fixed_grid_converges(alg, kw, order):
 
 
 def test_interpolating_adjoint_rtol_atol_take_effect():
-    # The forward solve is tight; the adjoint's own tolerances change its steps
-    # (measured 1.2e-11 with the forward ones, 2.5e-11 with these).
+    # The forward solve is tight; the adjoint's own, looser tolerances make its
+    # steps larger and its error larger (measured 1.2e-11 with the forward ones,
+    # 2.8e-7 with these: rtol 1e-4 on a 5th-order method).
     tight = {"rtol": 1e-10, "atol": 1e-12}
     default = gradient_error("tsit5", dk.InterpolatingAdjoint(), **tight)
     loose = gradient_error(
         "tsit5", dk.InterpolatingAdjoint(rtol=1e-4, atol=1e-6), **tight
     )
     assert default < 1e-9
-    assert loose < 1e-9
-    assert loose != default
+    assert default < loose < 1e-5
 
 
 # ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
@@ -30,6 +31,19 @@ _TIMES = (
     "sensealg=dk.ReverseThroughSolver() or dk.CheckpointedAdjoint() for gradients "
     "with respect to times."
 )
+
+
+class _PresortedClip(diffrax.ClipStepSizeController):
+    """`diffrax.ClipStepSizeController` whose `step_ts` are already in the order
+    of the direction it will be wrapped for. diffrax sorts them in `wrap`, once
+    per solve: with one solve per interval between save times and ``max_steps``
+    entries that sort dominated the pullback (Lotka-Volterra, 101 saves: 1.4 s,
+    growing linearly with max_steps)."""
+
+    def wrap(self, direction: Any) -> Any:
+        # `step_ts` holds the times already multiplied by `direction` and sorted.
+        controller = self.controller.wrap(direction)
+        return eqx.tree_at(lambda s: s.controller, self, controller)
 
 
 def solve(job: Job) -> tuple[Any, Any]:
@@ -78,18 +92,22 @@ def solve(job: Job) -> tuple[Any, Any]:
         # The times to integrate between: t0, then the save times.
         grid = jnp.concatenate([t0[None], ts])
         cts_all = jnp.concatenate([jnp.zeros_like(ct[:1]), ct])
-        # Steps end on the forward steps' ends: the interpolant's higher
-        # derivatives jump there, which an error estimate straddling one reads as
-        # error (ROBER over [0, 1e-3]: max_steps without, the forward count with).
-        controller = diffrax.ClipStepSizeController(
-            method.controller(
-                rtol if sensealg.rtol is None else sensealg.rtol,
-                adjoint_atol(atol, ct, sol.ys)
-                if sensealg.atol is None
-                else sensealg.atol,
-            ),
-            step_ts=sol.interpolation.ts,
+        pid = method.controller(
+            rtol if sensealg.rtol is None else sensealg.rtol,
+            adjoint_atol(atol, ct, sol.ys) if sensealg.atol is None else sensealg.atol,
         )
+        controller: Any = pid
+        if method.implicit:
+            # Steps end on the forward steps' ends: the interpolant's higher
+            # derivatives jump there, which an implicit method's error estimate
+            # straddling one reads as error (ROBER over [0, 1e-3]: max_steps
+            # without, the forward count with). Carrying max_steps step times
+            # costs O(max_steps) per interval (Lotka-Volterra with tsit5: 99 ms
+            # against 5 ms per pullback), which explicit algs, whose estimates
+            # cope, are spared. The times are direction-multiplied and sorted
+            # here, once, not in every interval.
+            backward = jnp.where(t1 > t0, -1, 1).astype(t0.dtype)
+            controller = _PresortedClip(pid, step_ts=sol.interpolation.ts * backward)
 
         def interval(state: Any, k: Any) -> tuple[Any, None]:
             a, g = state
