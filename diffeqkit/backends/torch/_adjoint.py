@@ -66,16 +66,26 @@ class _Backsolve(torch.autograd.Function):
         ctx: Any, grad_u: torch.Tensor
     ) -> tuple[Any, ...]:
         req, setup, run = ctx.solved
-        inputs = list(ctx.inputs)
-        needs = ctx.needs_input_grad[1:]
-        wrt = [i for i in range(1, len(inputs)) if needs[i]]
-        du0, dps = _backsolve(req, setup, run, inputs, wrt, grad_u)
-        grads: list[Any] = [None] * len(inputs)
-        if needs[0]:
-            grads[0] = du0
-        for i, g in zip(wrt, dps, strict=True):
-            grads[i] = g
-        return (None, *grads)
+        return input_gradients(
+            ctx,
+            lambda inputs, wrt: _backsolve(req, setup, run, inputs, wrt, grad_u),
+        )
+
+
+def input_gradients(ctx: Any, integrate: Any) -> tuple[Any, ...]:
+    """The return of an adjoint Function's backward: `integrate(inputs, wrt)`
+    gives ``(du0, [dp_i for i in wrt])`` for the p leaves `wrt` that need one;
+    placed in the Function's input order (its first input gets None)."""
+    inputs = list(ctx.inputs)
+    needs = ctx.needs_input_grad[1:]
+    wrt = [i for i in range(1, len(inputs)) if needs[i]]
+    du0, dps = integrate(inputs, wrt)
+    grads: list[Any] = [None] * len(inputs)
+    if needs[0]:
+        grads[0] = du0
+    for i, g in zip(wrt, dps, strict=True):
+        grads[i] = g
+    return (None, *grads)
 
 
 def _backsolve(

@@ -23,7 +23,7 @@ from ..._pytree import leaves
 from ..._sensealg import InterpolatingAdjoint, adjoint_atol
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from ._adjoint import backward_stopped
+from ._adjoint import backward_stopped, input_gradients
 from ._rk import AdaptiveRK, FixedRK, Rhs, Run, State
 from ._solve import Setup, finish, prepare, replace_leaves, run_steps, solver_for
 
@@ -145,16 +145,10 @@ class _InterpolatingAdjoint(torch.autograd.Function):
         ctx: Any, grad_u: torch.Tensor
     ) -> tuple[Any, ...]:
         req, setup, run, dense = ctx.solved
-        inputs = list(ctx.inputs)
-        needs = ctx.needs_input_grad[1:]
-        wrt = [i for i in range(1, len(inputs)) if needs[i]]
-        du0, dps = _adjoint(req, setup, run, dense, inputs, wrt, grad_u)
-        grads: list[Any] = [None] * len(inputs)
-        if needs[0]:
-            grads[0] = du0
-        for i, g in zip(wrt, dps, strict=True):
-            grads[i] = g
-        return (None, *grads)
+        return input_gradients(
+            ctx,
+            lambda inputs, wrt: _adjoint(req, setup, run, dense, inputs, wrt, grad_u),
+        )
 
 
 def _adjoint(
