@@ -10,7 +10,8 @@ Three measurements, each written to ``benchmarks/results/sensealg.json``:
    through `dk.solve`; torch: ``loss.backward()``; SciPy: `dk.value_and_grad`).
 2. ``crossover``: gradient time against the number of inputs (u0.size + number of
    parameters) for the neural ODE of widths 1..64, per backend x sensealg; where
-   ForwardMode stops winning sets the registry's `forward_mode_max_inputs` (`diffeqkit/backends/__init__.py`).
+   ForwardMode stops winning sets the registry's `forward_mode_max_inputs`
+   (`diffeqkit/backends/__init__.py`).
 3. ``memory``: peak memory of the gradient of a long integration (rk4, 10,000
    fixed steps, neural ODE with a 32-dimensional state and 64 hidden units), each
    variant in its own subprocess: the rise of the peak resident set size

@@ -107,7 +107,9 @@ def solve(job: Job) -> tuple[Any, Any]:
             # cope, are spared. The times are direction-multiplied and sorted
             # here, once, not in every interval.
             backward = jnp.where(t1 > t0, -1, 1).astype(t0.dtype)
-            controller = _PresortedClip(pid, step_ts=sol.interpolation.ts * backward)
+            # (pyright reads equinox's dataclass fields, not diffrax's __init__.)
+            clip: Any = _PresortedClip
+            controller = clip(pid, step_ts=sol.interpolation.ts * backward)
 
         def interval(state: Any, k: Any) -> tuple[Any, None]:
             a, g = state
