@@ -49,9 +49,15 @@ def test_solve_and_gradient_load_neither_the_tools_nor_rich():
 import sys
 import numpy as np
 import diffeqkit as dk
-prob = dk.ODEProblem(lambda u, p, t: -p * u, np.array([1.0]), (0.0, 1.0), 0.5)
+# prob.jac differentiates f: no framework needed, whichever session runs this.
+prob = dk.ODEProblem(
+    lambda u, p, t: -0.5 * u, np.array([1.0]), (0.0, 1.0),
+    jac=lambda u, p, t: -0.5 * np.eye(1),
+)
 sol = dk.solve(prob, "tsit5", backend="scipy")
-sol, pullback = dk.vjp(prob, "tsit5", backend="scipy", sensealg=dk.ForwardMode())
+sol, pullback = dk.vjp(
+    prob, "tsit5", backend="scipy", sensealg=dk.ForwardMode(autodiff="jac")
+)
 pullback(np.ones_like(sol.u))
 loaded = sorted(
     m for m in sys.modules if m == "rich" or m.startswith(("rich.", "diffeqkit.tools"))
