@@ -70,6 +70,34 @@ def need_gradients(backend: str) -> str:
     return backend
 
 
+# The same by class name ("ForwardMode", ...).
+BY_NAME = {cls.name: cls() for cls in CLASSES}
+
+
+def sensealg_params() -> list:
+    """(backend, sensealg class name) for every sensealg each backend declares."""
+    return [
+        pytest.param(b, name, id=f"{b}-{name}", marks=getattr(pytest.mark, b))
+        for b, spec in backends.SPECS.items()
+        for name in spec.capabilities.sensealgs
+    ]
+
+
+def as_backend(backend: str, x):
+    """`x` as the backend's array (float64) so that backend=None would pick it."""
+    import numpy as np
+
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(x, dtype=jnp.float64)
+    if backend == "torch":
+        import torch
+
+        return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    return np.asarray(x, dtype=np.float64)
+
+
 def runs(backend: str, sensealg: str, alg: str) -> bool:
     """Whether the registry declares that `backend` runs the sensealg (by short
     name) with `alg`."""
