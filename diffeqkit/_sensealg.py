@@ -18,7 +18,6 @@ from ._errors import InvalidProblemError, invalid, short
 from ._pytree import leaves
 
 __all__ = [
-    "AUTODIFF_ENGINES",
     "SENSEALGS",
     "CheckpointedAdjoint",
     "ContinuousAdjoint",
@@ -30,10 +29,6 @@ __all__ = [
     "input_size",
     "options_set",
 ]
-
-# What computes f's Jacobian products on the SciPy backend: AD of the user's
-# Array-API f with one of these frameworks, or prob.jac ("jac").
-AUTODIFF_ENGINES = ("jax", "torch", "jac")
 
 
 def _check_tol(owner: str, name: str, value: Any) -> None:
@@ -55,10 +50,17 @@ def _check_tol(owner: str, name: str, value: Any) -> None:
 
 
 def _check_autodiff(owner: str, value: Any) -> None:
-    if value is not None and value not in AUTODIFF_ENGINES:
+    if value is None:
+        return
+    from .backends import SPECS  # what some backend honours: data in the registry
+
+    engines = list(
+        dict.fromkeys(e for s in SPECS.values() for e in s.capabilities.autodiff)
+    )
+    if value not in engines:
         raise invalid(
             f"{owner}(autodiff=...)",
-            "must be 'jax', 'torch', 'jac' or None",
+            "must be " + ", ".join(repr(e) for e in engines) + " or None",
             value,
             "None picks the backend's own framework (on SciPy: jax if installed, "
             "else torch, else prob.jac).",
