@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
-from .._algs import AlgInfo
+from .._algs import AlgInfo, Kind
 from .._arrays import dtype_name, is_array
 from .._errors import SolveError, solve_failed
 from .._pytree import tree_map
@@ -29,8 +29,7 @@ __all__ = [
 ]
 
 
-Kind = Literal["fixed", "adaptive", "implicit"]
-_ALL_KINDS: tuple[Kind, ...] = ("fixed", "adaptive", "implicit")
+_ALL_KINDS: tuple[Kind, ...] = get_args(Kind)
 
 
 @dataclass(frozen=True)
