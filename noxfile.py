@@ -3,15 +3,18 @@ demand.
 
 Each test runs where it means something, once where it can:
 
-- `tests(backend)` installs ONLY that backend's extra into a fresh virtualenv and
-  requires its tests to run (DIFFEQKIT_REQUIRE_BACKENDS), which proves the other
-  backends optional. It runs the tests marked with that backend and the unmarked
-  ones (the core, with only that backend present), not those marked slow.
-- `tests_all`, with every backend installed, runs what needs them together: the
-  slow tests (stiff suites, secondary implicit algs), the SciPy tests (whose
-  gradients differentiate f with JAX or PyTorch) and the unmarked ones
-  (cross-backend agreement). The fast JAX- and torch-only tests already ran in
-  their own sessions.
+- `tests(backend)` installs ONLY that backend's extra (with the integrations that
+  need only that framework: equinox and NumPyro with JAX, and what the examples
+  use) into a fresh virtualenv and requires its tests to run
+  (DIFFEQKIT_REQUIRE_BACKENDS), which proves the other backends optional. It runs
+  the tests marked with that backend and the unmarked ones (the core, with only
+  that backend present), not those marked slow.
+- `tests_all`, with every backend and integration installed, runs what needs them
+  together: the slow tests (stiff suites, secondary implicit algs), the SciPy
+  tests (whose gradients differentiate f with JAX or PyTorch), the PyMC tests
+  (marked pymc; PyMC runs on every backend) and the unmarked ones (cross-backend
+  agreement). The fast JAX- and torch-only tests already ran in their own
+  sessions.
 
 PyTorch is installed first as the pinned CPU build so pip never resolves a
 multi-GB CUDA wheel.
@@ -33,10 +36,20 @@ TORCH = "torch==2.13.0"  # the CPU build; see README
 RUFF = "ruff==0.17.6"
 PYRIGHT = "basedpyright==1.40.2"
 BACKENDS = ["jax", "torch", "scipy"]
+# What each backend's session installs beside the backend: the integrations
+# that need only that framework (equinox and NumPyro need JAX) and what the
+# examples use, so their tests and examples run there.
+WITH = {
+    "jax": "jax,equinox,numpyro,examples",
+    "torch": "torch,examples",
+    "scipy": "scipy",
+}
+# The integrations whose tests run only in tests_all (PyMC works on every backend).
+INTEGRATIONS = ["pymc"]
 # One worker per core; a whole test file goes to one worker (see the docstring).
 XDIST = ["-n", "auto", "--dist", "loadfile"]
 # Tests marked with no backend.
-_UNMARKED = "not (" + " or ".join(BACKENDS) + ")"
+_UNMARKED = "not (" + " or ".join(BACKENDS + INTEGRATIONS) + ")"
 
 
 def _install(session: nox.Session, extras: str) -> None:
@@ -49,7 +62,7 @@ def _install(session: nox.Session, extras: str) -> None:
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
     """Run the test suite with only one backend installed."""
-    _install(session, f"{backend},test,cli")  # cli: the compare command's tests
+    _install(session, f"{WITH[backend]},test,cli")  # cli: the compare command
     session.run(
         "pytest",
         *XDIST,
@@ -61,11 +74,12 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 def tests_all(session: nox.Session) -> None:
     """Run the test suite with every backend installed (cross-backend agreement)."""
-    _install(session, "all,test,plot")  # plot: compare --plot is tested here
+    # plot: compare --plot is tested here
+    _install(session, "all,equinox,numpyro,pymc,examples,test,plot")
     session.run(
         "pytest",
         *XDIST,
-        *(session.posargs or ["-m", "slow or scipy or not (jax or torch)"]),
+        *(session.posargs or ["-m", "slow or scipy or pymc or not (jax or torch)"]),
         env={"DIFFEQKIT_REQUIRE_BACKENDS": ",".join(BACKENDS)},
     )
 
@@ -81,8 +95,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """basedpyright (standard mode) on diffeqkit/ with every backend installed."""
-    _install(session, "all")
+    """basedpyright (standard mode) on diffeqkit/ with every backend and
+    integration installed."""
+    _install(session, "all,equinox,numpyro,pymc")
     session.install(PYRIGHT)
     session.run("basedpyright", *(session.posargs or ["diffeqkit"]))
 
