@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
+from . import backends
 from ._arrays import FLOAT_DTYPES, dtype_name, is_array, is_concrete, to_numpy
-from ._errors import InvalidProblemError, invalid, short
-from ._pytree import tree_paths
+from ._errors import InvalidProblemError, invalid, listing, short
 
 __all__ = ["ODEProblem", "check_rhs_output", "rhs_nonfinite_error"]
 
@@ -38,7 +38,12 @@ class ODEProblem:
     p : None, array or pytree, optional
         Parameters handed to `f` in the backend's array type with their structure
         (nested dict / list / tuple) intact. A list is a pytree: ``p=[1.5, 1.0]`` is
-        two scalar parameters; pass ``np.array([1.5, 1.0])`` for one vector.
+        two scalar parameters; pass ``np.array([1.5, 1.0])`` for one vector. On
+        JAX, `p` may be any registered pytree (an ``equinox.Module``, a
+        ``NamedTuple``, a registered dataclass, optax or flax structures), handed
+        to `f` as it is: its arrays and numbers are the inputs, its other leaves
+        (activation functions, flags) static. The arrays of one `p` belong to
+        one framework (NumPy arrays and numbers go with any).
     jac : callable, optional
         ``jac(u, p, t) -> df/du`` of shape ``u.shape + u.shape``, used by implicit
         solvers instead of automatic differentiation.
@@ -187,7 +192,9 @@ def _check_u0(u0: Any) -> None:
 
 
 def _check_p(p: Any) -> None:
-    for path, leaf in tree_paths(p):
+    found = backends.params(p)
+    _check_one_framework(found)
+    for path, leaf, *_ in found:
         if leaf is None:
             continue
         if is_array(leaf):
@@ -219,6 +226,38 @@ def _check_p(p: Any) -> None:
                 f"{path} must be finite; got {leaf!r}. Fix the parameter values "
                 "before solving."
             )
+
+
+def _check_one_framework(found: list[Any]) -> None:
+    """p's arrays, and the framework pytrees holding them, all belong to one
+    framework; the first leaf of another one is named."""
+    first: tuple[str, str] | None = None  # ("<path> is <what>", framework)
+    for param in found:
+        array = backends.framework(param._replace(owner=None))
+        owner = param.owner
+        if array and owner and array != owner:
+            _mixed(
+                f"{param.path} is a {array} array inside a {owner} pytree "
+                f"(at {param.node})",
+                array,
+                owner,
+            )
+        kind = array or owner
+        if kind is None:
+            continue
+        what = f"a {array} array" if array else f"inside a {owner} pytree"
+        if first is None:
+            first = (f"{param.path} is {what}", kind)
+        elif kind != first[1]:
+            _mixed(f"{param.path} is {what}, but {first[0]}", kind, first[1])
+
+
+def _mixed(where: str, *kinds: str) -> NoReturn:
+    raise InvalidProblemError(
+        f"{where}: p mixes {listing(sorted(set(kinds)))}. A solve runs in one "
+        "framework; convert every array of p to it (NumPy arrays and numbers go "
+        "with any)."
+    )
 
 
 def check_rhs_output(du: Any, u0: Any, t0: Any) -> None:

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 from ._arrays import array_namespace, is_array
 from ._errors import InvalidProblemError, invalid, short
-from ._pytree import leaves
 
 __all__ = [
     "SENSEALGS",
@@ -307,7 +306,9 @@ def input_size(u0: Any, p: Any) -> int:
             return sum(size(v) for v in x)
         return 1
 
-    return size(u0) + sum(size(x) for x in leaves(p))
+    from .backends import params  # through framework pytrees (equinox.Module, ...)
+
+    return size(u0) + sum(size(x.leaf) for x in params(p))
 
 
 def default_sensealg(backend: str, u0: Any, p: Any) -> SensitivityAlgorithm:

@@ -160,6 +160,7 @@ def build_request(
         )
     info = get_alg(alg)
     name = backends.resolve_name(backend, prob.u0, prob.p)
+    backends.check_native_p(name, prob.p)
     backends.check_alg(name, info.name)
     dev = _normalise_device(device)
     backends.check_device(name, dev)

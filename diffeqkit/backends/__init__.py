@@ -1,9 +1,10 @@
 """The backend registry: the only place that knows the backend names.
 
 Each backend is a `BackendSpec`: module path, pip extra, required import names, an
-array test that imports nothing, and its capabilities as data (algs, devices, the
-sensealgs with their options, the default rule's crossover). Loading is lazy and
-cached; "installed?" is `importlib.util.find_spec`, never an import.
+array test and a pytree test that import nothing, and its capabilities as data
+(algs, devices, the sensealgs with their options, the default rule's crossover).
+Loading is lazy and cached; "installed?" is `importlib.util.find_spec`, never an
+import.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import array_api_compat as aac
 from .._algs import ALGS, AlgInfo
 from .._errors import (
     InvalidProblemError,
+    UnsupportedError,
     backend_not_installed,
     ineffective_option,
     listing,
@@ -28,8 +30,9 @@ from .._errors import (
     unsupported_kind,
     unsupported_sensealg,
 )
-from .._pytree import leaves
+from .._pytree import Param, param_paths, tree_paths
 from .._sensealg import options_set
+from . import _trees
 from ._protocol import Backend, Capabilities, Kind, SensealgSupport
 
 __all__ = [
@@ -37,11 +40,14 @@ __all__ = [
     "BackendSpec",
     "check_alg",
     "check_device",
+    "check_native_p",
     "check_sensealg",
     "implicit_algs",
     "infer_backend",
     "installed",
     "load",
+    "native_tree",
+    "params",
     "resolve_name",
     "spec_of",
 ]
@@ -72,7 +78,13 @@ _NATIVE_SENSEALGS = {
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """How to find, install and recognise one backend."""
+    """How to find, install and recognise one backend.
+
+    `is_array` tells the framework's arrays; `tree`, given an object the core's
+    dict / list / tuple walk does not know, returns its input leaves with their
+    paths when the framework knows it as a pytree (None otherwise; see
+    `_trees`). Neither imports the framework.
+    """
 
     name: str
     module: str
@@ -80,6 +92,7 @@ class BackendSpec:
     requires: tuple[str, ...]
     is_array: Callable[[object], bool] | None
     capabilities: Capabilities
+    tree: Callable[[Any], list[tuple[str, Any]] | None] | None = None
 
 
 SPECS: Mapping[str, BackendSpec] = {
@@ -99,6 +112,7 @@ SPECS: Mapping[str, BackendSpec] = {
             reference_algs=("dopri8", "kvaerno5"),
             reference_rank=1,
         ),
+        tree=_trees.jax_tree,
     ),
     "torch": BackendSpec(
         "torch",
@@ -171,19 +185,58 @@ def resolve_name(backend: object, u0: Any, p: Any) -> str:
 
 
 def infer_backend(u0: Any, p: Any) -> str:
-    """torch tensors -> torch, JAX arrays -> jax, anything else -> scipy."""
-    found = {
-        spec.name
-        for leaf in [u0, *leaves(p)]
-        for spec in SPECS.values()
-        if spec.is_array is not None and spec.is_array(leaf)
-    }
+    """torch tensors -> torch, JAX arrays -> jax, anything else -> scipy; a
+    framework's own pytree in p (an equinox.Module, ...) -> that framework."""
+    found = {kind for x in [Param("u0", u0), *params(p)] if (kind := framework(x))}
     if len(found) > 1:
         raise InvalidProblemError(
             f"u0 and p mix arrays of {listing(sorted(found))}; backend=None cannot "
             "tell which to use. Convert them to one framework, or pass backend=..."
         )
     return found.pop() if found else DEFAULT
+
+
+def native_tree(obj: Any) -> tuple[str, list[tuple[str, Any]]] | None:
+    """``(backend, input leaves with paths)`` when an imported framework knows
+    `obj` as a pytree; None otherwise."""
+    for spec in SPECS.values():
+        if spec.tree is not None:
+            pairs = spec.tree(obj)
+            if pairs is not None:
+                return spec.name, pairs
+    return None
+
+
+def params(p: Any) -> list[Param]:
+    """p's leaves with paths, through framework pytrees (`param_paths`)."""
+    return param_paths(p, native_tree)
+
+
+def framework(param: Param) -> str | None:
+    """The backend whose framework a leaf belongs to: its array type's, else the
+    owner of the pytree holding it; None for NumPy and Python values."""
+    for spec in SPECS.values():
+        if spec.is_array is not None and spec.is_array(param.leaf):
+            return spec.name
+    return param.owner
+
+
+def check_native_p(name: str, p: Any) -> None:
+    """Refuse a framework's own pytree in p on a backend of another framework."""
+    for param in params(p):
+        if param.owner is not None and param.owner != name:
+            raise UnsupportedError(
+                f"{param.node} is a {param.owner} pytree ({_type_of(p, param)}), "
+                f"which backend='{name}' cannot hand to f: it takes p as None, an "
+                "array, or a dict / list / tuple of arrays. Pass "
+                f"backend='{param.owner}' (or backend=None), or give p as a dict of "
+                "arrays."
+            )
+
+
+def _type_of(p: Any, param: Param) -> str:
+    cls = type(dict(tree_paths(p)).get(param.node or "p"))
+    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
 
 
 def installed(name: str) -> bool:

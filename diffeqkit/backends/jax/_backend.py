@@ -26,12 +26,14 @@ from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest, conclude
 from . import _adjoint, _checkpoint, _forward, _interpolating
 from ._inputs import (
+    Params,
     concrete_times,
     convert_leaves,
     host,
     is_traced,
     placement,
     signature,
+    split_p,
     state_dtype,
     traced_inputs,
     visible_devices,
@@ -101,10 +103,10 @@ class JaxBackend:
 
         # Per-call work is kept to NumPy conversions, a dictionary lookup, one
         # compiled call and one transfer back (the eager path is benchmarked).
-        leaves, treedef = jax.tree_util.tree_flatten(req.p)
-        device, put = placement(req, leaves)
+        inputs, params = split_p(req.p)
+        device, put = placement(req, inputs)
         u0 = req.u0 if isinstance(req.u0, jax.Array) else host(req.u0, dtype)
-        leaves = convert_leaves(leaves, dtype)
+        inputs = convert_leaves(inputs, dtype)
         t0, t1, saveat = concrete_times(req)
         grid = (
             np.asarray(step_grid(t0, t1, req.dt0, saveat), dtype=dtype)
@@ -114,8 +116,8 @@ class JaxBackend:
         ts = saveat.astype(dtype, copy=False)
         dt0 = 0.0 if req.dt0 is None else req.dt0
         scalars = np.array([t0, t1, req.rtol, req.atol, dt0], dtype=dtype)
-        args = (u0, treedef.unflatten(leaves), scalars, ts, grid)
-        run = self._program(req, method, dtype, u0, args[1], ts, grid, device)
+        args = (u0, inputs, scalars, ts, grid)
+        run = self._program(req, method, dtype, u0, inputs, params, ts, grid, device)
         t, u, info = run(*(jax.device_put(args, device) if put else args))
         info = np.asarray(info)
         code, naccept, nreject, rhs_finite = (int(v) for v in info[:4])
@@ -140,9 +142,11 @@ class JaxBackend:
                 "transformation to get the status and partial solution, or keep "
                 "throw=True: a failed solve then raises when the compiled program runs."
             )
-        u0, p, scalars, ts, grid = traced_inputs(req, dtype)
-        run = self._program(req, method, dtype, u0, p, ts, grid, None, "traced")
-        t, u, _ = run(u0, p, scalars, ts, grid)
+        (u0, inputs, scalars, ts, grid), params = traced_inputs(req, dtype)
+        run = self._program(
+            req, method, dtype, u0, inputs, params, ts, grid, None, "traced"
+        )
+        t, u, _ = run(u0, inputs, scalars, ts, grid)
         # Only a successful solve returns at all (diffrax raises at run time).
         stats = {"nfev": None, "naccept": None, "nreject": None}
         return conclude(req, t=t, u=u, stats=stats, status="success")
@@ -163,11 +167,13 @@ class JaxBackend:
                 "jax.grad or jax.vmap call dk.solve and differentiate it with "
                 "jax.grad or jax.vjp instead (the sensealg does the work there too)."
             )
-        device, _ = placement(req, jax.tree_util.tree_leaves(req.p))
-        u0, p, scalars, ts, grid = traced_inputs(req, dtype)
-        run = self._program(req, method, dtype, u0, p, ts, grid, device, "vjp")
-        u0, p, scalars, ts, grid = jax.device_put((u0, p, scalars, ts, grid), device)
-        u, pullback, (t, counts) = run(u0, p, scalars, ts, grid)
+        (u0, inputs, scalars, ts, grid), params = traced_inputs(req, dtype)
+        device, _ = placement(req, inputs)
+        run = self._program(
+            req, method, dtype, u0, inputs, params, ts, grid, device, "vjp"
+        )
+        args = jax.device_put((u0, inputs, scalars, ts, grid), device)
+        u, pullback, (t, counts) = run(*args)
         code, naccept, nreject = (int(v) for v in np.asarray(counts))
         sol = conclude(
             req,
@@ -180,9 +186,10 @@ class JaxBackend:
         def pull(cotangent: Any) -> tuple[Any, Any]:
             ct = jax.device_put(jnp.asarray(cotangent, dtype=u.dtype), device)
             try:
-                return jax.block_until_ready(PULLBACK(pullback, ct))
+                du0, dp = jax.block_until_ready(PULLBACK(pullback, ct))
             except jax.errors.JaxRuntimeError as err:
                 raise SolveError(backward_failed(req.sensealg, str(err))) from err
+            return du0, params.grads(dp)
 
         return sol, pull
 
@@ -199,14 +206,15 @@ class JaxBackend:
         method: Method,
         dtype: str,
         u0: Any,
-        p: Any,
+        inputs: list[Any],
+        params: Params,
         ts: Any,
         grid: Any,
         device: Any,
         mode: str = "eager",
     ) -> Callable[..., Any]:
-        """The cached compiled program for this problem structure."""
-        leaves, treedef = jax.tree_util.tree_flatten(p)
+        """The cached compiled program for this problem structure: p's `Params`
+        and the signatures of its inputs, not their values."""
         # An eager solve is not differentiated: one program serves every sensealg.
         sensealg = None if mode == "eager" else req.sensealg
         fixed_step = req.fixed_step
@@ -219,8 +227,8 @@ class JaxBackend:
             req.jac,
             req.alg.name,
             signature(u0),
-            treedef,
-            tuple(signature(x) for x in leaves),
+            params,
+            tuple(signature(x) for x in inputs),
             len(ts),
             None if grid is None else len(grid),
             req.max_steps,
@@ -233,7 +241,7 @@ class JaxBackend:
             dtype,
         )
         cfg = Config(
-            req.f,
+            params.bind(req.f),
             method,
             dtype,
             req.max_steps,

@@ -1,13 +1,20 @@
-"""Inputs of a JAX solve: the state dtype, the device, and host values as arrays.
+"""Inputs of a JAX solve: the state dtype, the device, host values as arrays, and
+p split into its inputs and its static part.
 
 The state dtype follows the inputs (lists get JAX's default float); float64 without
 JAX's x64 mode is refused, and the flag is never changed here. The device is the
-one asked for, else that of the JAX inputs, else JAX's default.
+one asked for, else that of the JAX inputs, else JAX's default. `p` may be any
+registered pytree (an ``equinox.Module`` with activation functions among its
+leaves): its arrays and numbers are the traced inputs of the compiled program, a
+flat list; its structure and other leaves (`Params`) are part of the program's
+key, so new parameter values never recompile, as under ``eqx.filter_jit``.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -16,17 +23,26 @@ import numpy as np
 from jax.core import Tracer
 
 from ..._arrays import to_numpy
-from ..._errors import UnsupportedError, listing, unavailable_device
+from ..._errors import (
+    InvalidProblemError,
+    UnsupportedError,
+    listing,
+    short,
+    unavailable_device,
+)
 from ..._saveat import step_grid
 from .._protocol import SolveRequest
+from .._trees import is_input
 
 __all__ = [
+    "Params",
     "concrete_times",
     "convert_leaves",
     "host",
     "is_traced",
     "placement",
     "signature",
+    "split_p",
     "state_dtype",
     "traced_inputs",
     "visible_devices",
@@ -134,6 +150,73 @@ def convert_leaves(leaves: list[Any], dtype: str) -> list[Any]:
     return [x if isinstance(x, jax.Array) else host(x, dtype) for x in leaves]
 
 
+@dataclass(frozen=True)
+class Params:
+    """What of `p` shapes the compiled program: its tree structure, which leaves
+    are inputs (arrays and numbers) and the other, static leaves (functions,
+    flags, strings), compared by value (functions by identity)."""
+
+    treedef: Any
+    is_input: tuple[bool, ...]
+    static: tuple[Any, ...]
+
+    def merge(self, inputs: Sequence[Any]) -> Any:
+        """p rebuilt from its inputs and the static leaves."""
+        values, static = iter(inputs), iter(self.static)
+        return self.treedef.unflatten(
+            [next(values) if k else next(static) for k in self.is_input]
+        )
+
+    def grads(self, grads: Sequence[Any]) -> Any:
+        """The inputs' gradients in p's structure, None for static leaves (as
+        ``eqx.filter_grad`` gives)."""
+        values = iter(grads)
+        return self.treedef.unflatten(
+            [next(values) if k else None for k in self.is_input]
+        )
+
+    def bind(self, f: Callable[..., Any]) -> Callable[..., Any]:
+        """``f(u, p, t)`` as a function of p's inputs, ``(u, inputs, t)``."""
+
+        def rhs(u: Any, inputs: Any, t: Any) -> Any:
+            return f(u, self.merge(inputs), t)
+
+        return rhs
+
+
+def split_p(p: Any) -> tuple[list[Any], Params]:
+    """p's inputs, a list (JAX values as they are), and its `Params`."""
+    leaves, treedef = jax.tree_util.tree_flatten(p)
+    mask = tuple(is_input(x) for x in leaves)
+    static = tuple(x for x, k in zip(leaves, mask, strict=True) if not k)
+    params = Params(treedef, mask, static)
+    try:
+        hash(params)
+    except TypeError:
+        raise _unhashable(p) from None
+    return [x for x, k in zip(leaves, mask, strict=True) if k], params
+
+
+def _unhashable(p: Any) -> InvalidProblemError:
+    for path, x in jax.tree_util.tree_flatten_with_path(p)[0]:
+        if is_input(x):
+            continue
+        try:
+            hash(x)
+        except TypeError:
+            return InvalidProblemError(
+                f"p{jax.tree_util.keystr(path)} is a static (non-array) leaf of p "
+                f"that cannot be hashed: {short(x)}. On JAX, p's leaves that are "
+                "not arrays or numbers are part of the compiled program's key, as "
+                "under eqx.filter_jit. Make it hashable, mark the field static, or "
+                "hold it outside p (in a closure over f)."
+            )
+    return InvalidProblemError(
+        "p's structure cannot be hashed (a pytree node with unhashable auxiliary "
+        "data). Make its static fields hashable."
+    )
+
+
 def signature(x: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(x.shape), x.dtype
 
@@ -143,10 +226,12 @@ def concrete_times(req: SolveRequest) -> tuple[float, float, np.ndarray]:
     return float(req.t0), float(req.t1), np.asarray(req.saveat, dtype=np.float64)
 
 
-def traced_inputs(req: SolveRequest, dtype: str) -> tuple[Any, Any, Any, Any, Any]:
-    """``(u0, p, scalars, ts, grid)`` for a program run under a transformation or
-    by `dk.vjp`: JAX values as they are, others as NumPy arrays (so p's
-    Python-number leaves are differentiable 0-d arrays)."""
+def traced_inputs(
+    req: SolveRequest, dtype: str
+) -> tuple[tuple[Any, Any, Any, Any, Any], Params]:
+    """``(u0, inputs, scalars, ts, grid)`` for a program run under a transformation
+    or by `dk.vjp`, and p's `Params`: JAX values as they are, others as NumPy
+    arrays (so p's Python-number leaves are differentiable 0-d arrays)."""
     grid = None
     if req.fixed_step:
         if (
@@ -164,8 +249,8 @@ def traced_inputs(req: SolveRequest, dtype: str) -> tuple[Any, Any, Any, Any, An
         t0, t1, saveat = concrete_times(req)
         grid = np.asarray(step_grid(t0, t1, req.dt0, saveat), dtype=dtype)
     u0 = req.u0 if isinstance(req.u0, jax.Array) else host(req.u0, dtype)
-    leaves, treedef = jax.tree_util.tree_flatten(req.p)
-    p = treedef.unflatten(convert_leaves(leaves, dtype))
+    inputs, params = split_p(req.p)
+    inputs = convert_leaves(inputs, dtype)
     if req.saveat is None:  # traced tspan, default saveat: [t0, t1]
         ts = jnp.stack([jnp.asarray(req.t0, dtype), jnp.asarray(req.t1, dtype)])
     elif isinstance(req.saveat, jax.Array):
@@ -174,4 +259,4 @@ def traced_inputs(req: SolveRequest, dtype: str) -> tuple[Any, Any, Any, Any, An
         ts = np.asarray(req.saveat, dtype=dtype)
     dt0 = 0.0 if req.dt0 is None else req.dt0
     scalars = (req.t0, req.t1, req.rtol, req.atol, dt0)
-    return u0, p, scalars, ts, grid
+    return (u0, inputs, scalars, ts, grid), params
