@@ -37,8 +37,9 @@ class NeuralODE(eqx.Module):
     Parameters
     ----------
     vector_field : callable
-        An ``equinox.Module`` (or any callable JAX pytree) mapping the state ``u``
-        to du/dt of the same shape, called as ``vector_field(u)``. Its arrays are
+        An ``equinox.Module`` (or any callable JAX pytree; a plain function is
+        wrapped in ``eqx.nn.Lambda``) mapping the state ``u`` to du/dt of the
+        same shape, called as ``vector_field(u)``. Its arrays are
         the layer's trainable parameters; its other fields (activation
         functions, sizes) are static. ``u`` has the shape of ``u0``, a leading
         batch axis included: the vector field maps a batch itself (with
@@ -124,6 +125,9 @@ class NeuralODE(eqx.Module):
                 f"alg, saveat, sensealg and the solve keywords "
                 f"{', '.join(_SOLVE_KWARGS)}; it always runs on backend='jax'."
             )
+        if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(vector_field)):
+            # A plain function (no parameters): p must be a pytree, not a leaf.
+            vector_field = eqx.nn.Lambda(vector_field)
         self.vector_field = vector_field
         self.tspan = _static_tspan(tspan)
         self.alg = alg

@@ -21,6 +21,7 @@ MODULES = {
     "diffeqkit._solve": "scipy",
     "diffeqkit._info": "scipy",
     "diffeqkit._gradients": "scipy",
+    "diffeqkit.equinox": "jax",
 }
 # Modules whose examples take gradients on SciPy.
 GRADIENTS = {"diffeqkit._gradients"}
