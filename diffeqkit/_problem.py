@@ -12,6 +12,7 @@ import numpy as np
 from ._arrays import FLOAT_DTYPES, dtype_name, is_array, is_concrete, to_numpy
 from ._errors import InvalidProblemError, invalid, short
 from ._pytree import tree_paths
+from .backends import framework_params
 
 __all__ = ["ODEProblem", "check_rhs_output", "rhs_nonfinite_error"]
 
@@ -188,7 +189,9 @@ def _check_u0(u0: Any) -> None:
 
 def _check_p(p: Any) -> None:
     for path, leaf in tree_paths(p):
-        if leaf is None:
+        if leaf is None or framework_params(leaf)[0] is not None:
+            # A framework's own parameter container (a torch.nn.Module): its
+            # backend checks it (dtype, device) when it solves.
             continue
         if is_array(leaf):
             kind = dtype_name(leaf.dtype)

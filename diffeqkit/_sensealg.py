@@ -293,11 +293,15 @@ def check_sensealg(sensealg: Any) -> SensitivityAlgorithm | None:
 
 def input_size(u0: Any, p: Any) -> int:
     """How many numbers a gradient is taken with respect to: ``u0.size`` plus the
-    sizes of p's leaves."""
+    sizes of p's leaves (a module's: its parameters')."""
+    from .backends import framework_params
 
     def size(x: Any) -> int:
         if x is None:
             return 0
+        owner, named = framework_params(x)
+        if owner is not None:
+            return sum(size(a) for _, a in named)
         if is_array(x):
             return math.prod(x.shape)
         shape = getattr(x, "shape", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "check_alg",
     "check_device",
     "check_sensealg",
+    "framework_params",
     "implicit_algs",
     "infer_backend",
     "installed",
@@ -80,6 +82,19 @@ class BackendSpec:
     requires: tuple[str, ...]
     is_array: Callable[[object], bool] | None
     capabilities: Capabilities
+    # A parameter container of the framework that p may hold as a leaf (a
+    # torch.nn.Module): its (name, array) pairs, else None. Imports nothing.
+    params_of: Callable[[object], list[tuple[str, Any]] | None] | None = None
+
+
+def _torch_module_params(x: object) -> list[tuple[str, Any]] | None:
+    """A `torch.nn.Module`'s named parameters; None for anything else. An object
+    can be a module only if torch is already imported."""
+    torch: Any = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.nn.Module):
+        return None
+    module: Any = x
+    return list(module.named_parameters())
 
 
 SPECS: Mapping[str, BackendSpec] = {
@@ -116,6 +131,7 @@ SPECS: Mapping[str, BackendSpec] = {
             reference_algs=("dopri8", "rosenbrock23"),
             reference_rank=2,
         ),
+        params_of=_torch_module_params,
     ),
     "scipy": BackendSpec(
         "scipy",
@@ -162,6 +178,7 @@ def resolve_name(backend: object, u0: Any, p: Any) -> str:
     if isinstance(backend, str):
         name = ALIASES.get(backend, backend)
         if name in SPECS:
+            _check_foreign_params(name, p)
             return name
     raise InvalidProblemError(
         f"backend must be one of {listing([*SPECS, *ALIASES])} or None; got "
@@ -178,12 +195,37 @@ def infer_backend(u0: Any, p: Any) -> str:
         for spec in SPECS.values()
         if spec.is_array is not None and spec.is_array(leaf)
     }
+    found |= {owner for owner, _ in map(framework_params, leaves(p)) if owner}
     if len(found) > 1:
         raise InvalidProblemError(
             f"u0 and p mix arrays of {listing(sorted(found))}; backend=None cannot "
             "tell which to use. Convert them to one framework, or pass backend=..."
         )
     return found.pop() if found else DEFAULT
+
+
+def framework_params(leaf: object) -> tuple[str | None, list[tuple[str, Any]]]:
+    """``(backend, [(name, array), ...])`` for a leaf of p that a backend's
+    framework knows as a parameter container (`BackendSpec.params_of`: a
+    `torch.nn.Module`); ``(None, [])`` for any other leaf. The core checks no
+    further what that backend validates itself."""
+    for spec in SPECS.values():
+        found = None if spec.params_of is None else spec.params_of(leaf)
+        if found is not None:
+            return spec.name, found
+    return None, []
+
+
+def _check_foreign_params(name: str, p: Any) -> None:
+    for leaf in leaves(p):
+        owner, _ = framework_params(leaf)
+        if owner is not None and owner != name:
+            raise InvalidProblemError(
+                f"p holds a {type(leaf).__module__}.{type(leaf).__qualname__}, "
+                f"which only backend='{owner}' runs, but backend='{name}' was "
+                f"asked for. Pass backend='{owner}' (or None to infer it), or give "
+                f"backend='{name}' its parameters as arrays."
+            )
 
 
 def installed(name: str) -> bool:
