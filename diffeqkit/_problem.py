@@ -39,7 +39,9 @@ class ODEProblem:
     p : None, array or pytree, optional
         Parameters handed to `f` in the backend's array type with their structure
         (nested dict / list / tuple) intact. A list is a pytree: ``p=[1.5, 1.0]`` is
-        two scalar parameters; pass ``np.array([1.5, 1.0])`` for one vector.
+        two scalar parameters; pass ``np.array([1.5, 1.0])`` for one vector. On
+        backend='torch' a leaf may be a `torch.nn.Module`, handed to `f` as it is
+        (``f`` may call it); its parameters are the inputs of the gradients.
     jac : callable, optional
         ``jac(u, p, t) -> df/du`` of shape ``u.shape + u.shape``, used by implicit
         solvers instead of automatic differentiation.

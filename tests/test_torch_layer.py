@@ -11,6 +11,7 @@ solve error amplified by 1/step ~1e-6: 1e-5 relative allowed).
 from __future__ import annotations
 
 import copy
+import doctest
 
 import numpy as np
 import pytest
@@ -377,3 +378,27 @@ def test_neural_ode_bad_arguments():
         dkt.NeuralODE(make_net(), TSPAN, backend="jax")
     with pytest.raises(dk.InvalidProblemError, match="u0"):
         dkt.NeuralODE(make_net(), TSPAN)(np.ones(2))  # pyright: ignore[reportArgumentType]
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(dkt, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sensealg", ["default", *SENSEALGS])
+def test_neural_ode_on_cuda(sensealg: str, reference: dict):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    chosen = None if sensealg == "default" else SENSEALGS[sensealg]
+    node = dkt.NeuralODE(
+        make_net(), TSPAN, "dopri5", saveat=SAVES, sensealg=chosen, **TOLS
+    ).to("cuda")
+    loss_of(node(u0_of().cuda())).backward()
+    got = {k.removeprefix("vector_field."): v.cpu() for k, v in grads_of(node).items()}
+    assert all(p.grad.device.type == "cuda" for p in node.parameters())
+    assert_close(got, reference, 1e-7)
+    # The module on the GPU, u0 on the CPU: named, with the fix.
+    with pytest.raises(dk.InvalidProblemError, match=r"on cuda.*\.to\('cpu'\)"):
+        node(u0_of())
