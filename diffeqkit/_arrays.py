@@ -64,9 +64,12 @@ def is_native_array(x: object) -> bool:
 
 
 def is_concrete(x: object) -> bool:
-    """False for values that cannot be read now (JAX tracers under jit/grad/vmap)."""
+    """False for values that cannot be read now (JAX tracers under jit/grad/vmap,
+    torch tensors on the meta device)."""
     if not is_array(x):
         return True
+    if getattr(x, "is_meta", False) is True:
+        return False
     tracer = _jax_tracer_type(type(x))
     if tracer is not None:
         return not tracer

@@ -43,7 +43,9 @@ class ODEProblem:
         ``NamedTuple``, a registered dataclass, optax or flax structures), handed
         to `f` as it is: its arrays and numbers are the inputs, its other leaves
         (activation functions, flags) static. The arrays of one `p` belong to
-        one framework (NumPy arrays and numbers go with any).
+        one framework (NumPy arrays and numbers go with any). On torch, a leaf
+        may be a ``torch.nn.Module``, handed to `f` as it is (``f`` may call it);
+        its parameters are the inputs of the gradients, its buffers ride along.
     jac : callable, optional
         ``jac(u, p, t) -> df/du`` of shape ``u.shape + u.shape``, used by implicit
         solvers instead of automatic differentiation.

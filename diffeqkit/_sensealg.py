@@ -292,7 +292,7 @@ def check_sensealg(sensealg: Any) -> SensitivityAlgorithm | None:
 
 def input_size(u0: Any, p: Any) -> int:
     """How many numbers a gradient is taken with respect to: ``u0.size`` plus the
-    sizes of p's leaves."""
+    sizes of p's leaves (a framework pytree's or module's: its arrays')."""
 
     def size(x: Any) -> int:
         if x is None:
@@ -306,7 +306,8 @@ def input_size(u0: Any, p: Any) -> int:
             return sum(size(v) for v in x)
         return 1
 
-    from .backends import params  # through framework pytrees (equinox.Module, ...)
+    # through framework pytrees (equinox.Module, torch.nn.Module, ...)
+    from .backends import params
 
     return size(u0) + sum(size(x.leaf) for x in params(p))
 

@@ -130,6 +130,7 @@ SPECS: Mapping[str, BackendSpec] = {
             reference_algs=("dopri8", "rosenbrock23"),
             reference_rank=2,
         ),
+        tree=_trees.torch_module,
     ),
     "scipy": BackendSpec(
         "scipy",
@@ -226,7 +227,7 @@ def check_native_p(name: str, p: Any) -> None:
     for param in params(p):
         if param.owner is not None and param.owner != name:
             raise UnsupportedError(
-                f"{param.node} is a {param.owner} pytree ({_type_of(p, param)}), "
+                f"{param.node} is a {_type_of(p, param)} ({param.owner}), "
                 f"which backend='{name}' cannot hand to f: it takes p as None, an "
                 "array, or a dict / list / tuple of arrays. Pass "
                 f"backend='{param.owner}' (or backend=None), or give p as a dict of "

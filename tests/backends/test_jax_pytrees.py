@@ -199,7 +199,7 @@ def test_an_unhashable_static_leaf_is_refused_naming_its_path():
 def test_a_jax_pytree_on_scipy_is_refused_naming_the_backend():
     prob = dk.ODEProblem(call_p, U0, (0.0, 1.0), {"nn": module(1.0)})
     with pytest.raises(
-        dk.UnsupportedError, match=r"p\['nn'\] is a jax pytree .*backend='jax'"
+        dk.UnsupportedError, match=r"p\['nn'\] is a .*Decay \(jax\).*backend='jax'"
     ):
         dk.solve(prob, backend="scipy")
 

@@ -243,6 +243,49 @@ def test_checkpoints_do_not_change_the_gradient(alg, checkpoints):
     assert max_rel(da, ref_a) < 1e-12
 
 
+@pytest.mark.parametrize("alg", ["tsit5", "dopri8"])
+@pytest.mark.parametrize(
+    ("t1", "rtol", "long"), [(1.0, 1e-4, False), (8.0, 1e-10, True)]
+)
+def test_kept_steps_and_replayed_tail_give_the_same_gradient(alg, t1, rtol, long):
+    # checkpoints=None keeps the graph of the first KEEP_STEPS steps and replays
+    # only the rest: a short solve replays nothing, a long one (over [0, 8] at
+    # rtol=1e-10) replays its tail. Both differentiate the discrete solution, as
+    # ReverseThroughSolver does.
+    from diffeqkit.backends.torch import _checkpoint
+
+    kw = {"rtol": rtol, "atol": rtol * 1e-2, "tspan": (0.0, t1)}
+    ts = np.linspace(0.0, t1, 9)
+    ref_u0, ref_a, ref = linear_backward(dk.ReverseThroughSolver(), alg, ts=ts, **kw)
+    calls = {"backward": 0}
+    original = _checkpoint.Replayer.run
+
+    def counted(self, *args, **kwargs):
+        calls["backward"] += 1
+        return original(self, *args, **kwargs)
+
+    _checkpoint.Replayer.run = counted
+    try:
+        du0, da, sol = linear_backward(dk.CheckpointedAdjoint(), alg, ts=ts, **kw)
+    finally:
+        _checkpoint.Replayer.run = original
+    assert sol.stats == ref.stats
+    assert (sol.stats["naccept"] > _checkpoint.KEEP_STEPS) == long
+    assert (calls["backward"] > 0) == long
+    assert max_rel(du0, ref_u0) < 1e-12
+    assert max_rel(da, ref_a) < 1e-12
+
+
+def test_kept_graph_allows_a_second_pullback():
+    # dk.vjp's pullback may be called twice; the kept graph is retained.
+    prob = dk.ODEProblem(linear, torch.tensor(LINEAR_U0), (0.0, 2.0), LINEAR_A)
+    _, pull = dk.vjp(prob, "tsit5", saveat=TS, sensealg=dk.CheckpointedAdjoint())
+    first = pull(cotangent(len(TS)))
+    second = pull(cotangent(len(TS)))
+    assert torch.equal(first.u0, second.u0)
+    assert torch.equal(first.p, second.p)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("alg", ["tsit5", "dopri8", "rk4"])
 def test_replay_reproduces_the_forward_states_bit_for_bit(alg, dtype):
@@ -379,6 +422,27 @@ def test_checkpointed_memory_stays_bounded():
     assert sqrt_segments < full / 32
     assert eight_segments < full / 4
     assert eight_segments > 4 * sqrt_segments
+
+
+def test_checkpointed_memory_stays_bounded_with_kept_steps():
+    # An adaptive solve of ~150 steps: with checkpoints=None the forward pass
+    # keeps KEEP_STEPS steps' graph and the backward one replays ~sqrt(n)-step
+    # segments: far less than every step's graph.
+    u0 = torch.tensor(np.tile(LINEAR_U0, 4), requires_grad=True)
+    a = torch.tensor(np.kron(np.eye(4), LINEAR_A), requires_grad=True)
+    prob = dk.ODEProblem(linear, u0, (0.0, 20.0), a)
+
+    def peak(sensealg):
+        meter = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            sol = dk.solve(prob, "tsit5", sensealg=sensealg, rtol=1e-8, atol=1e-10)
+            sol.u[-1].sum().backward()
+        return meter.peak, sol.stats["naccept"]
+
+    full, n = peak(dk.ReverseThroughSolver())
+    kept, _ = peak(dk.CheckpointedAdjoint())
+    assert n > 100, n
+    assert kept < full / 3, (kept, full)
 
 
 # --- paths, inputs, dtypes ------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._pytree import leaves
+from ..._pytree import leaves, tree_map
 from ..._sensealg import (
     CheckpointedAdjoint,
     ContinuousAdjoint,
@@ -26,7 +26,9 @@ from ..._sensealg import (
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
 from . import _adjoint, _checkpoint, _forward, _interpolating
+from ._params import param_view
 from ._solve import (
+    check_inputs,
     replace_leaves,
     requires_grad,
     solve_device,
@@ -95,12 +97,19 @@ class TorchBackend:
         """
         dtype = state_dtype(req)
         device = solve_device(req)
+        check_inputs(req, dtype, device)
         u0 = _input(req.u0, to_state, dtype, device)
-        p_leaves = [
-            None if x is None else _input(x, to_param, dtype, device)
-            for x in leaves(req.p)
-        ]
-        p = replace_leaves(req.p, p_leaves)
+        # A module stays itself: its parameters are the inputs, with their own
+        # requires_grad (autograd.grad leaves their .grad alone).
+        p = tree_map(
+            lambda x: (
+                x
+                if x is None or isinstance(x, torch.nn.Module)
+                else _input(x, to_param, dtype, device)
+            ),
+            req.p,
+        )
+        p_leaves = leaves(param_view(p))
         inputs = [x for x in (u0, *p_leaves) if x is not None and x.requires_grad]
         with torch.enable_grad():
             sol = self.solve(dataclasses.replace(req, u0=u0, p=p))
@@ -119,7 +128,7 @@ class TorchBackend:
                 for x, g in zip(inputs, found, strict=True)
             }
             dp = [None if x is None else grads.get(id(x)) for x in p_leaves]
-            return grads[id(u0)], replace_leaves(req.p, dp)
+            return grads[id(u0)], replace_leaves(param_view(req.p), dp)
 
         return dataclasses.replace(sol, u=u.detach()), pull
 

@@ -5,6 +5,13 @@ the starts of at most ``checkpoints`` segments (`_replay.Recorder`). The backwar
 pass replays each segment from its checkpoint, last to first, with autograd
 recording, and differentiates it once: the gradient of `ReverseThroughSolver` to
 rounding, with the memory of the checkpoints plus one segment's graph.
+
+With ``checkpoints=None`` and an adaptive explicit alg, the forward pass records
+the graph of its first `KEEP_STEPS` steps (`_Keeper`) and then goes on without
+one: those steps are not replayed. A solve of at most that many steps (a neural
+ODE's typical training solve) is then differentiated at the cost of
+`ReverseThroughSolver`, with no recomputation; a longer one replays only the
+steps after them, and holds that many steps' graph besides one segment's.
 """
 
 from __future__ import annotations
@@ -18,15 +25,64 @@ from ..._pytree import leaves
 from ..._sensealg import CheckpointedAdjoint
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from ._replay import Plan, Replayer, Schedule, make_plan, record
-from ._solve import replace_leaves
+from ._replay import Plan, Recorder, Replayer, Schedule, make_plan, record
+from ._rk import AdaptiveRK, State, interpolate
+from ._solve import replace_leaves, solver_for
+
+# Steps whose graph the forward pass keeps (see the module docstring). Measured
+# on the spiral neural ODE (benchmarks/neural_torch.py): a 5-step training solve
+# went from 1.2x torchdiffeq.odeint + backward to the cost of ReverseThroughSolver.
+KEEP_STEPS = 16
 
 
 def solve(req: SolveRequest) -> Solution:
     """A solve whose gradients come from `_Checkpointed`."""
-    plan = make_plan(req)
-    u = _Checkpointed.apply(plan, plan.setup.y0, *leaves(plan.setup.p))
+    sensealg = cast("CheckpointedAdjoint", req.sensealg)
+    keep = (
+        sensealg.checkpoints is None
+        and not req.alg.implicit
+        and issubclass(solver_for(req), AdaptiveRK)
+    )
+    # Keeping the graph: f(u0, p, t0) with it, the first stage of step one.
+    plan = make_plan(req, graph=keep)
+    u = _Checkpointed.apply((plan, keep), plan.setup.y0, *leaves(plan.setup.p))
     return plan.solution(u)
+
+
+class _Keeper(Recorder):
+    """A `Recorder` for a forward pass run with autograd recording: the graph of
+    the first `keep` steps is kept (their dense output, and the state where they
+    end); at the start of step `keep` recording stops, and checkpoints are taken
+    from there on as `Recorder` takes them from step 0."""
+
+    def __init__(self, keep: int) -> None:
+        super().__init__(keep=False)
+        self.keep = keep
+        self.tail = Recorder(keep=True)
+        # (t0, t1, dense coefficients) of each kept step, with their graph.
+        self.kept: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
+        # The state at the start of step `keep`, with its graph (None: the solve
+        # ended before it).
+        self.boundary: torch.Tensor | None = None
+
+    def step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
+        n = len(self.t0)
+        self.t0.append(float(t0))
+        self.dt.append(float(dt))
+        if n < self.keep:
+            return
+        if n == self.keep:
+            self.boundary = y0
+            # The rest of the forward pass records no graph; the caller's
+            # `torch.enable_grad()` block restores the mode when the run ends.
+            torch.set_grad_enabled(False)
+            y0 = y0.detach()
+        self.tail.step(t0, y0, dt)
+        self.states = {self.keep + i: y for i, y in self.tail.states.items()}
+
+    def accepted(self, state: State) -> None:
+        if len(self.t0) <= self.keep:
+            self.kept.append((state.t0, state.t1, state.coeffs))
 
 
 class _Checkpointed(torch.autograd.Function):
@@ -34,13 +90,21 @@ class _Checkpointed(torch.autograd.Function):
     replaying checkpointed segments (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx: Any, plan: Plan, *inputs: Any) -> torch.Tensor:
+    def forward(ctx: Any, planned: tuple[Plan, bool], *inputs: Any) -> torch.Tensor:
+        plan, keep = planned
         sensealg = cast("CheckpointedAdjoint", plan.req.sensealg)
-        run, schedule = record(plan, keep=True, checkpoints=sensealg.checkpoints)
+        keeper = None
+        if keep:
+            keeper = _Keeper(KEEP_STEPS)
+            with torch.enable_grad():
+                run, schedule = record(plan, recorder=keeper)
+        else:
+            run, schedule = record(plan, keep=True, checkpoints=sensealg.checkpoints)
         ctx.plan = plan
         ctx.schedule = schedule
         ctx.inputs = inputs
-        return run.u
+        ctx.keeper = keeper
+        return run.u.detach()
 
     @staticmethod
     @once_differentiable
@@ -50,7 +114,7 @@ class _Checkpointed(torch.autograd.Function):
         plan: Plan = ctx.plan
         schedule: Schedule = ctx.schedule
         needs = ctx.needs_input_grad[1:]
-        grads = _backward(plan, schedule, list(ctx.inputs), needs, grad_u)
+        grads = _backward(plan, schedule, list(ctx.inputs), needs, grad_u, ctx.keeper)
         return (None, *grads)
 
 
@@ -60,14 +124,19 @@ def _backward(
     inputs: list[Any],
     needs: tuple[bool, ...],
     grad_u: torch.Tensor,
+    keeper: _Keeper | None = None,
 ) -> list[Any]:
-    """Gradients with respect to `inputs` (None where not needed)."""
+    """Gradients with respect to `inputs` (None where not needed): the replayed
+    segments last to first, then the steps `keeper` kept the graph of."""
     setup = plan.setup
     replayer = Replayer(plan, schedule)
     wrt = [i for i in range(1, len(inputs)) if needs[i]]
     param_grads: list[Any] = [None] * len(inputs)
     adjoint: torch.Tensor | None = None  # cotangent of the state at segment end
-    for start, stop in reversed(schedule.segments()):
+    segments = schedule.segments()
+    if keeper is not None:
+        segments = [(a, b) for a, b in segments if a >= keeper.keep]
+    for start, stop in reversed(segments):
         with torch.enable_grad():
             y = schedule.states[start].detach().requires_grad_()
             local = list(inputs)
@@ -89,6 +158,10 @@ def _backward(
         for i, g in zip(wrt, found[1:], strict=True):
             if g is not None:
                 param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+    if keeper is not None:
+        adjoint = _kept_backward(
+            keeper, schedule, inputs, needs, wrt, grad_u, adjoint, param_grads
+        )
     grads: list[Any] = [None] * len(inputs)
     if needs[0]:
         row0 = grad_u[0]
@@ -100,3 +173,46 @@ def _backward(
             else torch.zeros_like(inputs[i])
         )
     return grads
+
+
+def _kept_backward(
+    keeper: _Keeper,
+    schedule: Schedule,
+    inputs: list[Any],
+    needs: tuple[bool, ...],
+    wrt: list[int],
+    grad_u: torch.Tensor,
+    adjoint: torch.Tensor | None,
+    param_grads: list[Any],
+) -> torch.Tensor | None:
+    """Differentiate the kept steps' graph: the rows read off them (recomputed
+    from their dense output, with its graph) and, if later steps were replayed,
+    the state where they end with the replay's cotangent. Adds the parameters'
+    gradients to `param_grads`; returns the cotangent of y0 (None if none)."""
+    outputs: list[torch.Tensor] = []
+    cotangents: list[torch.Tensor] = []
+    with torch.enable_grad():
+        for n, (t0, t1, coeffs) in enumerate(keeper.kept[: schedule.needed]):
+            for row in schedule.reads[n]:
+                outputs.append(interpolate(coeffs, t0, t1, schedule.times[row]))
+                cotangents.append(grad_u[row])
+        if adjoint is not None and keeper.boundary is not None:
+            outputs.append(keeper.boundary)
+            cotangents.append(adjoint)
+    targets = [inputs[i] for i in ([0] if needs[0] else []) + wrt]
+    live = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
+    if not targets or not live:
+        return None
+    # Kept for a second backward through the same solve (dk.vjp's pullback).
+    found = torch.autograd.grad(
+        [o for o, _ in live],
+        targets,
+        [c for _, c in live],
+        allow_unused=True,
+        retain_graph=True,
+    )
+    du0 = found[0] if needs[0] else None
+    for i, g in zip(wrt, found[1:] if needs[0] else found, strict=True):
+        if g is not None:
+            param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+    return du0

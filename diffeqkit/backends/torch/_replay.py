@@ -86,6 +86,8 @@ class Schedule:
         """``[(start, stop), ...]`` of the checkpoint segments covering the
         needed steps, in order."""
         starts = sorted(i for i in self.states if i < self.needed)
+        if not starts:  # nothing to replay (see `_checkpoint._Keeper`)
+            return []
         return list(zip(starts, [*starts[1:], self.needed], strict=True))
 
 
@@ -104,21 +106,32 @@ class Plan:
         return finish(self.req, self.setup, self.run, u)
 
 
-def make_plan(req: SolveRequest) -> Plan:
-    return Plan(req, prepare(req, graph=False))
+def make_plan(req: SolveRequest, *, graph: bool = False) -> Plan:
+    """`prepare`'s `Setup` of `req`; `graph`: ``f(u0, p, t0)`` with autograd
+    recording (for a forward pass that keeps its graph)."""
+    return Plan(req, prepare(req, graph=graph))
 
 
 def record(
-    plan: Plan, *, keep: bool = False, checkpoints: int | None = None
+    plan: Plan,
+    *,
+    keep: bool = False,
+    checkpoints: int | None = None,
+    recorder: Recorder | None = None,
 ) -> tuple[Run, Schedule]:
-    """The plain solve under ``no_grad``, with its `Schedule`."""
+    """The plain solve under ``no_grad``, with its `Schedule`; or, given a
+    `recorder`, under that recorder, in the caller's grad mode (it may record a
+    graph, see `_checkpoint`)."""
     req, setup = plan.req, plan.setup
-    nsteps = None
-    if req.fixed_step and req.dt0 is not None:
-        times = setup.times.cpu().numpy()
-        nsteps = step_grid(times[0], times[-1], req.dt0, times).size - 1
-    recorder = Recorder(keep=keep, checkpoints=checkpoints, nsteps=nsteps)
-    with torch.no_grad():
+    if recorder is None:
+        nsteps = None
+        if req.fixed_step and req.dt0 is not None:
+            times = setup.times.cpu().numpy()
+            nsteps = step_grid(times[0], times[-1], req.dt0, times).size - 1
+        recorder = Recorder(keep=keep, checkpoints=checkpoints, nsteps=nsteps)
+        with torch.no_grad():
+            run = run_steps(req, setup, recorder)
+    else:
         run = run_steps(req, setup, recorder)
     n = len(recorder.t0)
     t0 = np.asarray(recorder.t0, dtype=np.float64)

@@ -23,6 +23,7 @@ from ..._pytree import leaves, tree_map
 from ..._solution import Solution
 from .._protocol import SolveRequest, conclude
 from ._implicit import IMPLICIT_SOLVERS
+from ._params import bind, check_params, has_modules, param_view
 from ._rk import Recorder, Rhs, Run, Solver, adaptive_solver, fixed_solver, tensor
 
 __all__ = [
@@ -77,7 +78,7 @@ def visible_devices() -> list[str]:
 def solve_device(req: SolveRequest) -> torch.device:
     """The device asked for, else where the inputs live, else torch's default."""
     if req.device is None:
-        for x in [req.u0, *leaves(req.p)]:
+        for x in [req.u0, *leaves(param_view(req.p))]:
             if isinstance(x, torch.Tensor):
                 return x.device
         return torch.get_default_device()
@@ -97,6 +98,23 @@ def solve_device(req: SolveRequest) -> torch.device:
 def state_dtype(req: SolveRequest) -> torch.dtype:
     """The dtype of the solve: lists get torch's default float."""
     return _DTYPES[req.state_dtype(default=dtype_name(torch.get_default_dtype()))]
+
+
+def check_inputs(req: SolveRequest, dtype: torch.dtype, device: torch.device) -> None:
+    """`check_params` on p, saying where the solve's dtype comes from."""
+    if req.dtype is not None:
+        source = f"dtype='{req.dtype}' was asked for"
+    elif isinstance(req.u0, torch.Tensor):
+        source = "the dtype of u0"
+    else:
+        source = "torch's default dtype, as u0 is not a tensor"
+    check_params(req.p, dtype, device, source)
+
+
+def bound_p(req: SolveRequest, dtype: torch.dtype, device: torch.device) -> Any:
+    """p's view (`param_view`) with its leaves converted by `to_param`."""
+    convert = functools.partial(to_param, dtype=dtype, device=device)
+    return tree_map(lambda x: x if x is None else convert(x), param_view(req.p))
 
 
 def to_state(u0: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -138,7 +156,7 @@ def requires_grad(req: SolveRequest) -> bool:
         return False
     return any(
         isinstance(x, torch.Tensor) and x.requires_grad
-        for x in [req.u0, *leaves(req.p)]
+        for x in [req.u0, *leaves(param_view(req.p))]
     )
 
 
@@ -183,17 +201,22 @@ def prepare(req: SolveRequest, *, graph: bool) -> Setup:
     autograd recording (for a solve differentiated through its steps)."""
     dtype = state_dtype(req)
     device = solve_device(req)
+    check_inputs(req, dtype, device)
     y0 = to_state(req.u0, dtype, device)
-    p = req.convert_p(functools.partial(to_param, dtype=dtype, device=device))
+    # Modules in p: the solvers see their parameters as leaves (`_params`).
+    p = bound_p(req, dtype, device)
+    f, jac = req.f, req.jac
+    if has_modules(req.p):
+        f = bind(f, req.p)
+        jac = None if jac is None else bind(jac, req.p)
     t0 = torch.tensor(req.t0, dtype=dtype, device=device)
     with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
-        du0 = req.f(y0, p, t0)
+        du0 = f(y0, p, t0)
     check_rhs_output(du0, y0, req.t0)
     backward = req.t1 < req.t0
     times, lead = _integration_times(req)
-    f, jac = req.f, req.jac
     if backward:
-        f, du0, times = _reversed(req.f), -du0, -times
+        f, du0, times = _reversed(f), -du0, -times
         jac = None if jac is None else _reversed(jac)
     return Setup(
         y0=y0,
