@@ -86,6 +86,8 @@ class Schedule:
         """``[(start, stop), ...]`` of the checkpoint segments covering the
         needed steps, in order."""
         starts = sorted(i for i in self.states if i < self.needed)
+        if not starts:  # no step needed: only u0 itself was reached
+            return []
         return list(zip(starts, [*starts[1:], self.needed], strict=True))
 
 
