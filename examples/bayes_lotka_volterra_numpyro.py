@@ -13,9 +13,12 @@ lies inside, how often solves fail (over prior draws, and the divergent
 transitions, which a failed solve inside a trajectory causes), and saves a
 posterior predictive figure ``bayes_lotka_volterra_numpyro.png``.
 
-``--full`` (4 chains x 1000 warm-up + 1000 draws) reaches r-hat < 1.01 and
-ESS > 400 for every parameter, with every true value inside its 94 % interval
-(see the numbers printed; measured values are in the commit that added this).
+``--full`` (4 chains x 1000 warm-up + 1000 draws; 877 s on a heavily shared
+2-core CPU) gave r-hat 1.003 and ESS 792 to 1259 for every parameter, each true
+value inside its 94 % interval (alpha 1.502 [1.436, 1.568], beta 0.985 [0.914,
+1.060], gamma 2.966 [2.829, 3.113], delta 1.007 [0.928, 1.095], sigma 0.084
+[0.067, 0.107]); 3 % of prior draws fail the solve, and warm-up had 127
+divergent transitions (none after).
 ``--quick`` runs one short chain to show the pieces work; no option, two
 chains of 100 + 100.
 
