@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-__all__ = ["STATUSES", "Solution", "Status", "failure_hint"]
+__all__ = ["STATUSES", "STATUS_CODES", "Solution", "Status", "failure_hint"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ STATUSES: Mapping[str, Status] = {
 }
 
 
+# The integer code of each status, its index here: what ``Solution.status`` holds
+# when the status is a traced value (JAX, ``throw=False`` under a transformation).
+STATUS_CODES: tuple[str, ...] = tuple(STATUSES)
+
+
 def failure_hint(
     status: str, stiff_algs: list[str], alternatives: str = "", alg: str = ""
 ) -> str:
@@ -90,11 +95,16 @@ class Solution:
     stats : dict
         At least ``nfev`` (evaluations of `f`), ``naccept`` and ``nreject``
         (accepted and rejected steps); ints, or None where a backend cannot tell.
-    status : str
+    status : str or int array
         ``"success"``, ``"max_steps_reached"``, ``"step_size_too_small"``,
-        ``"nonfinite"`` or ``"solver_failed"``.
-    success : bool
-        Whether the integration reached ``t1``.
+        ``"nonfinite"`` or ``"solver_failed"``. Under a JAX transformation with
+        ``throw=False`` the status is only known when the program runs: it is
+        then a traced int32 array, the index of the status in
+        ``Solution.STATUS_CODES`` (0 is ``"success"``; batched under
+        ``jax.vmap``).
+    success : bool or bool array
+        Whether the integration reached ``t1`` (``status == 0``, a traced bool
+        array, when the status is traced).
     message : str
         A sentence describing the status.
     backend, alg : str
@@ -104,10 +114,12 @@ class Solution:
         ``sensealg=``, or the one `default_sensealg` chose for ``sensealg=None``.
     """
 
+    STATUS_CODES: ClassVar[tuple[str, ...]] = STATUS_CODES
+
     t: Any
     u: Any
     stats: dict[str, Any]
-    status: str
+    status: Any
     backend: str
     alg: str
     sensealg: Any = None
@@ -115,11 +127,18 @@ class Solution:
 
     def __post_init__(self) -> None:
         if not self.message:
-            object.__setattr__(self, "message", STATUSES[self.status].message)
+            message = (
+                STATUSES[self.status].message
+                if isinstance(self.status, str)
+                else "The status is a traced value: Solution.STATUS_CODES[status]."
+            )
+            object.__setattr__(self, "message", message)
 
     @property
-    def success(self) -> bool:
-        return STATUSES[self.status].success
+    def success(self) -> Any:
+        if isinstance(self.status, str):
+            return STATUSES[self.status].success
+        return self.status == 0  # a traced code: an array of the status's type
 
     def __repr__(self) -> str:
         shape = tuple(getattr(self.u, "shape", ()))

@@ -434,13 +434,6 @@ def test_failure_under_jit_raises_when_the_program_runs():
         run(2.0)
 
 
-def test_throw_false_under_a_transformation_is_unsupported():
-    prob = dk.ODEProblem(decay, jnp.array([1.0]), (0.0, 1.0), 2.0)
-    run = jax.jit(lambda k: dk.solve(prob.remake(p=k), backend="jax", throw=False).u)
-    with pytest.raises(dk.UnsupportedError, match=r"throw=False.*outside"):
-        run(2.0)
-
-
 def test_fixed_step_with_traced_tspan_is_unsupported():
     prob = dk.ODEProblem(decay, jnp.array([1.0]), (0.0, 1.0), 2.0)
     run = jax.jit(

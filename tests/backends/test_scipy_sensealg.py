@@ -669,7 +669,7 @@ print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "tor
 # ---------------------------------------------------------------------------------
 
 
-def test_pullback_of_a_failed_solve_raises():
+def test_pullback_of_a_failed_solve_is_nan():
     engine("jax")
     sol, pullback = dk.vjp(
         linear_problem(),
@@ -679,12 +679,10 @@ def test_pullback_of_a_failed_solve_raises():
         sensealg=dk.ContinuousAdjoint(),
     )
     assert sol.status == "max_steps_reached"
-    with pytest.raises(
-        dk.SolveError,
-        match=r"the forward solve failed \(status 'max_steps_reached'\), so it has "
-        r"no gradient\. integration stopped at t=",
-    ):
-        pullback(np.ones((2, 2)))
+    grads = pullback(np.ones((2, 2)))  # no derivative, no exception
+    assert grads.u0.shape == (2,)
+    assert np.isnan(grads.u0).all()
+    assert np.isnan(grads.p).all()
 
 
 @pytest.mark.parametrize(

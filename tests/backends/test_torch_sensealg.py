@@ -670,7 +670,8 @@ def test_continuous_adjoint_failed_solve_returns_the_partial_solution(alg):
     with pytest.raises(dk.SolveError, match="stopped at t="):
         dk.solve(prob, alg, sensealg=dk.ContinuousAdjoint(), **kw)
     _, pullback = dk.vjp(prob, alg, sensealg=dk.ContinuousAdjoint(), throw=False, **kw)
-    assert float(pullback(np.ones((7, 1))).u0[0]) == 0.0
+    # dk.vjp: a failed solve has no derivative (NaN, as on every backend).
+    assert torch.isnan(pullback(np.ones((7, 1))).u0).all()
 
 
 # --- ForwardMode ----------------------------------------------------------------------

@@ -17,14 +17,19 @@ __all__ = ["solve"]
 def solve(job: Job) -> tuple[Any, Any]:
     """The backsolve. Its backward solve raises when it fails (one that drifts off
     the forward trajectory can hit max_steps), even where the forward one reports
-    a status instead: a silently truncated adjoint would be a wrong gradient."""
+    a status instead (`dk.vjp`): a silently truncated adjoint would be a wrong
+    gradient. Only ``throw=False`` under a transformation lets it go on, where a
+    failed forward solve makes the gradient NaN anyway (`failure_masked`) and a
+    raise would stop the caller's program (a sampler's proposal)."""
     _, _, rtol, atol, dt0 = job.times
     if job.grid is not None:
         # Fixed steps: diffrax solves the adjoint between consecutive save times,
         # stepping by dt0 backward from each save time (a grid of its own).
         backward = jnp.where(job.grid[-1] > job.grid[0], -dt0, dt0)
         adjoint = diffrax.BacksolveAdjoint(
-            stepsize_controller=diffrax.ConstantStepSize(), dt0=backward, throw=True
+            stepsize_controller=diffrax.ConstantStepSize(),
+            dt0=backward,
+            throw=job.cfg.throw,
         )
     else:
         sensealg = job.sensealg
@@ -33,7 +38,7 @@ def solve(job: Job) -> tuple[Any, Any]:
                 rtol if sensealg.rtol is None else sensealg.rtol,
                 atol if sensealg.atol is None else sensealg.atol,
             ),
-            throw=True,
+            throw=job.cfg.throw,
         )
     # diffrax's backsolve refuses a given solver state: it initialises its own.
     return solve_with(job, adjoint, own_init=True)

@@ -77,7 +77,8 @@ class JaxBackend:
 
     Works eagerly and under ``jax.jit``, ``jax.grad`` and ``jax.vmap``: under a
     transformation the cached program inlines into the caller's trace, a failure
-    raises when it runs (``throw=False`` is refused), and stats are None.
+    raises when it runs (with ``throw=False`` the status is a traced code
+    instead), and stats are None.
     """
 
     name = "jax"
@@ -88,9 +89,8 @@ class JaxBackend:
         Raises
         ------
         UnsupportedError
-            float64 without JAX's x64 mode; a device JAX does not see;
-            ``throw=False``, or fixed steps with traced times, under a JAX
-            transformation.
+            float64 without JAX's x64 mode; a device JAX does not see; fixed
+            steps with traced times under a JAX transformation.
         InvalidProblemError
             ``f(u0, p, t0)`` has the wrong shape or dtype, or is not finite.
         SolveError
@@ -133,23 +133,30 @@ class JaxBackend:
         )
 
     def _solve_traced(self, req: SolveRequest, method: Method, dtype: str) -> Solution:
-        """`solve` under a JAX transformation: the program inlines into the trace."""
-        if not req.throw:
-            raise UnsupportedError(
-                "throw=False is not supported under a JAX transformation (jax.jit, "
-                "jax.grad, jax.vmap, ...): the status of the solve is a traced value "
-                "and cannot be read while tracing. Call dk.solve outside the "
-                "transformation to get the status and partial solution, or keep "
-                "throw=True: a failed solve then raises when the compiled program runs."
-            )
+        """`solve` under a JAX transformation: the program inlines into the trace.
+
+        With ``throw=True`` a failure raises when the program runs; with
+        ``throw=False`` the status is a traced int32 code (`Solution.STATUS_CODES`),
+        rows not reached are NaN and gradients through a failed solve are NaN.
+        """
         (u0, inputs, scalars, ts, grid), params = traced_inputs(req, dtype)
         run = self._program(
             req, method, dtype, u0, inputs, params, ts, grid, None, "traced"
         )
-        t, u, _ = run(u0, inputs, scalars, ts, grid)
-        # Only a successful solve returns at all (diffrax raises at run time).
+        t, u, info = run(u0, inputs, scalars, ts, grid)
         stats = {"nfev": None, "naccept": None, "nreject": None}
-        return conclude(req, t=t, u=u, stats=stats, status="success")
+        if req.throw:
+            # Only a successful solve returns at all (diffrax raises at run time).
+            return conclude(req, t=t, u=u, stats=stats, status="success")
+        return Solution(
+            t=t,
+            u=u,
+            stats=stats,
+            status=info[0],
+            backend=req.backend,
+            alg=req.alg.name,
+            sensealg=req.sensealg,
+        )
 
     def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
         """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
@@ -184,6 +191,11 @@ class JaxBackend:
         )
 
         def pull(cotangent: Any) -> tuple[Any, Any]:
+            if not sol.success:  # no derivative (`failure_masked`); nothing to run
+                du0, dp = jax.tree_util.tree_map(
+                    lambda x: jnp.full(jnp.shape(x), jnp.nan, u.dtype), (u0, inputs)
+                )
+                return du0, params.grads(dp)
             ct = jax.device_put(jnp.asarray(cotangent, dtype=u.dtype), device)
             try:
                 du0, dp = jax.block_until_ready(PULLBACK(pullback, ct))
@@ -217,6 +229,8 @@ class JaxBackend:
         and the signatures of its inputs, not their values."""
         # An eager solve is not differentiated: one program serves every sensealg.
         sensealg = None if mode == "eager" else req.sensealg
+        # Only a solve under a transformation raises itself (else the host does).
+        throw = req.throw if mode == "traced" else True
         fixed_step = req.fixed_step
         adaptive_dt0 = not fixed_step and req.dt0 is not None
         # The core asks for landing where the shared tableau's dense output is weak;
@@ -239,6 +253,7 @@ class JaxBackend:
             mode,
             sensealg,
             dtype,
+            throw,
         )
         cfg = Config(
             params.bind(req.f),
@@ -251,6 +266,7 @@ class JaxBackend:
             mode,
             sensealg,
             None if sensealg is None else SENSEALGS[type(sensealg)],
+            throw,
         )
         run = vjp_program if mode == "vjp" else program
         return PROGRAMS.get(key, functools.partial(run, cfg))

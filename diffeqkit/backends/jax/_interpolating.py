@@ -127,10 +127,15 @@ def solve(job: Job) -> tuple[Any, Any]:
                 args=(sol, p, lo, hi),
                 stepsize_controller=controller,
                 max_steps=cfg.max_steps,
-                throw=True,
+                # throw=False only under a transformation (see _adjoint.solve):
+                # a failed interval then makes the gradient NaN, not wrong.
+                throw=cfg.throw,
                 saveat=diffrax.SaveAt(t1=True),
             )
-            a1, g1 = jax.tree_util.tree_map(lambda x: x[-1], out.ys)
+            ok = out.result == diffrax.RESULTS.successful
+            a1, g1 = jax.tree_util.tree_map(
+                lambda x: jnp.where(ok, x[-1], jnp.nan), out.ys
+            )
             return (a1, g1), None
 
         m = grid.shape[0]

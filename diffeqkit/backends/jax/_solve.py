@@ -25,6 +25,7 @@ from ..._cache import LRUCache
 from ..._errors import UnsupportedError
 from ..._problem import check_rhs_output
 from ..._sensealg import SensitivityAlgorithm
+from ..._solution import STATUS_CODES
 from ..._tableaux import get_tableau
 
 __all__ = [
@@ -60,14 +61,8 @@ _RESULT_STATUS: Mapping[str, str] = {
     "nonfinite": "nonfinite",
     "nonfinite_input": "nonfinite",
 }
-# The program returns a status as its index here.
-STATUSES = (
-    "success",
-    "max_steps_reached",
-    "step_size_too_small",
-    "nonfinite",
-    "solver_failed",
-)
+# The program returns a status as its index here (the core's status codes).
+STATUSES = STATUS_CODES
 _FAILED = STATUSES.index("solver_failed")
 
 # diffrax's outcomes, an equinox Enumeration (whose items pyright cannot type).
@@ -432,6 +427,15 @@ class Config:
     # solve differentiable; None for an eager solve (nothing is differentiated).
     sensealg: SensitivityAlgorithm | None = None
     differentiable: Callable[[Job], tuple[Any, Any]] | None = None
+    # "traced" mode: whether a failure raises when the program runs (diffrax's
+    # throw), for the forward solve and an adjoint's backward one. False returns
+    # the status as a traced code instead (`failure_masked`).
+    throw: bool = True
+
+    @property
+    def raises(self) -> bool:
+        """Whether the program raises on a failed solve."""
+        return self.mode == "traced" and self.throw
 
 
 @dataclass(frozen=True)
@@ -511,7 +515,7 @@ def diffeqsolve(
         saveat=saveat,
         stepsize_controller=controller,
         max_steps=cfg.max_steps,
-        throw=cfg.mode == "traced",
+        throw=cfg.raises,
         adjoint=diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
         solver_state=None if own_init else _fsal_state(method, du0),
     )
@@ -603,7 +607,46 @@ def program(cfg: Config, u0: Any, p: Any, scalars: Any, ts: Any, grid: Any) -> A
     )
     run = _eager if cfg.differentiable is None else cfg.differentiable
     ys, info = run(job)
+    if cfg.differentiable is not None and not cfg.raises:
+        ys = failure_masked(ys, info[0] == 0, (job.y0, job.p))
     return job.ts, ys, info
+
+
+def failure_masked(ys: Any, success: Any, inputs: Any) -> Any:
+    """The saved states of a solve that may have failed, as a user sees them.
+
+    Rows not reached (diffrax fills them with inf) become NaN, and a failed solve
+    has no derivative: the derivative of every row with respect to `inputs`
+    (``(u0, p)``), and so every gradient, is NaN whatever the sensealg computed
+    (a reached row's derivative would depend on where the solve happened to
+    stop). A successful solve passes through unchanged.
+    """
+    rows = ys.reshape(ys.shape[0], -1)
+    reached = jnp.all(jnp.isfinite(rows), axis=1)
+    ys = jnp.where(
+        (success | reached).reshape((-1,) + (1,) * (ys.ndim - 1)), ys, jnp.nan
+    )
+    floats = [
+        x
+        for x in jax.tree_util.tree_leaves(inputs)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return ys + _zero_derivative_unless(success, floats).astype(ys.dtype)
+
+
+@jax.custom_jvp
+def _zero_derivative_unless(ok: Any, inputs: Any) -> Any:
+    """0, whose derivative with respect to `inputs` is 0 if `ok` and NaN if not."""
+    del ok, inputs
+    return jnp.zeros(())
+
+
+@_zero_derivative_unless.defjvp
+def _zero_derivative_jvp(primals: Any, tangents: Any) -> tuple[Any, Any]:
+    ok, inputs = primals
+    _, dinputs = tangents
+    total = sum((jnp.sum(d) for d in dinputs), jnp.zeros(()))
+    return _zero_derivative_unless(ok, inputs), jnp.where(ok, 0.0, jnp.nan) * total
 
 
 class Programs(LRUCache):

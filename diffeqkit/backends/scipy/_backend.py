@@ -9,7 +9,6 @@ import numpy as np
 import scipy
 
 from ..._arrays import to_numpy
-from ..._errors import SolveError
 from ..._sensealg import (
     CheckpointedAdjoint,
     ContinuousAdjoint,
@@ -87,7 +86,11 @@ class ScipyBackend:
             ``autodiff='jac'`` with parameters in p.
         SolveError
             The forward solve failed and ``req.throw``; from the pullback: the
-            forward solve failed (``throw=False``) or the backward one did.
+            backward solve failed.
+
+        With ``throw=False`` a failed forward solve has no derivative: its
+        pullback returns gradients of the right shapes filled with NaN (integer
+        leaves of p: zeros), as on every backend.
         """
         problem = _solve.prepare(req)
         layout = Layout.of(problem.p)
@@ -96,12 +99,9 @@ class ScipyBackend:
         rows = (problem.ts.size, problem.n)
 
         def pullback(cotangent: Any) -> tuple[Any, Any]:
-            if not sol.success:
-                raise SolveError(
-                    f"the forward solve failed (status '{sol.status}'), so it has "
-                    f"no gradient. {sol.message}",
-                    sol,
-                )
+            if not sol.success:  # no derivative: NaN, as on every backend
+                nan = np.full(layout.size, np.nan)
+                return np.full(problem.shape, np.nan), layout.gradient(nan)
             cot = np.asarray(to_numpy(cotangent), dtype=np.float64).reshape(rows)
             return pull(cot)
 

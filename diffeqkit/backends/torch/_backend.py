@@ -93,7 +93,8 @@ class TorchBackend:
         converted as `solve` converts them); the pullback is
         ``torch.autograd.grad`` of ``sol.u`` with the cotangent, and may be
         called repeatedly. A leaf ``f`` does not use gets zeros; integer and
-        None leaves get None.
+        None leaves get None. A failed solve (``throw=False``) has no
+        derivative: its gradients are NaN, as on every backend.
         """
         dtype = state_dtype(req)
         device = solve_device(req)
@@ -117,6 +118,10 @@ class TorchBackend:
 
         def pull(cotangent: Any) -> tuple[Any, Any]:
             ct = _cotangent(cotangent, u)
+            if not sol.success:  # no derivative: NaN, as on every backend
+                nan = {id(x): torch.full_like(x, torch.nan) for x in inputs}
+                dp = [None if x is None else nan.get(id(x)) for x in p_leaves]
+                return nan[id(u0)], replace_leaves(req.p, dp)
             # A failed solve under ContinuousAdjoint has no graph (see _adjoint).
             found = (
                 torch.autograd.grad(u, inputs, ct, retain_graph=True, allow_unused=True)
