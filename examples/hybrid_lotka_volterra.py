@@ -8,7 +8,7 @@ small MLP ``NN(r, c)``::
 
 The data come from a truth whose missing term is ``NN = M(r, c) = -0.4 c^2``
 (predator crowding: the true cat equation has the extra term ``-0.72 r c^2``),
-observed at 31 times in [0, 6] with 2 % noise, in three runs from known
+observed at 31 times in [0, 6] with 1 % noise, in four runs from known
 initial states. Training follows the practice
 of the field:
 
@@ -58,12 +58,12 @@ import diffeqkit as dk
 jax.config.update("jax_enable_x64", True)  # this script's choice: float64
 
 TRUE_RATES = np.array([1.3, 0.9, 0.8, 1.8])  # alpha, beta, gamma, delta
-# Three observed runs from known initial states: one orbit alone lies on a
-# curve, on which many polynomials agree; three cover a region of (r, c).
-U0S = np.array([[0.44249296, 4.6280594], [2.0, 0.6], [0.6, 1.0]])
+# Four observed runs from known initial states: one orbit alone lies on a
+# curve, on which many polynomials agree; four cover a region of (r, c).
+U0S = np.array([[0.44249296, 4.6280594], [2.0, 0.6], [0.6, 1.0], [1.5, 2.5]])
 TSPAN = (0.0, 6.0)
 TS = np.linspace(*TSPAN, 31)
-NOISE = 0.02
+NOISE = 0.01
 CANDIDATES = ["1", "r", "c", "r^2", "r c", "c^2", "r^3", "r^2 c", "r c^2", "c^3"]
 TRACES = {"loss": 0}  # counts traces of the loss: a retrace per step would show
 
@@ -194,7 +194,7 @@ def main() -> int:
     quick = args.quick
     start = time.perf_counter()
 
-    # Data: the truth at 31 times, 2 % noise (relative to each state's mean).
+    # Data: the truth at 31 times, 1 % noise (relative to each state's mean).
     clean = np.stack(
         [
             dk.solve(
@@ -255,7 +255,7 @@ def main() -> int:
     params, losses = adam_stage(
         joint_loss,
         {"log_rates": log_rates, "nn": nn_params},
-        20 if quick else 800,
+        20 if quick else 1000,
         5e-3,
         "joint",
         10 if quick else 100,
@@ -295,12 +295,10 @@ def main() -> int:
     states = hybrid_fit.reshape(-1, 2)
     states = states[np.isfinite(states).all(axis=1)]
     r_s, c_s = states[:, 0], states[:, 1]
-    jitter = np.random.default_rng(1).normal(scale=0.03, size=(2, r_s.size))
-    r_s, c_s = r_s * (1 + jitter[0]), c_s * (1 + jitter[1])
     states = jnp.stack([r_s, c_s], axis=-1) / jnp.asarray(scale)
     nn = np.asarray(jax.vmap(lambda x: mlp(params["nn"], x)[0])(states))
     g_learned = rates[3] * r_s * nn
-    xi = stlsq(candidates(r_s, c_s), g_learned, threshold=0.05)
+    xi = stlsq(candidates(r_s, c_s), g_learned, threshold=0.1)
     # The cat equation's coefficients: frozen rates plus the learned G.
     cat = xi.copy()
     cat[CANDIDATES.index("c")] -= rates[2]
