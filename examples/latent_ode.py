@@ -18,8 +18,9 @@ held out (c = 0.2, 0.5, 0.85, inside the training range), scored by MSE.
 Run: python examples/latent_ode.py [--quick | --full]
 ``--full``: 1500 Adam steps, 200 s here on 2 busy shared CPU cores; it
 reached train MSE 1.05e-4 and held-out-c MSE 1.02e-4, at the noise floor
-(1e-4; predicting 0 scores 0.19). The figure goes to latent_ode.png. ``--quick`` takes 60 steps and exits non-zero unless the loss
-fell, the batched solve matched unbatched solves, and the step traced once.
+(1e-4; predicting 0 scores 0.19). The figure goes to latent_ode.png.
+``--quick`` takes 60 steps and exits non-zero unless the loss fell, the
+batched solve matched a solve alone, and the training step traced once.
 """
 
 # requires: jax optax matplotlib
