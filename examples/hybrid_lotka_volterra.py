@@ -1,3 +1,4 @@
+# requires: jax optax matplotlib
 """A universal differential equation: Lotka-Volterra with a learned correction.
 
 The known model is Lotka-Volterra; the cat equation misses a term, learned by a
@@ -38,8 +39,6 @@ losses, recovered equation and coefficient errors; the figure goes to
 hybrid_lotka_volterra.png. ``--quick`` runs two short stages and exits non-zero
 unless the losses fall and each stage traced once.
 """
-
-# requires: jax optax matplotlib
 
 from __future__ import annotations
 
@@ -227,7 +226,7 @@ def main() -> int:
     hybrid = make_hybrid(jnp.asarray(scale))
     nn_params = init_mlp(jax.random.key(0), [2, 16, 16, 1])
     horizons = [6, 11] if quick else [6, 11, 16, 21, 26, 31]
-    steps = 30 if quick else 300
+    steps = 30 if quick else 200
     stage_losses = []
     for n_points in horizons:
         print(f"(c) horizon: first {n_points} points (t <= {TS[n_points - 1]:.1f})")
@@ -248,6 +247,8 @@ def main() -> int:
     # from the rabbit equation, which the network cannot reach.
     print(f"(e) rates and network together, first {horizons[-1]} points")
 
+    joint_steps = 20 if quick else 1500
+
     def joint_loss(p):
         TRACES["loss"] += 1
         return mse(hybrid, p, data, horizons[-1], weights)
@@ -255,8 +256,8 @@ def main() -> int:
     params, losses = adam_stage(
         joint_loss,
         {"log_rates": log_rates, "nn": nn_params},
-        20 if quick else 1000,
-        5e-3,
+        joint_steps,
+        optax.cosine_decay_schedule(5e-3, joint_steps, alpha=0.1),
         "joint",
         10 if quick else 100,
     )

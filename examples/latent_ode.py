@@ -1,3 +1,4 @@
+# requires: jax optax matplotlib
 """A latent ODE: learned initial state, dynamics and observation map, by context.
 
 The data are damped oscillators ``x'' + 2 zeta omega x' + omega^2 x = 0`` from
@@ -22,8 +23,6 @@ reached train MSE 1.05e-4 and held-out-c MSE 1.02e-4, at the noise floor
 ``--quick`` takes 60 steps and exits non-zero unless the loss fell, the
 batched solve matched a solve alone, and the training step traced once.
 """
-
-# requires: jax optax matplotlib
 
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+# requires: jax matplotlib
 """Why the gradient method matters: every sensealg on the Lorenz system.
 
 The loss is z(T), the last coordinate at time T of a Lorenz trajectory (sigma
@@ -32,8 +33,6 @@ Run: python examples/lorenz_sensealgs.py [--quick | --full] [--backend jax]
 compiling; --quick runs T = 1, 2 with a tsit5-only reference and checks the
 claims above, exiting non-zero if one fails.)
 """
-
-# requires: jax matplotlib
 
 from __future__ import annotations
 
