@@ -34,10 +34,15 @@ against ``c``), so the recovered *cat equation* (fitted rates plus ``G``) is wha
 is compared with the true one, term by term.
 
 Run: python examples/hybrid_lotka_volterra.py [--quick | --full]
-``--full`` (about 5 min here on 2 busy shared CPU cores): see the printed
-losses, recovered equation and coefficient errors; the figure goes to
-hybrid_lotka_volterra.png. ``--quick`` runs two short stages and exits non-zero
-unless the losses fall and each stage traced once.
+``--full`` took 300 s here (2 busy shared CPU cores) and reached: loss on all
+points 1.34e-4 (noise floor 1.0e-4; the known model alone 0.16); rates after
+the joint stage alpha 1.305, beta 0.903 (true 1.3, 0.9); the learned
+correction within 2.9 % of the true one on typical states; and the recovered
+cat equation ``dc/dt = -0.811 c + 1.818 r c - 0.726 r c^2`` against the true
+``-0.8 c + 1.8 r c - 0.72 r c^2`` (coefficient errors -0.011, +0.018,
+-0.006), with no spurious term. The figure goes to hybrid_lotka_volterra.png.
+``--quick`` runs two short stages and exits non-zero unless the losses fall
+and each stage traced once.
 """
 
 from __future__ import annotations
@@ -293,7 +298,10 @@ def main() -> int:
     )
 
     # The learned term as a formula (STLSQ on states along the trajectory).
-    states = hybrid_fit.reshape(-1, 2)
+    # Typical states: each run after t = 0.5. Before that the run from c = 4.6
+    # crosses a wide range of states between two data points; the data barely
+    # constrain NN there, and its few large values would dominate the fit.
+    states = hybrid_fit[:, fine >= 0.5].reshape(-1, 2)
     states = states[np.isfinite(states).all(axis=1)]
     r_s, c_s = states[:, 0], states[:, 1]
     states = jnp.stack([r_s, c_s], axis=-1) / jnp.asarray(scale)
