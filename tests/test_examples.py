@@ -64,3 +64,12 @@ def test_requirements_are_read(tmp_path):
     example = tmp_path / "ex.py"
     example.write_text('"""Doc."""\n\n# requires: jax equinox optax\nimport jax\n')
     assert requirements(example) == ["jax", "equinox", "optax"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_an_example_declares_the_modules_it_imports_at_top_level(path):
+    """A `# requires:` line past the lines read (or a missing one) would run the
+    example as SciPy-only, in the wrong session; this catches that."""
+    imported = set(re.findall(r"^(?:import|from) (\w+)", path.read_text(), re.M))
+    optional = {"jax", "torch", "optax", "equinox", "matplotlib", "numpyro", "pymc"}
+    assert imported & optional <= set(requirements(path))

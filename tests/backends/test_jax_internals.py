@@ -152,3 +152,41 @@ def test_an_empty_state_with_an_implicit_alg():
     assert sol.status == "success"
     grads = pullback(np.zeros((2, 0)))
     np.testing.assert_array_equal(np.asarray(grads.p), np.zeros(2))
+
+
+# ---------------------------------------------------------------------------------
+# A backward solve that fails at run time.
+# ---------------------------------------------------------------------------------
+
+
+def _lorenz(u, p, t):
+    xp = dk.array_namespace(u)
+    return xp.stack(
+        [p[0] * (u[1] - u[0]), u[0] * (p[1] - u[2]) - u[1], u[0] * u[1] - p[2] * u[2]]
+    )
+
+
+def test_a_backward_solve_failing_after_a_good_run_raises_solve_error():
+    """The continuous adjoint's backward solve of Lorenz over t in [0, 5] leaves
+    the trajectory and runs out of steps. When the compiled pullback has already
+    run once, XLA reports that failure as a ValueError ("INTERNAL: CpuCallback
+    error"), not a JaxRuntimeError; it must still become `dk.SolveError`."""
+    p = np.array([10.0, 28.0, 8.0 / 3.0])
+    u0 = np.array([-8.0, -8.0, 27.0])  # near the attractor
+    sensealg = dk.ContinuousAdjoint()
+
+    def pull(t1):
+        prob = dk.ODEProblem(_lorenz, u0, (0.0, t1), p)
+        _, pullback = dk.vjp(
+            prob,
+            "tsit5",
+            backend="jax",
+            saveat=np.array([t1]),
+            sensealg=sensealg,
+            max_steps=2000,
+        )
+        return pullback(np.ones((1, 3)))
+
+    assert np.isfinite(np.asarray(pull(0.5).p)).all()  # same program, succeeds
+    with pytest.raises(dk.SolveError, match="backward solve"):
+        pull(5.0)

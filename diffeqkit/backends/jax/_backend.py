@@ -199,7 +199,12 @@ class JaxBackend:
             ct = jax.device_put(jnp.asarray(cotangent, dtype=u.dtype), device)
             try:
                 du0, dp = jax.block_until_ready(PULLBACK(pullback, ct))
-            except jax.errors.JaxRuntimeError as err:
+            except (jax.errors.JaxRuntimeError, ValueError) as err:
+                # A run-time failure of the backward solve (diffrax's error
+                # callback) surfaces as JaxRuntimeError or, depending on when
+                # XLA reports it, as a ValueError "INTERNAL: CpuCallback error".
+                if not _runtime_failure(err):
+                    raise
                 raise SolveError(backward_failed(req.sensealg, str(err))) from err
             return du0, params.grads(dp)
 
@@ -278,3 +283,10 @@ class JaxBackend:
             "default_backend": jax.default_backend(),
             "x64": x64(),
         }
+
+
+def _runtime_failure(err: Exception) -> bool:
+    """Whether `err` is a compiled program failing at run time (not a bug of ours)."""
+    return isinstance(err, jax.errors.JaxRuntimeError) or str(err).startswith(
+        "INTERNAL:"
+    )
