@@ -83,7 +83,8 @@ def test_value_and_gradient_match_dk_and_closed_form(backend, sensealg):
     _, fn = compiled(backend, sa)
     k2 = np.array([0.7, 1.1])
     u, _, du0, dk_ = fn(U0, k2)
-    assert u.dtype == np.float64 and u.shape == (5, 2)
+    assert u.dtype == np.float64
+    assert u.shape == (5, 2)
     ref = dk.solve(prob_of(k2), saveat=TS, backend=backend, **TOL)
     # The value comes from dk.vjp, whose forward pass may integrate an augmented
     # system (other steps than dk.solve's): equal to the tolerance asked.
@@ -104,7 +105,8 @@ def test_gradient_reuses_the_forward_solve():
     fn(U0, K)
     key = core._key
     fn(U0, K + 0.1)  # a new point: the VJP found the value Op's pullback
-    assert core._key is not None and core._key != key
+    assert core._key is not None
+    assert core._key != key
 
 
 def test_verify_grad_in_float64():
@@ -155,8 +157,10 @@ def test_failed_solve_is_nan_not_an_exception(backend):
     need_gradients(backend)
     u, fn = compiled(backend, max_steps=2)
     val, loss, du0, dk_ = fn(U0, K)
-    assert np.isnan(val).all() and np.isnan(loss)
-    assert np.isnan(du0).all() and np.isnan(dk_).all()
+    assert np.isnan(val).all()
+    assert np.isnan(loss)
+    assert np.isnan(du0).all()
+    assert np.isnan(dk_).all()
     assert u.owner.op.n_failed >= 1
     # Non-finite inputs (a wild proposal) are a rejection too.
     _, fn = compiled(backend)
@@ -197,7 +201,7 @@ def test_observed_with_the_wrong_shape_fails_before_sampling():
         k = pm.LogNormal("k", shape=2)
         u = dkpm.solve(prob_of(), p=k, saveat=TS, backend="scipy")
         pm.Normal("obs", mu=u, sigma=0.1, observed=np.zeros((4, 2)))
-    with pytest.raises(ValueError, match="hape|broadcast"):
+    with pytest.raises(ValueError, match=r"hape|broadcast"):
         model.point_logps()
 
 
@@ -206,7 +210,8 @@ def test_pickles():
     u, fn = compiled("scipy", dk.ForwardMode())
     fn(U0, K)  # fills the pullback cache, which is not pickled
     op = pickle.loads(pickle.dumps(u.owner.op))
-    assert op.core._pullback is None and op.core.kwargs["backend"] == "scipy"
+    assert op.core._pullback is None
+    assert op.core.kwargs["backend"] == "scipy"
     fn2 = pickle.loads(pickle.dumps(fn))
     for a, b in zip(fn2(U0, K + 0.2), fn(U0, K + 0.2), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -236,7 +241,8 @@ def test_pm_sample_two_processes():
             compute_convergence_checks=False,
         )
     post = idata.posterior["k"].values  # pyright: ignore[reportAttributeAccessIssue]
-    assert post.shape == (2, 30, 2) and np.isfinite(post).all()
+    assert post.shape == (2, 30, 2)
+    assert np.isfinite(post).all()
     assert np.all(np.abs(post.mean((0, 1)) - K) < 0.5)
 
 
@@ -256,5 +262,6 @@ def test_numpyro_samples_the_model_compiled_to_jax():
             initvals={"k": K},
         )
     post = idata.posterior["k"].values  # pyright: ignore[reportAttributeAccessIssue]
-    assert post.shape == (1, 50, 2) and np.isfinite(post).all()
+    assert post.shape == (1, 50, 2)
+    assert np.isfinite(post).all()
     assert np.all(np.abs(post.mean((0, 1)) - K) < 0.5)
