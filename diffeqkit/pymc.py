@@ -95,7 +95,8 @@ def solve(
     Examples
     --------
     >>> import numpy as np, diffeqkit as dk, diffeqkit.pymc as dkpm
-    >>>     >>> prob = dk.ODEProblem(lambda u, p, t: -p * u, [1.0], (0.0, 1.0), 2.0)
+    >>> import pytensor.tensor as pt
+    >>> prob = dk.ODEProblem(lambda u, p, t: -p * u, [1.0], (0.0, 1.0), 2.0)
     >>> k = pt.dscalar("k")
     >>> u = dkpm.solve(prob, p=k, backend="scipy", rtol=1e-10, atol=1e-12)
     >>> bool(abs(u.eval({k: 2.0})[-1, 0] - np.exp(-2.0)) < 1e-9)

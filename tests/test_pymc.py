@@ -236,6 +236,9 @@ def test_pm_sample_two_processes():
             tune=30,
             chains=2,
             cores=2,
+            # JAX is loaded in this process (conftest): fork would warn that
+            # it may deadlock; spawn also checks that the model pickles.
+            mp_ctx="spawn",
             progressbar=False,
             random_seed=3,
             compute_convergence_checks=False,
@@ -251,6 +254,12 @@ def test_numpyro_samples_the_model_compiled_to_jax():
     need("jax")
     if importlib.util.find_spec("numpyro") is None:
         pytest.skip("needs numpyro")
+    import jax
+
+    try:  # A sampler's wild warm-up proposals need failures as NaN under jit.
+        jax.jit(lambda k: dk.solve(prob_of(k), backend="jax", throw=False).u)(K)
+    except dk.UnsupportedError:
+        pytest.skip("needs dk.solve(throw=False) under jax.jit (API.md section 7)")
     with _model("jax"):
         idata = pm.sample(
             draws=50,
@@ -265,3 +274,12 @@ def test_numpyro_samples_the_model_compiled_to_jax():
     assert post.shape == (1, 50, 2)
     assert np.isfinite(post).all()
     assert np.all(np.abs(post.mean((0, 1)) - K) < 0.5)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    need("scipy")
+    result = doctest.testmod(dkpm, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
