@@ -160,6 +160,13 @@ class _Core:
         state["_key"] = state["_pullback"] = None  # closures over framework arrays
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.kwargs["backend"] == "jax":
+            # A sampling worker (spawn) starts fresh: load PyTensor's JAX linker
+            # there too, as `solve` did where the model was built.
+            _jax_register()
+
     def problem(self, u0: Any, leaves: list[Any]) -> ODEProblem:
         p = _rebuild(self.structure, leaves)
         return self.prob.remake(u0=u0, p=p)
