@@ -217,6 +217,15 @@ def test_pickles():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.jax
+def test_jax_backed_op_pickles():
+    need("jax")
+    u = dkpm.solve(prob_of(), p=pt.dvector("k"), saveat=TS, backend="jax", **TOL)
+    op = pickle.loads(pickle.dumps(u.owner.op))
+    assert op.core.kwargs["backend"] == "jax"
+    assert op.core.out_shape == (5, 2)
+
+
 def _model(backend, n_draws_data=None):
     rng = np.random.default_rng(2)
     data = exact(U0, K) + rng.normal(scale=0.05, size=(5, 2))
