@@ -17,7 +17,7 @@ from ._solution import Solution
 from ._tableaux import get_tableau
 from .backends._protocol import SolveRequest
 
-__all__ = ["build_request", "solve"]
+__all__ = ["build_request", "check_problem", "solve"]
 
 
 def solve(
@@ -134,6 +134,17 @@ def solve(
     return backends.load(req.backend).solve(req)
 
 
+def check_problem(prob: Any) -> None:
+    """Refuse anything but a `dk.ODEProblem` as `prob`."""
+    if not isinstance(prob, ODEProblem):
+        raise invalid(
+            "prob",
+            "must be a dk.ODEProblem",
+            prob,
+            "Build one with dk.ODEProblem(f, u0, tspan, p).",
+        )
+
+
 def build_request(
     prob: ODEProblem,
     alg: str = "tsit5",
@@ -151,13 +162,7 @@ def build_request(
     throw: bool = True,
 ) -> SolveRequest:
     """Validate and normalise the arguments of `solve` into a `SolveRequest`."""
-    if not isinstance(prob, ODEProblem):
-        raise invalid(
-            "prob",
-            "must be a dk.ODEProblem",
-            prob,
-            "Build one with dk.ODEProblem(f, u0, tspan, p).",
-        )
+    check_problem(prob)
     info = get_alg(alg)
     name = backends.resolve_name(backend, prob.u0, prob.p)
     backends.check_native_p(name, prob.p)

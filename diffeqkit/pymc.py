@@ -38,7 +38,7 @@ from ._errors import InvalidProblemError, SolveError, invalid, short
 from ._gradients import vjp
 from ._problem import ODEProblem, rhs_nonfinite_error
 from ._pytree import tree_paths
-from ._solve import build_request
+from ._solve import build_request, check_problem
 from ._solve import solve as dk_solve
 
 __all__ = ["SolveOp", "VJPOp", "solve"]
@@ -111,13 +111,7 @@ def solve(
                 "Drop it: failed solves become NaN (a rejected proposal) and "
                 "values are float64.",
             )
-    if not isinstance(prob, ODEProblem):
-        raise invalid(
-            "prob",
-            "must be a dk.ODEProblem",
-            prob,
-            "Build one with dk.ODEProblem(f, u0, tspan, p).",
-        )
+    check_problem(prob)
     name = backends.resolve_name(backend, prob.u0, prob.p)
     kwargs = dict(solve_kwargs, saveat=saveat, backend=name, sensealg=sensealg)
     req = build_request(prob, alg, dtype="float64", **kwargs)  # validates all
