@@ -41,7 +41,7 @@ BACKENDS = ["jax", "torch", "scipy"]
 # examples use, so their tests and examples run there.
 WITH = {
     "jax": "jax,equinox,numpyro,examples",
-    "torch": "torch,examples",
+    "torch": "torch,plot",  # not examples: optax would bring JAX along
     "scipy": "scipy",
 }
 # The integrations whose tests run only in tests_all (PyMC works on every backend).
