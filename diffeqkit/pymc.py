@@ -37,7 +37,7 @@ from ._arrays import to_numpy
 from ._errors import InvalidProblemError, SolveError, invalid, short
 from ._gradients import vjp
 from ._problem import ODEProblem, rhs_nonfinite_error
-from ._pytree import tree_paths
+from ._pytree import tree_map, tree_paths
 from ._solve import build_request, check_problem
 from ._solve import solve as dk_solve
 
@@ -417,16 +417,8 @@ def _gather(structure: Any, tree: Any) -> list[Any]:
 
 
 def _rebuild(structure: Any, leaves: list[Any]) -> Any:
-    if isinstance(structure, dict):
-        return {k: _rebuild(v, leaves) for k, v in structure.items()}
-    if isinstance(structure, list):
-        return [_rebuild(v, leaves) for v in structure]
-    if isinstance(structure, tuple):
-        items = [_rebuild(v, leaves) for v in structure]
-        return (
-            type(structure)(*items) if hasattr(structure, "_fields") else tuple(items)
-        )
-    return None if structure is None else leaves[structure]
+    """`structure` (a tree of leaf indices) with each index replaced by its leaf."""
+    return tree_map(lambda i: None if i is None else leaves[i], structure)
 
 
 @functools.cache
