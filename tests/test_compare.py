@@ -472,6 +472,24 @@ def test_table_of_every_method_fits_80_columns(run):
     for short in ("ForwardMode", "Reverse", "Continuous", "Interp", "Checkpointed"):
         labelled = [line for line in lines if line.startswith(f"  {short}")]
         assert len(labelled) == len(INSTALLED), (short, lines)
+    for backend in INSTALLED:
+        assert f"{backend} forward" in out.getvalue(), lines
+
+
+def test_backend_label_stays_on_one_line_with_wide_numbers(run):
+    # Slow timings and large memory widen the number columns; the label column
+    # must not be the one that gives way (CI once printed "torch\nforward").
+    rich = pytest.importorskip("rich.console")
+    report = _every_method_report(run)
+    for row in report["rows"]:
+        if row["status"] == "ok":
+            row.update(forward_s=12.345678, forward_iqr_s=1.2345, gradient_s=123.456)
+            row.update(peak_memory_mb=123456.0, forward_first_s=123.45)
+    out = io.StringIO()
+    console = rich.Console(file=out, width=80, highlight=False, no_color=True)
+    compare.format_table(report, console)
+    for backend in INSTALLED:
+        assert f"{backend} forward" in out.getvalue(), out.getvalue()
     assert "Interp = InterpolatingAdjoint" in " ".join(out.getvalue().split())
 
 

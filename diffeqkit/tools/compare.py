@@ -801,7 +801,13 @@ def format_table(report: dict[str, Any], console: Any = None) -> None:
         "steps\nacc/rej",
         "f evals\nfwd/bwd",
     ):
-        table.add_column(col, justify="left" if col == "method" else "right")
+        # The method column never wraps: "torch forward" stays one line however
+        # narrow the console (other columns fold their headers instead).
+        table.add_column(
+            col,
+            justify="left" if col == "method" else "right",
+            no_wrap=col == "method",
+        )
     notes: list[str] = []
     previous = None
     for r in report["rows"]:
