@@ -44,8 +44,9 @@ WITH = {
     "torch": "torch,plot",  # not examples: optax would bring JAX along
     "scipy": "scipy",
 }
-# The integrations whose tests run only in tests_all (PyMC works on every backend).
-INTEGRATIONS = ["pymc"]
+# The integrations whose tests run only in tests_all (PyMC works on every backend;
+# Dask runs SciPy ensembles on a cluster).
+INTEGRATIONS = ["pymc", "dask"]
 # One worker per core; a whole test file goes to one worker (see the docstring).
 XDIST = ["-n", "auto", "--dist", "loadfile"]
 # Tests marked with no backend.
@@ -75,11 +76,14 @@ def tests(session: nox.Session, backend: str) -> None:
 def tests_all(session: nox.Session) -> None:
     """Run the test suite with every backend installed (cross-backend agreement)."""
     # plot: compare --plot is tested here
-    _install(session, "all,equinox,numpyro,pymc,examples,test,plot")
+    _install(session, "all,equinox,numpyro,pymc,dask,examples,test,plot")
     session.run(
         "pytest",
         *XDIST,
-        *(session.posargs or ["-m", "slow or scipy or pymc or not (jax or torch)"]),
+        *(
+            session.posargs
+            or ["-m", "slow or scipy or pymc or dask or not (jax or torch)"]
+        ),
         env={"DIFFEQKIT_REQUIRE_BACKENDS": ",".join(BACKENDS)},
     )
 
@@ -97,7 +101,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """basedpyright (standard mode) on diffeqkit/ with every backend and
     integration installed."""
-    _install(session, "all,equinox,numpyro,pymc")
+    _install(session, "all,equinox,numpyro,pymc,dask")
     session.install(PYRIGHT)
     session.run("basedpyright", *(session.posargs or ["diffeqkit"]))
 
