@@ -12,6 +12,7 @@ from ._errors import DiffEqKitError as DiffEqKitError
 from ._errors import InvalidProblemError as InvalidProblemError
 from ._errors import SolveError as SolveError
 from ._errors import UnsupportedError as UnsupportedError
+from ._events import Event as Event
 from ._gradients import Grads as Grads
 from ._gradients import value_and_grad as value_and_grad
 from ._gradients import vjp as vjp
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointedAdjoint",
     "ContinuousAdjoint",
     "DiffEqKitError",
+    "Event",
     "ForwardMode",
     "Grads",
     "InterpolatingAdjoint",

@@ -312,21 +312,29 @@ def input_size(u0: Any, p: Any) -> int:
     return size(u0) + sum(size(x.leaf) for x in params(p))
 
 
-def default_sensealg(backend: str, u0: Any, p: Any) -> SensitivityAlgorithm:
+def default_sensealg(
+    backend: str, u0: Any, p: Any, *, events: bool = False
+) -> SensitivityAlgorithm:
     """The gradient method ``sensealg=None`` stands for.
 
     `ForwardMode` when ``u0.size`` plus the number of parameters is at most the
     backend's measured crossover (``forward_mode_max_inputs`` in its registry
     spec; docs/performance.md has the measurements); otherwise
     `CheckpointedAdjoint` (exact forward states with bounded memory, the field's
-    recommended default).
+    recommended default). With `events`, the rule's choice when the backend
+    differentiates events with it, else the first sensealg that it does.
     """
     from .backends import spec_of
 
-    limit = spec_of(backend).capabilities.forward_mode_max_inputs
-    if input_size(u0, p) <= limit:
-        return ForwardMode()
-    return CheckpointedAdjoint()
+    caps = spec_of(backend).capabilities
+    chosen: SensitivityAlgorithm = (
+        ForwardMode()
+        if input_size(u0, p) <= caps.forward_mode_max_inputs
+        else CheckpointedAdjoint()
+    )
+    if events and caps.events and type(chosen).__name__ not in caps.events:
+        chosen = {c.__name__: c for c in SENSEALGS}[caps.events[0]]()
+    return chosen
 
 
 def adjoint_atol(atol: Any, cotangent: Any, states: Any) -> Any:

@@ -6,7 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["STATUSES", "STATUS_CODES", "Solution", "Status", "failure_hint"]
+__all__ = [
+    "STATUSES",
+    "STATUS_CODES",
+    "SUCCESS_CODES",
+    "Solution",
+    "Status",
+    "failure_hint",
+]
 
 
 @dataclass(frozen=True)
@@ -48,13 +55,27 @@ STATUSES: Mapping[str, Status] = {
             "not converge).",
             "Tighten rtol/atol or supply jac; {stiff}",
         ),
+        Status("terminated", True, "A terminal event stopped the integration."),
+        Status(
+            "too_many_events",
+            False,
+            "More than max_events events fired before t1.",
+            "The events may chatter (a Zeno point: events ever closer together, "
+            "as a ball bouncing to rest): add a terminal event below a threshold, "
+            "or raise max_events in dk.solve.",
+        ),
     )
 }
 
 
 # The integer code of each status, its index here: what ``Solution.status`` holds
 # when the status is a traced value (JAX, ``throw=False`` under a transformation).
+# New statuses go at the end so that codes never change.
 STATUS_CODES: tuple[str, ...] = tuple(STATUSES)
+# The codes of the successful statuses.
+SUCCESS_CODES: tuple[int, ...] = tuple(
+    i for i, name in enumerate(STATUS_CODES) if STATUSES[name].success
+)
 
 
 def failure_hint(
@@ -96,15 +117,16 @@ class Solution:
         At least ``nfev`` (evaluations of `f`), ``naccept`` and ``nreject``
         (accepted and rejected steps); ints, or None where a backend cannot tell.
     status : str or int array
-        ``"success"``, ``"max_steps_reached"``, ``"step_size_too_small"``,
-        ``"nonfinite"`` or ``"solver_failed"``. Under a JAX transformation with
-        ``throw=False`` the status is only known when the program runs: it is
-        then a traced int32 array, the index of the status in
+        ``"success"``, ``"terminated"`` (a terminal event stopped the solve, a
+        success), ``"max_steps_reached"``, ``"step_size_too_small"``,
+        ``"nonfinite"``, ``"solver_failed"`` or ``"too_many_events"``. Under a
+        JAX transformation with ``throw=False`` the status is only known when
+        the program runs: it is then a traced int32 array, the index of the status in
         ``Solution.STATUS_CODES`` (0 is ``"success"``; batched under
         ``jax.vmap``).
     success : bool or bool array
-        Whether the integration reached ``t1`` (``status == 0``, a traced bool
-        array, when the status is traced).
+        Whether the integration reached ``t1`` or a terminal event (a traced bool
+        array when the status is traced).
     message : str
         A sentence describing the status.
     backend, alg : str
@@ -112,6 +134,11 @@ class Solution:
     sensealg : SensitivityAlgorithm
         The gradient method that differentiates this solve: the one passed as
         ``sensealg=``, or the one `default_sensealg` chose for ``sensealg=None``.
+    t_events, u_events : list or None
+        With ``events=[...]``: per event, in the order given, the times where it
+        fired (1-D array) and the states there before its jump (shape ``(k,
+        *u0.shape)``). None for a solve without events. Saved rows after a
+        terminal event are NaN, as for a failed solve.
     """
 
     STATUS_CODES: ClassVar[tuple[str, ...]] = STATUS_CODES
@@ -124,6 +151,8 @@ class Solution:
     alg: str
     sensealg: Any = None
     message: str = field(default="")
+    t_events: Any = None
+    u_events: Any = None
 
     def __post_init__(self) -> None:
         if not self.message:
@@ -138,7 +167,8 @@ class Solution:
     def success(self) -> Any:
         if isinstance(self.status, str):
             return STATUSES[self.status].success
-        return self.status == 0  # a traced code: an array of the status's type
+        # A traced code: success or a terminal event (an array of bools).
+        return (self.status == SUCCESS_CODES[0]) | (self.status == SUCCESS_CODES[1])
 
     def __repr__(self) -> str:
         shape = tuple(getattr(self.u, "shape", ()))

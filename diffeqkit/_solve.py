@@ -10,6 +10,7 @@ from . import backends
 from ._algs import AlgInfo, get_alg
 from ._arrays import FLOAT_DTYPES, dtype_name, is_array, is_concrete, is_real_number
 from ._errors import InvalidProblemError, invalid, short
+from ._events import MAX_EVENTS, check_events, check_max_events
 from ._problem import ODEProblem
 from ._saveat import save_times, step_grid
 from ._sensealg import check_sensealg, default_sensealg
@@ -35,6 +36,8 @@ def solve(
     device: Any = None,
     dtype: Any = None,
     throw: bool = True,
+    events: Any = None,
+    max_events: int = MAX_EVENTS,
 ) -> Solution:
     """Solve an `ODEProblem` on a backend.
 
@@ -84,6 +87,14 @@ def solve(
     throw : bool
         If True a failed integration raises `SolveError`; if False the partial
         `Solution` is returned with ``success=False``.
+    events : list of dk.Event, optional
+        Zero crossings of conditions that stop the solve or apply a jump and
+        continue (`dk.Event`); where they fired is in ``Solution.t_events`` and
+        ``Solution.u_events``. Gradients follow the event times.
+    max_events : int, default 1000
+        The most events that may fire in one solve (all events together); one
+        more stops it with status ``"too_many_events"`` (a chattering, Zeno,
+        event ends with `SolveError`, never a hang).
 
     Returns
     -------
@@ -130,6 +141,8 @@ def solve(
         device=device,
         dtype=dtype,
         throw=throw,
+        events=events,
+        max_events=max_events,
     )
     return backends.load(req.backend).solve(req)
 
@@ -160,6 +173,8 @@ def build_request(
     device: Any = None,
     dtype: Any = None,
     throw: bool = True,
+    events: Any = None,
+    max_events: int = MAX_EVENTS,
 ) -> SolveRequest:
     """Validate and normalise the arguments of `solve` into a `SolveRequest`."""
     check_problem(prob)
@@ -169,9 +184,13 @@ def build_request(
     backends.check_alg(name, info.name)
     dev = _normalise_device(device)
     backends.check_device(name, dev)
+    checked_events = check_events(events)
+    max_events = check_max_events(max_events)
     chosen = check_sensealg(sensealg)
     if chosen is None:
-        chosen = default_sensealg(name, prob.u0, prob.p)
+        chosen = default_sensealg(name, prob.u0, prob.p, events=bool(checked_events))
+    if checked_events:
+        backends.check_events(name, chosen)
     if not isinstance(throw, bool):
         raise invalid("throw", "must be True or False", throw, "Pass a bool.")
     if not isinstance(adaptive, bool):
@@ -239,6 +258,8 @@ def build_request(
         sensealg=chosen,
         land_on_saves=_lands_on_saves(info, fixed_step),
         adaptive=adaptive,
+        events=checked_events,
+        max_events=max_events,
     )
     return req
 

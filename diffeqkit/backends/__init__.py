@@ -40,6 +40,7 @@ __all__ = [
     "BackendSpec",
     "check_alg",
     "check_device",
+    "check_events",
     "check_native_p",
     "check_sensealg",
     "implicit_algs",
@@ -273,6 +274,28 @@ def check_alg(name: str, alg: str) -> None:
 def spec_of(name: str) -> BackendSpec:
     """The spec of a backend name or alias."""
     return SPECS[ALIASES.get(name, name)]
+
+
+def check_events(name: str, sensealg: Any) -> None:
+    """Refuse ``events=[...]`` on a backend that does not offer events, or with a
+    sensealg that cannot differentiate them there; the message names what can."""
+    caps = SPECS[name].capabilities
+    if not caps.events:
+        by = [b for b, s in SPECS.items() if s.capabilities.events]
+        raise UnsupportedError(
+            f"events=[...] are not available on backend='{name}'. "
+            + (
+                f"Backends with events: {listing(by)}."
+                if by
+                else "No backend offers them yet."
+            )
+        )
+    if sensealg.name not in caps.events:
+        raise UnsupportedError(
+            f"sensealg=dk.{type(sensealg).__name__}() cannot differentiate a solve "
+            f"with events on backend='{name}'. With events, {name} offers: "
+            f"{listing(f'dk.{s}()' for s in caps.events)}."
+        )
 
 
 def check_sensealg(

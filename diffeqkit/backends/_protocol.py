@@ -79,6 +79,9 @@ class Capabilities:
         uses (`python -m diffeqkit compare`).
     reference_rank : int
         Preference among backends for that reference (lowest first).
+    events : tuple of str
+        The sensealgs that differentiate a solve with ``events=[...]`` here; empty
+        when the backend does not offer events.
     """
 
     algs: tuple[str, ...]
@@ -88,6 +91,7 @@ class Capabilities:
     forward_mode_max_inputs: int = 0
     reference_algs: tuple[str, str] | None = None
     reference_rank: int = 0
+    events: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,9 @@ class SolveRequest:
     output is of lower order than their error estimator (dopri8), so that saved
     values are as accurate as the steps. `adaptive` is False when an adaptive
     explicit alg runs with constant steps of `dt0` (``dk.solve(adaptive=False)``);
-    `fixed_step` says whether the solve steps on the fixed grid.
+    `fixed_step` says whether the solve steps on the fixed grid. `events` are the
+    checked `diffeqkit._events.Event`s (empty: none), `max_events` the most that
+    may fire in all.
     """
 
     backend: str
@@ -125,6 +131,8 @@ class SolveRequest:
     sensealg: Any = None
     land_on_saves: bool = False
     adaptive: bool = True
+    events: tuple[Any, ...] = ()
+    max_events: int = 1000
 
     @property
     def fixed_step(self) -> bool:
@@ -198,6 +206,8 @@ def conclude(
     stats: dict[str, Any],
     status: str,
     t_reached: float | None = None,
+    t_events: Any = None,
+    u_events: Any = None,
 ) -> Solution:
     """Build the `Solution`; raise `SolveError` for a failure when ``req.throw``."""
     sol = Solution(
@@ -208,6 +218,8 @@ def conclude(
         backend=req.backend,
         alg=req.alg.name,
         sensealg=req.sensealg,
+        t_events=t_events,
+        u_events=u_events,
     )
     if sol.success:
         return sol
@@ -236,6 +248,8 @@ def conclude(
         alg=req.alg.name,
         sensealg=req.sensealg,
         message=message,
+        t_events=t_events,
+        u_events=u_events,
     )
     if req.throw:
         raise SolveError(message, sol)
