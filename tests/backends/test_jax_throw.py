@@ -49,6 +49,8 @@ def test_status_codes_are_the_status_names_in_order():
         "step_size_too_small",
         "nonfinite",
         "solver_failed",
+        "terminated",
+        "too_many_events",
     }
 
 
