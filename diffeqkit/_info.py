@@ -23,7 +23,9 @@ def support_matrix(*, installed_only: bool = True) -> dict[str, dict[str, Any]]:
     -------
     dict
         ``{backend: {"algs": [...], "sensealgs": [...], "devices": [...],
-        "gradients": {sensealg: "discrete" | "continuous"}}}``. "discrete": the
+        "gradients": {sensealg: "discrete" | "continuous"}, "events": [...]}}``
+        ("events": the sensealgs that differentiate a solve with
+        ``events=[...]``; empty where the backend offers no events). "discrete": the
         sensealg differentiates the solver's own steps (the exact derivative of
         the computed solution); "continuous": it integrates sensitivity or
         adjoint ODEs under error control, converging to the derivative of the
@@ -44,6 +46,7 @@ def support_matrix(*, installed_only: bool = True) -> dict[str, dict[str, Any]]:
                 s: support.computes
                 for s, support in spec.capabilities.sensealgs.items()
             },
+            "events": list(spec.capabilities.events),
         }
         for name, spec in backends.SPECS.items()
         if not installed_only or backends.installed(name)
@@ -153,4 +156,29 @@ def support_table() -> str:
         + " | ".join(", ".join(s.capabilities.devices) for s in specs.values())
         + " |"
     )
+    return "\n".join(rows)
+
+
+def events_table() -> str:
+    """Which sensealgs differentiate a solve with events on each backend, as a
+    Markdown table generated from the registry (docs/events.md includes it)."""
+    from ._sensealg import SENSEALGS
+
+    specs = backends.SPECS
+    rows = [
+        "| sensealg | " + " | ".join(specs) + " |",
+        "| --- | " + " | ".join("---" for _ in specs) + " |",
+    ]
+    for cls in SENSEALGS:
+        cells = []
+        for s in specs.values():
+            if cls.name in s.capabilities.events:
+                cells.append("yes")
+            elif cls.name in s.capabilities.sensealgs and s.capabilities.events:
+                cells.append("`UnsupportedError`")
+            else:
+                cells.append("—")
+        rows.append(f"| `{cls.name}` | " + " | ".join(cells) + " |")
+    plain = ["yes" if s.capabilities.events else "—" for s in specs.values()]
+    rows.insert(2, "| solve with events | " + " | ".join(plain) + " |")
     return "\n".join(rows)

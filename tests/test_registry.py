@@ -154,3 +154,24 @@ def test_backward_tolerances_are_refused_with_constant_steps(name, sensealg):
         dk.solve(
             _prob(), "tsit5", backend=name, adaptive=False, dt0=0.1, sensealg=sensealg
         )
+
+
+def test_events_table_follows_the_registry(monkeypatch):
+    from dataclasses import replace
+
+    from diffeqkit._info import events_table
+
+    spec = backends.SPECS["scipy"]
+    caps = replace(spec.capabilities, events=("ForwardMode",))
+    specs = dict(backends.SPECS, scipy=replace(spec, capabilities=caps))
+    monkeypatch.setattr(backends, "SPECS", specs)
+    lines = events_table().splitlines()
+    column = list(specs).index("scipy") + 1
+    cells = {
+        line.split("|")[1].strip(): line.split("|")[column + 1].strip()
+        for line in lines[2:]
+    }
+    assert cells["solve with events"] == "yes"
+    assert cells["`ForwardMode`"] == "yes"
+    assert cells["`ContinuousAdjoint`"] == "`UnsupportedError`"
+    assert dk.support_matrix(installed_only=False)["scipy"]["events"] == ["ForwardMode"]
