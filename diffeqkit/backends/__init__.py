@@ -161,6 +161,8 @@ SPECS: Mapping[str, BackendSpec] = {
             # reference of choice.
             reference_algs=("dopri8", "radau"),
             reference_rank=0,
+            # Forward sensitivities jump at each event (docs/design.md, "Events").
+            events=("ForwardMode",),
         ),
     ),
 }
