@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import need
+from conftest import need, need_gradients
 
 import diffeqkit as dk
 
@@ -24,7 +24,8 @@ def _scipy():
 
 
 def _fall(u, p, t):
-    return np.array([u[1], -G])
+    xp = dk.array_namespace(u)
+    return xp.stack([u[1], -G + 0.0 * u[1]])
 
 
 def _ground(e=None, terminal=False):
@@ -220,3 +221,124 @@ def test_adjoints_with_events_are_refused_naming_forward_mode():
             events=[_ground()],
             sensealg=dk.ContinuousAdjoint(),
         )
+
+
+# -- gradients through events (ForwardMode: sensitivities jump at each event) --
+
+
+def _decay_dose():
+    """u' = -k u; when u falls to c, a dose D is added: after the event
+    u(T) = (c + D) / c * u0 * exp(-k T), in closed form."""
+
+    def f(u, p, t):
+        return -p["k"] * u
+
+    ev = dk.Event(
+        lambda u, p, t: u[0] - p["c"],
+        direction=-1,
+        terminal=False,
+        affect=lambda u, p, t: u + p["D"],
+    )
+    p = {"k": np.array(0.7), "c": np.array(0.5), "D": np.array(0.3)}
+    return dk.ODEProblem(f, np.array([2.0]), (0.0, 2.5), p), ev
+
+
+@pytest.mark.parametrize("alg", ["tsit5", "radau"])
+def test_gradient_after_a_dose_matches_the_closed_form(alg):
+    need_gradients("scipy")
+    prob, ev = _decay_dose()
+    T = 2.5  # one dose (at 1.98; the next would come at 2.65)
+    sol, pullback = dk.vjp(
+        prob,
+        alg,
+        backend="scipy",
+        saveat=[T],
+        events=[ev],
+        sensealg=dk.ForwardMode(),
+        **TIGHT,
+    )
+    k, c, D, u0 = 0.7, 0.5, 0.3, 2.0
+    uT = (c + D) / c * u0 * math.exp(-k * T)
+    np.testing.assert_allclose(sol.u[0, 0], uT, rtol=1e-9)
+    np.testing.assert_allclose(sol.t_events[0], [math.log(u0 / c) / k], rtol=1e-9)
+    grads = pullback(np.ones((1, 1)))
+    np.testing.assert_allclose(grads.u0, [uT / u0], rtol=1e-7)
+    np.testing.assert_allclose(grads.p["k"], -T * uT, rtol=1e-7)
+    np.testing.assert_allclose(
+        grads.p["c"], -D / c**2 * u0 * math.exp(-k * T), rtol=1e-7
+    )
+    np.testing.assert_allclose(grads.p["D"], u0 / c * math.exp(-k * T), rtol=1e-7)
+
+
+def test_gradient_of_a_height_after_a_bounce_matches_the_closed_form():
+    need_gradients("scipy")
+    h0, e, T = 1.0, 0.8, 0.9
+    sol, pullback = dk.vjp(
+        _ball(h0, e),
+        "tsit5",
+        backend="scipy",
+        saveat=[T],
+        events=[_ground()],
+        sensealg=dk.ForwardMode(),
+        **TIGHT,
+    )
+    t1 = math.sqrt(2 * h0 / G)
+    s, v1 = T - t1, e * G * t1
+    np.testing.assert_allclose(sol.u[0, 0], v1 * s - G * s**2 / 2, rtol=1e-9)
+    cot = np.zeros((1, 2))
+    cot[0, 0] = 1.0
+    grads = pullback(cot)
+    dt1 = 1.0 / (G * t1)
+    np.testing.assert_allclose(grads.p["e"], G * t1 * s, rtol=1e-7)
+    np.testing.assert_allclose(grads.u0[0], dt1 * (e * G * s - v1 + G * s), rtol=1e-7)
+    # a velocity change at the start moves the impact as well
+    cot[0] = [0.0, 1.0]  # d v(T) / d [h0, v0, e]
+    grads = pullback(cot)
+    np.testing.assert_allclose(grads.p["e"], G * t1, rtol=1e-7)
+
+
+def test_gradient_through_two_events_matches_finite_differences():
+    need_gradients("scipy")
+    # A nonlinear system with a state-dependent jump and a time-dependent
+    # condition, so that every correction term matters.
+
+    def f(u, p, t):
+        xp = dk.array_namespace(u)
+        return xp.stack([u[1], -p["w"] * xp.sin(u[0])])
+
+    ev = dk.Event(
+        lambda u, p, t: u[0] - 0.1 * t,
+        direction=-1,
+        terminal=False,
+        affect=lambda u, p, t: np.stack([u[0], -p["e"] * u[1] + 0.1 * t]),
+    )
+    p = {"w": np.array(2.0), "e": np.array(0.7)}
+    u0 = np.array([1.0, 0.0])
+    ts = np.array([1.0, 2.5, 4.0])
+    kw = {
+        "backend": "scipy",
+        "saveat": ts,
+        "events": [ev],
+        "rtol": 1e-12,
+        "atol": 1e-12,
+    }
+    prob = dk.ODEProblem(f, u0, (0.0, 4.0), p)
+    sol, pullback = dk.vjp(prob, "dopri8", sensealg=dk.ForwardMode(), **kw)
+    assert sol.stats["nevents"] >= 2
+    cot = np.array([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.8]])
+    grads = pullback(cot)
+
+    def loss(u0, p):
+        s = dk.solve(dk.ODEProblem(f, u0, (0.0, 4.0), p), "dopri8", **kw)
+        return float(np.sum(cot * s.u))
+
+    h = 1e-6
+    for i in range(2):
+        du = np.eye(2)[i] * h
+        fd = (loss(u0 + du, p) - loss(u0 - du, p)) / (2 * h)
+        np.testing.assert_allclose(grads.u0[i], fd, rtol=1e-6)
+    for name in p:
+        up = {**p, name: p[name] + h}
+        down = {**p, name: p[name] - h}
+        fd = (loss(u0, up) - loss(u0, down)) / (2 * h)
+        np.testing.assert_allclose(grads.p[name], fd, rtol=1e-6)
