@@ -25,7 +25,7 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
-from . import _adjoint, _checkpoint, _forward, _interpolating
+from . import _adjoint, _checkpoint, _events, _forward, _interpolating
 from ._params import param_view
 from ._solve import (
     check_inputs,
@@ -80,7 +80,10 @@ class TorchBackend:
             The integration failed and ``req.throw`` is True.
         """
         sensealg = req.sensealg
-        if sensealg is None or not requires_grad(req) or _empty(req.u0):
+        grad = sensealg is not None and requires_grad(req) and not _empty(req.u0)
+        if req.events:
+            return _events.solve(req, SENSEALGS[type(sensealg)] if grad else None)
+        if not grad:
             # An empty state has nothing to differentiate: its solution is u0.
             return solve_plain(req)
         return SENSEALGS[type(sensealg)](req)
