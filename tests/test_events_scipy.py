@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import need, need_gradients
+from conftest import need, need_gradients, runs
 
 import diffeqkit as dk
 
@@ -212,17 +212,6 @@ def test_bad_condition_and_affect_are_named():
         dk.solve(prob, "tsit5", backend="scipy", events=[short])
 
 
-def test_adjoints_with_events_are_refused_naming_forward_mode():
-    with pytest.raises(dk.UnsupportedError, match="ForwardMode"):
-        dk.solve(
-            _ball(),
-            "tsit5",
-            backend="scipy",
-            events=[_ground()],
-            sensealg=dk.ContinuousAdjoint(),
-        )
-
-
 # -- gradients through events (ForwardMode: sensitivities jump at each event) --
 
 
@@ -243,8 +232,28 @@ def _decay_dose():
     return dk.ODEProblem(f, np.array([2.0]), (0.0, 2.5), p), ev
 
 
-@pytest.mark.parametrize("alg", ["tsit5", "radau"])
-def test_gradient_after_a_dose_matches_the_closed_form(alg):
+def _short(name):
+    return name.replace("Adjoint", "").replace("Mode", "").lower()
+
+
+SENSEALGS = [
+    "ForwardMode",
+    "ContinuousAdjoint",
+    "InterpolatingAdjoint",
+    "CheckpointedAdjoint",
+]
+
+
+@pytest.mark.parametrize(
+    ("alg", "sensealg"),
+    [
+        (a, s)
+        for a in ("tsit5", "radau")
+        for s in SENSEALGS
+        if runs("scipy", _short(s), a)
+    ],
+)
+def test_gradient_after_a_dose_matches_the_closed_form(alg, sensealg):
     need_gradients("scipy")
     prob, ev = _decay_dose()
     T = 2.5  # one dose (at 1.98; the next would come at 2.65)
@@ -254,7 +263,7 @@ def test_gradient_after_a_dose_matches_the_closed_form(alg):
         backend="scipy",
         saveat=[T],
         events=[ev],
-        sensealg=dk.ForwardMode(),
+        sensealg=getattr(dk, sensealg)(),
         **TIGHT,
     )
     k, c, D, u0 = 0.7, 0.5, 0.3, 2.0
@@ -270,7 +279,8 @@ def test_gradient_after_a_dose_matches_the_closed_form(alg):
     np.testing.assert_allclose(grads.p["D"], u0 / c * math.exp(-k * T), rtol=1e-7)
 
 
-def test_gradient_of_a_height_after_a_bounce_matches_the_closed_form():
+@pytest.mark.parametrize("sensealg", SENSEALGS)
+def test_gradient_of_a_height_after_a_bounce_matches_the_closed_form(sensealg):
     need_gradients("scipy")
     h0, e, T = 1.0, 0.8, 0.9
     sol, pullback = dk.vjp(
@@ -279,7 +289,7 @@ def test_gradient_of_a_height_after_a_bounce_matches_the_closed_form():
         backend="scipy",
         saveat=[T],
         events=[_ground()],
-        sensealg=dk.ForwardMode(),
+        sensealg=getattr(dk, sensealg)(),
         **TIGHT,
     )
     t1 = math.sqrt(2 * h0 / G)
@@ -297,7 +307,8 @@ def test_gradient_of_a_height_after_a_bounce_matches_the_closed_form():
     np.testing.assert_allclose(grads.p["e"], G * t1, rtol=1e-7)
 
 
-def test_gradient_through_two_events_matches_finite_differences():
+@pytest.mark.parametrize("sensealg", SENSEALGS)
+def test_gradient_through_two_events_matches_finite_differences(sensealg):
     need_gradients("scipy")
     # A nonlinear system with a state-dependent jump and a time-dependent
     # condition, so that every correction term matters.
@@ -323,7 +334,7 @@ def test_gradient_through_two_events_matches_finite_differences():
         "atol": 1e-12,
     }
     prob = dk.ODEProblem(f, u0, (0.0, 4.0), p)
-    sol, pullback = dk.vjp(prob, "dopri8", sensealg=dk.ForwardMode(), **kw)
+    sol, pullback = dk.vjp(prob, "dopri8", sensealg=getattr(dk, sensealg)(), **kw)
     assert sol.stats["nevents"] >= 2
     cot = np.array([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.8]])
     grads = pullback(cot)
@@ -342,3 +353,14 @@ def test_gradient_through_two_events_matches_finite_differences():
         down = {**p, name: p[name] - h}
         fd = (loss(u0, up) - loss(u0, down)) / (2 * h)
         np.testing.assert_allclose(grads.p[name], fd, rtol=1e-6)
+
+
+def test_reverse_through_solver_is_refused_naming_what_works():
+    with pytest.raises(dk.UnsupportedError, match="ForwardMode"):
+        dk.solve(
+            _ball(),
+            "tsit5",
+            backend="scipy",
+            events=[_ground()],
+            sensealg=dk.ReverseThroughSolver(),
+        )

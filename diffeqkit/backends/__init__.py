@@ -171,8 +171,14 @@ SPECS: Mapping[str, BackendSpec] = {
             # reference of choice.
             reference_algs=("dopri8", "radau"),
             reference_rank=0,
-            # Forward sensitivities jump at each event (docs/design.md, "Events").
-            events=("ForwardMode",),
+            # Forward sensitivities jump at each event; the adjoints are composed
+            # over the segments between events (docs/design.md, "Events").
+            events=(
+                "ForwardMode",
+                "ContinuousAdjoint",
+                "InterpolatingAdjoint",
+                "CheckpointedAdjoint",
+            ),
         ),
     ),
 }

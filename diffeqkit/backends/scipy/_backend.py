@@ -17,7 +17,7 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
-from . import _adjoint, _checkpoint, _forward, _solve
+from . import _adjoint, _checkpoint, _events, _forward, _solve
 from ._autodiff import Job, Layout, Pull, make_engine, value_and_grad
 
 __all__ = ["ScipyBackend"]
@@ -95,7 +95,12 @@ class ScipyBackend:
         problem = _solve.prepare(req)
         layout = Layout.of(problem.p)
         job = Job(problem, make_engine(problem, layout), layout)
-        sol, pull = SENSEALGS[type(req.sensealg)](job)
+        method = SENSEALGS[type(req.sensealg)]
+        if req.events and method is not _forward.vjp:
+            # ForwardMode carries its sensitivities across events itself
+            sol, pull = _events.vjp(job, method)
+        else:
+            sol, pull = method(job)
         rows = (problem.ts.size, problem.n)
 
         def pullback(cotangent: Any) -> tuple[Any, Any]:

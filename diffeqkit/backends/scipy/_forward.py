@@ -4,14 +4,14 @@ state under one error control (docs/design.md, "SciPy").
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import scipy.sparse
 
 from ..._solution import Solution
 from ._autodiff import FINITE_DIFFERENCES, Engine, Job, Layout, Pull, engine_label
+from ._events import jump_derivatives
 from ._solve import (
     Counter,
     Jump,
@@ -72,70 +72,18 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     return sol, pull
 
 
-# Relative step of the central differences that differentiate conditions and
-# affects (about the cube root of float64's epsilon: truncation and rounding
-# errors balance near 1e-11 relative).
-_DIFF_STEP = 6e-6
-
-
-def _differences(fn: Any, z: Any) -> Any:
-    """The Jacobian of ``fn(z)`` (a 1-D array) at `z` by central differences."""
-    columns = []
-    for j in range(z.size):
-        h = _DIFF_STEP * max(1.0, abs(z[j]))
-        up, down = z.copy(), z.copy()
-        up[j] += h
-        down[j] -= h
-        columns.append((fn(up) - fn(down)) / (up[j] - down[j]))
-    return np.stack(columns, axis=-1)
-
-
 def _jump(problem: Problem, layout: Layout, k: int) -> Jump:
     """Events on ``[u, S]`` (S = du/d[u0, p], ``(n, k)``): the state jumps by the
-    affect, and the sensitivities by the implicit-function theorem.
-
-    With ``dt = -(g_u S + g_p) / (g_u f + g_t)`` (how the event time moves), the
-    state at the moving event has ``S + f dt``; the affect maps it to
-    ``A_u (S + f dt) + A_p + A_t dt``; the flow restarted at the moving time
-    subtracts ``f(u+) dt``. Derivatives of the condition and affect are central
-    differences (`_differences`); of f, not needed.
-    """
-    n, shape, p, f = problem.n, problem.shape, problem.p, problem.req.f
-    events = problem.req.events
-    q0 = layout.values()
-    size = q0.size
-
-    def inputs(z: Any) -> tuple[Any, Any, float]:
-        q = layout.unflatten(z[n : n + size], lambda leaf: leaf)
-        return z[:n].reshape(shape), q, float(z[-1])
+    affect, the sensitivities by `jump_derivatives`: ``M_u S + [0 | M_p]``."""
+    n, shape = problem.n, problem.shape
 
     def state(y: Any) -> Any:
         return y[:n].reshape(shape)
 
-    def rhs(u: Any, t: float) -> Any:
-        return np.asarray(f(u.reshape(shape), p, t), dtype=np.float64).reshape(-1)
-
     def apply(i: int, t: float, y: Any) -> Any:
-        event = events[i]
-        affect = cast("Callable[..., Any]", event.affect)  # only events with one
-        u, S = y[:n], y[n:].reshape(n, k)
-        z = np.concatenate([u, q0, [t]])
-
-        def condition(z: Any) -> Any:
-            return np.atleast_1d(np.float64(event.condition(*inputs(z))))
-
-        def jumped(z: Any) -> Any:
-            return np.asarray(affect(*inputs(z)), dtype=np.float64).reshape(-1)
-
-        dg = _differences(condition, z)[0]
-        f_minus = rhs(u, t)
-        dt = -(dg[:n] @ S + np.concatenate([np.zeros(n), dg[n : n + size]]))
-        dt /= dg[:n] @ f_minus + dg[-1]
-        A = _differences(jumped, z)
-        u_plus = jumped(z)
-        S_plus = A[:, :n] @ (S + np.outer(f_minus, dt))
-        S_plus[:, n:] += A[:, n : n + size]
-        S_plus += np.outer(A[:, -1] - rhs(u_plus, t), dt)
-        return np.concatenate([u_plus, S_plus.reshape(-1)])
+        u_plus, M_u, M_p = jump_derivatives(problem, layout, i, t, y[:n])
+        S = M_u @ y[n:].reshape(n, k)
+        S[:, n:] += M_p
+        return np.concatenate([u_plus, S.reshape(-1)])
 
     return Jump(state, apply)
