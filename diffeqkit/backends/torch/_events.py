@@ -31,7 +31,7 @@ from ..._solution import Solution
 from .._protocol import SolveRequest, conclude
 from ._params import bind, has_modules
 from ._rk import AdaptiveRK, State, StoppedError, interpolate, tensor
-from ._solve import Setup, prepare, solver_for
+from ._solve import Setup, prepare, solve_plain, solver_for
 
 __all__ = ["solve"]
 
@@ -55,6 +55,8 @@ class _Located:
     status: str
     t_reached: float | None
     stats: dict[str, Any]
+    t_events: list[Any]  # per event, its times (differentiable when `through`)
+    u_events: list[Any]  # per event, the states there before its jump
 
 
 def _functions(req: SolveRequest) -> tuple[list[Any], list[Any]]:
@@ -83,16 +85,20 @@ def _check(req: SolveRequest) -> None:
         )
 
 
-def _locate(req: SolveRequest, setup: Setup) -> _Located:
-    """Run the solve with events, without gradients (see the module docstring)."""
+def _locate(req: SolveRequest, setup: Setup, through: bool = False) -> _Located:
+    """Run the solve with events (see the module docstring); `through`: with
+    autograd recording the steps (ReverseThroughSolver), the jumps corrected so
+    that this run is also the differentiable one."""
     conditions, affects = _functions(req)
     p, f, dtype, device = setup.p, setup.f, setup.dtype, setup.device
 
     def value(i: int, u: Any, t: float) -> float:
-        return float(conditions[i](u, p, tensor(t, dtype, device)))
+        with torch.no_grad():
+            return float(conditions[i](u, p, tensor(t, dtype, device)))
 
     def rhs_at(u: Any, t: float) -> Any:
-        return f(u, p, tensor(t, dtype, device))
+        with torch.no_grad():
+            return f(u, p, tensor(t, dtype, device))
 
     y0 = setup.y0.detach()
     t0 = float(req.t0)
@@ -108,7 +114,9 @@ def _locate(req: SolveRequest, setup: Setup) -> _Located:
     stats: dict[str, Any] = {"nfev": 0, "naccept": 0, "nreject": 0}
     driver = solver_for(req)
     assert issubclass(driver, AdaptiveRK)  # noqa: S101 - `_check` refused the others
-    t_s, y_s, first = t0, y0, req.dt0
+    t_s, y_s, first = t0, setup.y0 if through else y0, req.dt0
+    taus: list[list[Any]] = [[] for _ in req.events]
+    states: list[list[Any]] = [[] for _ in req.events]
     tracker.start(y_s, t_s)
     status, reached = "success", None
     while True:
@@ -164,8 +172,16 @@ def _locate(req: SolveRequest, setup: Setup) -> _Located:
             break
         index = found.fired.index
         affect = affects[index]
-        if affect is not None:
-            u = affect(u, p, tensor(t, dtype, device))
+        if through:
+            tau, u_event, u = _jump(
+                conditions[index], affect, f, p, u, t, dtype, device
+            )
+        else:
+            tau, u_event = tensor(t, dtype, device), u
+            if affect is not None:
+                u = affect(u, p, tau)
+        taus[index].append(tau)
+        states[index].append(u_event)
         if req.events[index].terminal or t == t1:
             for j, s in enumerate(ts):
                 if s == t:
@@ -178,7 +194,17 @@ def _locate(req: SolveRequest, setup: Setup) -> _Located:
         first = min(float(state.t1 - state.t0), t1 - t)
         tracker.start(y_s, t_s, index)
     stats["nevents"] = tracker.count
-    return _Located(rows, tracker, starts, status, reached, stats)
+    like = setup.y0.unsqueeze(0)
+    return _Located(
+        rows,
+        tracker,
+        starts,
+        status,
+        reached,
+        stats,
+        [_times(x, dtype, device) for x in taus],
+        [_stacked(x, like) for x in states],
+    )
 
 
 def run_stats_of(solver: AdaptiveRK, rhs: Any) -> dict[str, Any]:
@@ -232,20 +258,15 @@ def solve(
     """The solve with events; `segment` solves one segment differentiably (the
     sensealg's solve), or is None for a solve autograd does not record."""
     _check(req)
-    setup = prepare(req, graph=False)
-    with torch.no_grad():
-        located = _locate(req, setup)
-    tracker = located.tracker
-    if segment is None or located.status not in ("success", "terminated"):
-        # no derivative wanted, or none (a failed solve)
-        t_events = [
-            torch.tensor(times, dtype=setup.dtype, device=setup.device)
-            for times in tracker.times
-        ]
-        u_events = [
-            _stacked(states, setup.y0.unsqueeze(0)) for states in tracker.states
-        ]
-        return _finish(req, setup, located.rows, located, t_events, u_events)
+    through = segment is solve_plain  # ReverseThroughSolver: one differentiable run
+    setup = prepare(req, graph=through)
+    with torch.set_grad_enabled(through and torch.is_grad_enabled()):
+        located = _locate(req, setup, through)
+    if through or segment is None or located.status not in ("success", "terminated"):
+        # one run: no derivative wanted, none (a failed solve), or its own
+        return _finish(
+            req, setup, located.rows, located, located.t_events, located.u_events
+        )
     return _differentiable(req, setup, located, segment)
 
 
