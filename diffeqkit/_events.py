@@ -244,7 +244,8 @@ class Tracker:
     fired, and the count against `max_events`.
 
     `value(i, u, t)` is ``events[i].condition(u, p, t)`` as a Python float, on the
-    backend's state `u`; `rhs(u, t)` is ``f(u, p, t)`` (the same array type).
+    backend's state `u`; `rhs(u, t)` is ``f(u, p, t)`` (the same array type);
+    `direction` is that of integration (+1, or -1 for ``t1 < t0``).
     Call `start` at the start of each segment (t0, and after every event),
     `check` after every accepted step, and `record` for the event `check`
     returns.
@@ -256,8 +257,10 @@ class Tracker:
         value: Callable[[int, Any, float], float],
         rhs: Callable[[Any, float], Any],
         max_events: int,
+        direction: float = 1.0,
     ) -> None:
         self.events = tuple(events)
+        self.direction = direction  # of integration: +1 forward in time, -1 back
         self.value = value
         self.rhs = rhs
         self.max_events = max_events
@@ -280,7 +283,7 @@ class Tracker:
             # the side each leaves to: the sign of its rate along the flow, from
             # a difference over a step small against t (one call of f)
             f = self.rhs(u, t)
-            d = _RATE_STEP * max(1.0, abs(t))
+            d = self.direction * _RATE_STEP * max(1.0, abs(t))
             for i in zeros:
                 ahead = self.value(i, u + d * f, t + d) - self.value(i, u, t)
                 self.leaves[i] = math.copysign(1.0, ahead) if ahead != 0.0 else 0.0

@@ -364,3 +364,27 @@ def test_reverse_through_solver_is_refused_naming_what_works():
             events=[_ground()],
             sensealg=dk.ReverseThroughSolver(),
         )
+
+
+def test_events_backward_in_time_and_their_gradient():
+    need_gradients("scipy")
+    # u = exp(-t) integrated from t = 2 back to 0 crosses 0.5 at ln 2, where a
+    # jump doubles it: u(0) = 2 exp(-2) e^2 ... = 2, d u(0) / d u(2) = 2 e^2.
+    prob = dk.ODEProblem(lambda u, p, t: -u, np.array([math.exp(-2.0)]), (2.0, 0.0))
+    ev = dk.Event(
+        lambda u, p, t: u[0] - 0.5, terminal=False, affect=lambda u, p, t: 2.0 * u
+    )
+    for sensealg in (dk.ForwardMode(), dk.InterpolatingAdjoint()):
+        sol, pullback = dk.vjp(
+            prob,
+            "tsit5",
+            backend="scipy",
+            events=[ev],
+            saveat=[2.0, 0.0],
+            sensealg=sensealg,
+            **TIGHT,
+        )
+        np.testing.assert_allclose(sol.t_events[0], [math.log(2.0)], rtol=1e-9)
+        np.testing.assert_allclose(sol.u[-1], [2.0], rtol=1e-9)
+        grads = pullback(np.array([[0.0], [1.0]]))
+        np.testing.assert_allclose(grads.u0, [2.0 * math.exp(2.0)], rtol=1e-7)

@@ -439,7 +439,8 @@ def _tracker(problem: Problem) -> Tracker:
     def rhs(u: Any, t: float) -> Any:
         return f(u, p, t)
 
-    return Tracker(events, value, rhs, problem.req.max_events)
+    direction = 1.0 if problem.t1 > problem.t0 else -1.0
+    return Tracker(events, value, rhs, problem.req.max_events, direction)
 
 
 def check_events(problem: Problem) -> None:
