@@ -237,3 +237,26 @@ def test_what_torch_cannot_do_with_events_is_refused():
     vector = dk.Event(lambda u, p, t: u)
     with pytest.raises(dk.InvalidProblemError, match=r"events\[0\].condition"):
         dk.solve(prob, "tsit5", events=[vector])
+
+
+@pytest.mark.parametrize("sensealg", EVENT_SENSEALGS)
+def test_terminal_event_time_gradient_matches_the_closed_form(sensealg):
+    # u' = -k u stops where u = c: t* = ln(u0 / c) / k
+    u0, k = _f64([2.0], True), _f64(0.7, True)
+    prob = dk.ODEProblem(lambda u, p, t: -p * u, u0, (0.0, 5.0), k)
+    ev = dk.Event(lambda u, p, t: u[0] - 0.5, direction=-1)
+    sol = dk.solve(
+        prob,
+        "tsit5",
+        events=[ev],
+        saveat=[1.0, 2.5],
+        sensealg=getattr(dk, sensealg)(),
+        **TIGHT,
+    )
+    t_star = math.log(2.0 / 0.5) / 0.7
+    assert sol.status == "terminated"
+    np.testing.assert_allclose(sol.t_events[0].detach().numpy(), [t_star], rtol=1e-9)
+    assert torch.isnan(sol.u[1]).all()  # 2.5 is after the stop
+    du0, dk_ = torch.autograd.grad(sol.t_events[0][0], [u0, k])
+    np.testing.assert_allclose(du0.numpy(), [1 / (0.7 * 2.0)], rtol=1e-8)
+    np.testing.assert_allclose(dk_.item(), -t_star / 0.7, rtol=1e-8)

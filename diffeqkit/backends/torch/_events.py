@@ -287,12 +287,10 @@ def _differentiable(
     u_events: list[list[Any]] = [[] for _ in req.events]
     u_start: Any = setup.y0
     t1 = float(req.t1)
-    ends = [t for t, _ in fired]
-    stopped = located.status != "success" and located.t_reached is not None
-    last = located.t_reached if stopped else t1
+    # (a solve that failed never comes here: it has no derivative)
+    ends = [*(t for t, _ in fired), t1]
     for k, start in enumerate(located.starts):
-        end = ends[k] if k < len(ends) else last
-        assert end is not None  # noqa: S101
+        end = ends[k]
         inside = [j for j, t in enumerate(ts) if start <= t < end]
         times = [ts[j] for j in inside]
         if end > start:
@@ -314,9 +312,9 @@ def _differentiable(
         for row, j in enumerate(inside):
             rows[j] = seg_u[row]
         u_minus = seg_u[-1]
-        if k >= len(fired):
+        if k >= len(fired):  # the last segment, to t1
             for j, t in enumerate(ts):
-                if t == end and end == t1 and located.status == "success":
+                if t == t1:
                     rows[j] = u_minus
             break
         t_star, index = fired[k]
