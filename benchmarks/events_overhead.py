@@ -139,7 +139,7 @@ def main() -> None:
                 f"{r['n']} |"
             )
             print(group, name, f"{1e3 * r['median_s']:.2f} ms", f"{ratio:.3f}x")
-    lib = {k: v for k, v in versions().items() if k in ("numpy", "scipy", "torch")}
+    lib = versions("numpy", "scipy", "torch")
     text = "\n".join(
         [
             "# Events: the cost of an event that never fires",
