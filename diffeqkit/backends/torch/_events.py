@@ -19,6 +19,7 @@ affect ``u+``, and the next segment starts from
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +28,19 @@ import torch
 
 from ..._errors import UnsupportedError
 from ..._events import Fired, Tracker, check_affect_output, check_condition_output
+from ..._saveat import step_grid
 from ..._solution import Solution
 from .._protocol import SolveRequest, conclude
 from ._params import bind, has_modules
-from ._rk import AdaptiveRK, State, StoppedError, interpolate, tensor
+from ._rk import (
+    AdaptiveRK,
+    State,
+    StoppedError,
+    fixed_step,
+    fixed_tableau,
+    interpolate,
+    tensor,
+)
 from ._solve import Setup, prepare, solve_plain, solver_for
 
 __all__ = ["solve"]
@@ -76,13 +86,6 @@ def _check(req: SolveRequest) -> None:
             f"(t0={req.t0} < t1); got tspan=({req.t0}, {req.t1}). Use "
             "backend='scipy' for events backward in time."
         )
-    if req.fixed_step:
-        raise UnsupportedError(
-            f"events=[...] on backend='torch' need an adaptive alg (tsit5, dopri5, "
-            f"bosh3, dopri8, rosenbrock23) to locate crossings on its dense output; "
-            f"alg='{req.alg.name}' steps on a fixed grid. Pass one of those, or use "
-            "backend='scipy', which offers events with every alg."
-        )
 
 
 def _locate(req: SolveRequest, setup: Setup, through: bool = False) -> _Located:
@@ -112,65 +115,27 @@ def _locate(req: SolveRequest, setup: Setup, through: bool = False) -> _Located:
     rows: list[Any] = [None] * len(ts)
     starts = [t0]
     stats: dict[str, Any] = {"nfev": 0, "naccept": 0, "nreject": 0}
-    driver = solver_for(req)
-    assert issubclass(driver, AdaptiveRK)  # noqa: S101 - `_check` refused the others
     t_s, y_s, first = t0, setup.y0 if through else y0, req.dt0
     taus: list[list[Any]] = [[] for _ in req.events]
     states: list[list[Any]] = [[] for _ in req.events]
     tracker.start(y_s, t_s)
     status, reached = "success", None
+    segment = _fixed_segment if req.fixed_step else _adaptive_segment
     while True:
-        rhs = setup.rhs(first=t_s == t0)
-        later = [t for t in ts if t > t_s]
-        landings = later if req.land_on_saves else []
-        solver = driver(
-            rhs,
-            y_s,
-            req.rtol,
-            req.atol,
-            first_step=first,
-            max_steps=req.max_steps - stats["naccept"] - stats["nreject"],
-            step_t=torch.as_tensor([*landings, t1], dtype=torch.float64, device=device),
-        )
-
-        def on_accept(state: State) -> None:
-            def state_at(time: float) -> Any:
-                return interpolate(state.coeffs, state.t0, state.t1, time)
-
-            fired = tracker.check(float(state.t0), float(state.t1), state.y, state_at)
-            if fired is not None:
-                raise _Found(fired, state)
-
-        solver.on_accept = on_accept
-        found: _Found | None = None
-        try:
-            solver.begin(tensor(t_s, torch.float64, device))
-            for j, t in enumerate(ts):
-                if t == t_s:
-                    rows[j] = y_s
-                elif t > t_s:
-                    rows[j] = solver.advance(tensor(t, torch.float64, device))
-            solver.advance(tensor(t1, torch.float64, device))
-        except _Found as stop:
-            found = stop
-        except StoppedError as stop:
-            status, reached = stop.status, stop.t
-        _add_stats(stats, run_stats_of(solver, rhs))
-        if found is None:
+        for j, s in enumerate(ts):
+            if s == t_s:
+                rows[j] = y_s
+        run = _Run(req, setup, tracker, rows, ts, t_s, y_s, first, stats)
+        stop = segment(run)
+        if stop.fired is None:
+            status, reached = stop.status, stop.reached
             break
-        state, t = found.state, found.fired.t
-        for j, s in enumerate(ts):  # the rows of the event's step before it
-            if rows[j] is None and t_s < s < t:
-                rows[j] = interpolate(state.coeffs, state.t0, state.t1, s)
-        u = (
-            state.y
-            if t == float(state.t1)
-            else interpolate(state.coeffs, state.t0, state.t1, t)
-        )
-        if not tracker.record(found.fired, u):
+        fired, u = stop.fired, stop.u
+        t = fired.t
+        if not tracker.record(fired, u):
             status, reached = "too_many_events", t
             break
-        index = found.fired.index
+        index = fired.index
         affect = affects[index]
         if through:
             tau, u_event, u = _jump(
@@ -191,7 +156,7 @@ def _locate(req: SolveRequest, setup: Setup, through: bool = False) -> _Located:
             break
         starts.append(t)
         t_s, y_s = t, u
-        first = min(float(state.t1 - state.t0), t1 - t)
+        first = min(stop.step, t1 - t)
         tracker.start(y_s, t_s, index)
     stats["nevents"] = tracker.count
     like = setup.y0.unsqueeze(0)
@@ -204,6 +169,148 @@ def _locate(req: SolveRequest, setup: Setup, through: bool = False) -> _Located:
         stats,
         [_times(x, dtype, device) for x in taus],
         [_stacked(x, like) for x in states],
+    )
+
+
+@dataclasses.dataclass
+class _Run:
+    """One segment of the locating run: from `y` at `t` towards t1, filling
+    `rows` at the save times `ts` it passes and adding to `stats`."""
+
+    req: SolveRequest
+    setup: Setup
+    tracker: Tracker
+    rows: list[Any]
+    ts: list[float]
+    t: float
+    y: Any
+    first: float | None
+    stats: dict[str, Any]
+
+
+@dataclasses.dataclass
+class _Stop:
+    """How a segment ended: at an event (`fired`, the state `u` there before its
+    jump, the size of the step it ended) or at t1 or a failure (`status`)."""
+
+    fired: Fired | None = None
+    u: Any = None
+    step: float = 0.0
+    status: str = "success"
+    reached: float | None = None
+
+
+def _adaptive_segment(run: _Run) -> _Stop:
+    """A segment with the alg's `AdaptiveRK`, the tracker in its ``on_accept``;
+    rows before an event come from the dense output of the step that found it."""
+    req, setup, tracker, rows, ts = run.req, run.setup, run.tracker, run.rows, run.ts
+    device, t_s, t1 = setup.device, run.t, float(req.t1)
+    driver = solver_for(req)
+    assert issubclass(driver, AdaptiveRK)  # noqa: S101 - fixed-step: `_fixed_segment`
+    rhs = setup.rhs(first=t_s == float(req.t0))
+    landings = [t for t in ts if t > t_s] if req.land_on_saves else []
+    used = run.stats["naccept"] + run.stats["nreject"]
+    solver = driver(
+        rhs,
+        run.y,
+        req.rtol,
+        req.atol,
+        first_step=run.first,
+        max_steps=req.max_steps - used,
+        step_t=torch.as_tensor([*landings, t1], dtype=torch.float64, device=device),
+    )
+
+    def on_accept(state: State) -> None:
+        def state_at(time: float) -> Any:
+            return interpolate(state.coeffs, state.t0, state.t1, time)
+
+        fired = tracker.check(float(state.t0), float(state.t1), state.y, state_at)
+        if fired is not None:
+            raise _Found(fired, state)
+
+    solver.on_accept = on_accept
+    try:
+        solver.begin(tensor(t_s, torch.float64, device))
+        for j, t in enumerate(ts):
+            if t > t_s:
+                rows[j] = solver.advance(tensor(t, torch.float64, device))
+        solver.advance(tensor(t1, torch.float64, device))
+    except _Found as found:
+        state, t = found.state, found.fired.t
+        for j, s in enumerate(ts):  # the rows of the event's step before it
+            if rows[j] is None and t_s < s < t:
+                rows[j] = interpolate(state.coeffs, state.t0, state.t1, s)
+        at_end = t == float(state.t1)
+        u = state.y if at_end else interpolate(state.coeffs, state.t0, state.t1, t)
+        _add_stats(run.stats, run_stats_of(solver, rhs))
+        return _Stop(found.fired, u, float(state.t1 - state.t0))
+    except StoppedError as stopped:
+        _add_stats(run.stats, run_stats_of(solver, rhs))
+        return _Stop(status=stopped.status, reached=stopped.t)
+    _add_stats(run.stats, run_stats_of(solver, rhs))
+    return _Stop()
+
+
+def _fixed_segment(run: _Run) -> _Stop:
+    """A segment on the fixed grid ``t + k*dt0`` (merged with the save times), as
+    a fixed-step solve from `t` would step. A crossing is located on the step's
+    cubic Hermite interpolant (f at its end is evaluated only then); the state
+    at the event is a step of the alg to it, as the solve of the segment that
+    ends there takes."""
+    req, setup, tracker, rows, ts = run.req, run.setup, run.tracker, run.rows, run.ts
+    device, t_s, t1 = setup.device, run.t, float(req.t1)
+    assert req.dt0 is not None  # noqa: S101 - the core requires it
+    later = [t for t in ts if t > t_s]
+    grid = step_grid(t_s, t1, req.dt0, np.array([t_s, *later, t1]))
+    tableau = fixed_tableau(req.alg.name)
+    rhs = setup.rhs(first=t_s == float(req.t0))
+    row_of = {t: j for j, t in enumerate(ts)}
+    y, naccept = run.y, 0
+
+    def time(x: float) -> torch.Tensor:
+        return tensor(x, torch.float64, device)
+
+    def done(stop: _Stop) -> _Stop:
+        _add_stats(run.stats, {"nfev": rhs.nfev, "naccept": naccept, "nreject": 0})
+        return stop
+
+    for a, b in itertools.pairwise(grid.tolist()):
+        ta, tb = time(a), time(b)
+        dy, f_a = fixed_step(tableau, rhs, ta, tb - ta, tb, y)
+        y_b = y + dy
+        naccept += 1
+        if not bool(torch.isfinite(y_b).all()):
+            return done(_Stop(status="nonfinite", reached=a))
+        f_b: list[Any] = []
+
+        def state_at(s: float, y=y, f_a=f_a, y_b=y_b, a=a, b=b, f_b=f_b) -> Any:
+            if not f_b:
+                with torch.no_grad():
+                    f_b.append(rhs(time(b), y_b))
+            return _hermite(y, f_a, y_b, f_b[0], a, b, s)
+
+        fired = tracker.check(a, b, y_b, state_at)
+        if fired is not None:
+            u = y_b
+            if fired.t != b:
+                tt = time(fired.t)
+                u = y + fixed_step(tableau, rhs, ta, tt - ta, tt, y)[0]
+            return done(_Stop(fired, u, req.dt0))
+        if b in row_of:
+            rows[row_of[b]] = y_b
+        y = y_b
+    return done(_Stop())
+
+
+def _hermite(y0: Any, f0: Any, y1: Any, f1: Any, a: float, b: float, t: float) -> Any:
+    """The cubic Hermite interpolant of a step from `a` to `b` at `t`."""
+    h = b - a
+    x = (t - a) / h
+    return (
+        (2 * x**3 - 3 * x**2 + 1) * y0
+        + (x**3 - 2 * x**2 + x) * h * f0
+        + (-2 * x**3 + 3 * x**2) * y1
+        + (x**3 - x**2) * h * f1
     )
 
 
