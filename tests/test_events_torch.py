@@ -286,3 +286,33 @@ def test_fixed_step_events_and_gradients(sensealg):
     np.testing.assert_allclose(
         dh0.item(), (0.8 * G * s - v1 + G * s) / (G * t1), rtol=1e-8
     )
+
+
+@pytest.mark.parametrize("sensealg", ["ReverseThroughSolver", "InterpolatingAdjoint"])
+def test_events_backward_in_time_and_their_gradient(sensealg):
+    # u = exp(-t) from t = 2 back to 0 crosses 0.5 at ln 2, where it doubles:
+    # u(0) = 2 e^2 u(2)
+    u2 = _f64([math.exp(-2.0)], True)
+    prob = dk.ODEProblem(lambda u, p, t: -u, u2, (2.0, 0.0))
+    ev = dk.Event(
+        lambda u, p, t: u[0] - 0.5, terminal=False, affect=lambda u, p, t: 2.0 * u
+    )
+    sol = dk.solve(
+        prob,
+        "tsit5",
+        events=[ev],
+        saveat=[2.0, 1.0, 0.0],
+        sensealg=getattr(dk, sensealg)(),
+        **TIGHT,
+    )
+    np.testing.assert_allclose(
+        sol.t_events[0].detach().numpy(), [math.log(2.0)], rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        sol.u[:, 0].detach().numpy(), [math.exp(-2.0), math.exp(-1.0), 2.0], rtol=1e-9
+    )
+    (du2,) = torch.autograd.grad(sol.u[-1, 0], [u2], retain_graph=True)
+    np.testing.assert_allclose(du2.numpy(), [2.0 * math.exp(2.0)], rtol=1e-7)
+    # dt*/du(2): u(2) e^(2 - t*) = 0.5, t* = 2 + ln(2 u(2))
+    (dt,) = torch.autograd.grad(sol.t_events[0][0], [u2])
+    np.testing.assert_allclose(dt.numpy(), [math.exp(2.0)], rtol=1e-7)

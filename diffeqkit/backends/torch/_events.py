@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._errors import UnsupportedError
 from ..._events import Fired, Tracker, check_affect_output, check_condition_output
 from ..._saveat import step_grid
 from ..._solution import Solution
@@ -69,30 +68,39 @@ class _Located:
     u_events: list[Any]  # per event, the states there before its jump
 
 
-def _functions(req: SolveRequest) -> tuple[list[Any], list[Any]]:
-    """The conditions and affects as functions of p's view (modules bound)."""
-    conditions = [e.condition for e in req.events]
-    affects = [e.affect for e in req.events]
+def _functions(req: SolveRequest, setup: Setup) -> tuple[list[Any], list[Any]]:
+    """The conditions and affects as functions of p's view (modules bound), in
+    the solver's time (``-t`` for ``t1 < t0``)."""
+    conditions: list[Any] = [e.condition for e in req.events]
+    affects: list[Any] = [e.affect for e in req.events]
     if has_modules(req.p):
         conditions = [bind(c, req.p) for c in conditions]
         affects = [None if a is None else bind(a, req.p) for a in affects]
+    if setup.backward:
+        conditions = [_negated_time(c) for c in conditions]
+        affects = [None if a is None else _negated_time(a) for a in affects]
     return conditions, affects
 
 
-def _check(req: SolveRequest) -> None:
-    if req.t1 < req.t0:
-        raise UnsupportedError(
-            "events=[...] on backend='torch' integrate forward in time only "
-            f"(t0={req.t0} < t1); got tspan=({req.t0}, {req.t1}). Use "
-            "backend='scipy' for events backward in time."
-        )
+def _negated_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def in_solver_time(u: Any, p: Any, s: Any) -> Any:
+        return fn(u, p, -s)
+
+    return in_solver_time
+
+
+def _times_of(req: SolveRequest, setup: Setup) -> tuple[float, float, list[float]]:
+    """``(t0, t1, save times)`` in the solver's time (negated for ``t1 < t0``)."""
+    sign = -1.0 if setup.backward else 1.0
+    saves = np.asarray(req.saveat, dtype=np.float64)
+    return sign * float(req.t0), sign * float(req.t1), (sign * saves).tolist()
 
 
 def _locate(req: SolveRequest, setup: Setup, through: bool = False) -> _Located:
     """Run the solve with events (see the module docstring); `through`: with
     autograd recording the steps (ReverseThroughSolver), the jumps corrected so
     that this run is also the differentiable one."""
-    conditions, affects = _functions(req)
+    conditions, affects = _functions(req, setup)
     p, f, dtype, device = setup.p, setup.f, setup.dtype, setup.device
 
     def value(i: int, u: Any, t: float) -> float:
@@ -104,14 +112,12 @@ def _locate(req: SolveRequest, setup: Setup, through: bool = False) -> _Located:
             return f(u, p, tensor(t, dtype, device))
 
     y0 = setup.y0.detach()
-    t0 = float(req.t0)
+    t0, t1, ts = _times_of(req, setup)
     for i, condition in enumerate(conditions):
         check_condition_output(i, condition(y0, p, tensor(t0, dtype, device)))
         if affects[i] is not None:
             check_affect_output(i, affects[i](y0, p, tensor(t0, dtype, device)), y0)
     tracker = Tracker(req.events, value, rhs_at, req.max_events)
-    ts = [float(t) for t in np.asarray(req.saveat, dtype=np.float64)]
-    t1 = float(req.t1)
     rows: list[Any] = [None] * len(ts)
     starts = [t0]
     stats: dict[str, Any] = {"nfev": 0, "naccept": 0, "nreject": 0}
@@ -125,7 +131,7 @@ def _locate(req: SolveRequest, setup: Setup, through: bool = False) -> _Located:
         for j, s in enumerate(ts):
             if s == t_s:
                 rows[j] = y_s
-        run = _Run(req, setup, tracker, rows, ts, t_s, y_s, first, stats)
+        run = _Run(req, setup, tracker, rows, ts, t_s, y_s, first, stats, t0, t1)
         stop = segment(run)
         if stop.fired is None:
             status, reached = stop.status, stop.reached
@@ -186,6 +192,8 @@ class _Run:
     y: Any
     first: float | None
     stats: dict[str, Any]
+    t0: float  # the solve's t0 and t1 in solver time
+    t1: float
 
 
 @dataclasses.dataclass
@@ -204,10 +212,10 @@ def _adaptive_segment(run: _Run) -> _Stop:
     """A segment with the alg's `AdaptiveRK`, the tracker in its ``on_accept``;
     rows before an event come from the dense output of the step that found it."""
     req, setup, tracker, rows, ts = run.req, run.setup, run.tracker, run.rows, run.ts
-    device, t_s, t1 = setup.device, run.t, float(req.t1)
+    device, t_s, t1 = setup.device, run.t, run.t1
     driver = solver_for(req)
     assert issubclass(driver, AdaptiveRK)  # noqa: S101 - fixed-step: `_fixed_segment`
-    rhs = setup.rhs(first=t_s == float(req.t0))
+    rhs = setup.rhs(first=t_s == run.t0)
     landings = [t for t in ts if t > t_s] if req.land_on_saves else []
     used = run.stats["naccept"] + run.stats["nreject"]
     solver = driver(
@@ -258,12 +266,12 @@ def _fixed_segment(run: _Run) -> _Stop:
     at the event is a step of the alg to it, as the solve of the segment that
     ends there takes."""
     req, setup, tracker, rows, ts = run.req, run.setup, run.tracker, run.rows, run.ts
-    device, t_s, t1 = setup.device, run.t, float(req.t1)
+    device, t_s, t1 = setup.device, run.t, run.t1
     assert req.dt0 is not None  # noqa: S101 - the core requires it
     later = [t for t in ts if t > t_s]
     grid = step_grid(t_s, t1, req.dt0, np.array([t_s, *later, t1]))
     tableau = fixed_tableau(req.alg.name)
-    rhs = setup.rhs(first=t_s == float(req.t0))
+    rhs = setup.rhs(first=t_s == run.t0)
     row_of = {t: j for j, t in enumerate(ts)}
     y, naccept = run.y, 0
 
@@ -339,16 +347,20 @@ def _finish(
     t_events: list[Any],
     u_events: list[Any],
 ) -> Solution:
+    """The `Solution`, its times back in the user's time (`t_events` and
+    ``t_reached`` come in the solver's)."""
     nan = torch.full_like(setup.y0, torch.nan)
     u = torch.stack([nan if r is None else r for r in rows])
+    sign = -1.0 if setup.backward else 1.0
+    reached = located.t_reached
     return conclude(
         req,
         t=tensor(req.saveat, setup.dtype, setup.device),
         u=u,
         stats=located.stats,
         status=located.status,
-        t_reached=req.t1 if located.t_reached is None else located.t_reached,
-        t_events=t_events,
+        t_reached=req.t1 if reached is None else sign * reached,
+        t_events=[sign * times for times in t_events],
         u_events=u_events,
     )
 
@@ -364,7 +376,6 @@ def solve(
 ) -> Solution:
     """The solve with events; `segment` solves one segment differentiably (the
     sensealg's solve), or is None for a solve autograd does not record."""
-    _check(req)
     through = segment is solve_plain  # ReverseThroughSolver: one differentiable run
     setup = prepare(req, graph=through)
     with torch.set_grad_enabled(through and torch.is_grad_enabled()):
@@ -384,16 +395,16 @@ def _differentiable(
     segment: Callable[[SolveRequest], Solution],
 ) -> Solution:
     """The located solve again, segment by segment, differentiably."""
-    conditions, affects = _functions(req)
+    conditions, affects = _functions(req, setup)
     p, f, dtype, device = setup.p, setup.f, setup.dtype, setup.device
     tracker = located.tracker
     fired = sorted((t, i) for i, times in enumerate(tracker.times) for t in times)
-    ts = [float(t) for t in np.asarray(req.saveat, dtype=np.float64)]
+    _, t1, ts = _times_of(req, setup)  # solver time
+    sign = -1.0 if setup.backward else 1.0
     rows: list[Any] = [None] * len(ts)
     t_events: list[list[Any]] = [[] for _ in req.events]
     u_events: list[list[Any]] = [[] for _ in req.events]
     u_start: Any = setup.y0
-    t1 = float(req.t1)
     # (a solve that failed never comes here: it has no derivative)
     ends = [*(t for t, _ in fired), t1]
     for k, start in enumerate(located.starts):
@@ -406,9 +417,9 @@ def _differentiable(
                     req,
                     u0=u_start,
                     p=req.p,
-                    t0=start,
-                    t1=end,
-                    saveat=np.array([*times, end]),
+                    t0=sign * start,
+                    t1=sign * end,
+                    saveat=sign * np.array([*times, end]),
                     events=(),
                     throw=False,
                 )
