@@ -36,8 +36,38 @@ def _differences(fn: Callable[[Any], Any], z: Any) -> Any:
     return np.stack(columns, axis=-1)
 
 
+def _jacobian(
+    fn: Callable[..., Any], z: Any, split: Callable[..., Any], engine: str
+) -> Any:
+    """The Jacobian of ``fn(*split(z, convert))`` (flattened) with respect to `z`:
+    by the engine's framework ("jax", "torch"), or central differences (`_jac`,
+    an engine that differentiates nothing but f)."""
+    if engine == "torch":
+        import torch
+
+        def of_torch(x: Any) -> Any:
+            return torch.reshape(fn(*split(x, torch.tensor)), (-1,))
+
+        jac = torch.autograd.functional.jacobian(of_torch, torch.from_numpy(z))
+        return np.asarray(jac.detach().numpy(), dtype=np.float64).reshape(-1, z.size)
+    if engine == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def of_jax(x: Any) -> Any:
+            return jnp.reshape(fn(*split(x, jnp.asarray)), (-1,))
+
+        jac = jax.jacfwd(of_jax)(jnp.asarray(z))
+        return np.asarray(jac, dtype=np.float64).reshape(-1, z.size)
+
+    def of_numpy(x: Any) -> Any:
+        return np.asarray(fn(*split(x, np.asarray)), dtype=np.float64).reshape(-1)
+
+    return _differences(of_numpy, z)
+
+
 def jump_derivatives(
-    problem: Problem, layout: Layout, i: int, t: float, u: Any
+    problem: Problem, layout: Layout, engine: str, i: int, t: float, u: Any
 ) -> tuple[Any, Any, Any]:
     """Event `i` at `t` from the flat state `u` (before it): ``(u+, M_u, M_p)``,
     the state the flow restarts from and its derivatives with respect to the
@@ -48,8 +78,9 @@ def jump_derivatives(
     g_u . f(u-) + g_t``; the state at the moving event is ``u- + f(u-) dt``, the
     affect maps it to ``A(.)``, and the flow restarted at the moving time
     subtracts ``f(u+) dt``. So ``M_u = A_u + c a^T`` and ``M_p = A_p + c b^T``,
-    ``c = A_u f(u-) + A_t - f(u+)``. Derivatives of the condition and affect are
-    central differences (`_differences`); f is only evaluated.
+    ``c = A_u f(u-) + A_t - f(u+)``. The condition and affect are differentiated
+    by the `engine`'s framework (as f is; conditions and affects are Array API
+    code), or by central differences for the "jac" engine; f is only evaluated.
     """
     n, shape, p, f = problem.n, problem.shape, problem.p, problem.req.f
     event = problem.req.events[i]
@@ -57,29 +88,22 @@ def jump_derivatives(
     size = q0.size
     z = np.concatenate([u, q0, [t]])
 
-    def inputs(z: Any) -> tuple[Any, Any, float]:
-        q = layout.unflatten(z[n : n + size], lambda leaf: leaf)
-        return z[:n].reshape(shape), q, float(z[-1])
+    def split(x: Any, convert: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
+        q = layout.unflatten(x[n : n + size], convert)
+        return x[:n].reshape(shape), q, x[-1]
 
     def rhs(x: Any) -> Any:
         return np.asarray(f(x.reshape(shape), p, t), dtype=np.float64).reshape(-1)
 
-    def condition(z: Any) -> Any:
-        return np.atleast_1d(np.float64(event.condition(*inputs(z))))
-
-    dg = _differences(condition, z)[0]
+    dg = _jacobian(event.condition, z, split, engine)[0]
     f_minus = rhs(u)
     rate = dg[:n] @ f_minus + dg[-1]
     a, b = -dg[:n] / rate, -dg[n : n + size] / rate
     if event.affect is None:
         return u.copy(), np.eye(n), np.zeros((n, size))
     affect = cast("Callable[..., Any]", event.affect)
-
-    def jumped(z: Any) -> Any:
-        return np.asarray(affect(*inputs(z)), dtype=np.float64).reshape(-1)
-
-    A = _differences(jumped, z)
-    u_plus = jumped(z)
+    A = _jacobian(affect, z, split, engine)
+    u_plus = np.asarray(affect(u.reshape(shape), p, t), dtype=np.float64).reshape(-1)
     c = A[:, :n] @ f_minus + A[:, -1] - rhs(u_plus)
     return u_plus, A[:, :n] + np.outer(c, a), A[:, n : n + size] + np.outer(c, b)
 
@@ -150,12 +174,14 @@ def vjp(
         segments.append(_Segment(rows, seg_pull, i, t_e, u_end))
         if i is None:
             break
-        u_s = jump_derivatives(problem, layout, i, t_e, u_end)[0]
+        u_s = jump_derivatives(problem, layout, job.engine.name, i, t_e, u_end)[0]
         t_s, last_event = t_e, i
     jumps = [
         None
         if seg.event is None
-        else jump_derivatives(problem, layout, seg.event, seg.t_end, seg.u_end)[1:]
+        else jump_derivatives(
+            problem, layout, job.engine.name, seg.event, seg.t_end, seg.u_end
+        )[1:]
         for seg in segments
     ]
     # A save time on a terminal event holds the state after its jump.

@@ -54,7 +54,7 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     if problem.autodiff_jacobians:
         jac, label = _jacobian(problem, engine, k), engine_label(engine)
     counter = Counter()
-    jump = _jump(problem, layout, k) if problem.req.events else None
+    jump = _jump(problem, layout, engine.name, k) if problem.req.events else None
     outcome = integrate(
         problem,
         counted(engine.forward, counter),
@@ -72,7 +72,7 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     return sol, pull
 
 
-def _jump(problem: Problem, layout: Layout, k: int) -> Jump:
+def _jump(problem: Problem, layout: Layout, engine: str, k: int) -> Jump:
     """Events on ``[u, S]`` (S = du/d[u0, p], ``(n, k)``): the state jumps by the
     affect, the sensitivities by `jump_derivatives`: ``M_u S + [0 | M_p]``."""
     n, shape = problem.n, problem.shape
@@ -81,7 +81,7 @@ def _jump(problem: Problem, layout: Layout, k: int) -> Jump:
         return y[:n].reshape(shape)
 
     def apply(i: int, t: float, y: Any) -> Any:
-        u_plus, M_u, M_p = jump_derivatives(problem, layout, i, t, y[:n])
+        u_plus, M_u, M_p = jump_derivatives(problem, layout, engine, i, t, y[:n])
         S = M_u @ y[n:].reshape(n, k)
         S[:, n:] += M_p
         return np.concatenate([u_plus, S.reshape(-1)])
