@@ -441,3 +441,15 @@ def test_event_derivatives_by_differences_with_the_jac_engine():
     )
     grads = pullback(np.ones((1, 1)))
     np.testing.assert_allclose(grads.u0, [0.8 / 0.5 * math.exp(-1.7)], rtol=1e-7)
+
+
+def test_value_and_grad_refuses_a_loss_reading_event_times():
+    need_gradients("scipy")
+    prob, ev = _decay_dose()
+    kw = {"backend": "scipy", "saveat": [2.5], "events": [ev]}
+    value, grads = dk.value_and_grad(lambda s: s.u[0, 0] ** 2, prob, "tsit5", **kw)
+    uT = 0.8 / 0.5 * 2.0 * math.exp(-0.7 * 2.5)
+    np.testing.assert_allclose(value, uT**2, rtol=1e-5)
+    np.testing.assert_allclose(grads.u0, [2 * uT * uT / 2.0], rtol=1e-5)
+    with pytest.raises(dk.UnsupportedError, match="t_events"):
+        dk.value_and_grad(lambda s: s.t_events[0][0], prob, "tsit5", **kw)
