@@ -316,3 +316,16 @@ def test_events_backward_in_time_and_their_gradient(sensealg):
     # dt*/du(2): u(2) e^(2 - t*) = 0.5, t* = 2 + ln(2 u(2))
     (dt,) = torch.autograd.grad(sol.t_events[0][0], [u2])
     np.testing.assert_allclose(dt.numpy(), [math.exp(2.0)], rtol=1e-7)
+
+
+def test_value_and_grad_refuses_a_loss_reading_event_times():
+    prob = _ball(1.0, _f64(0.8))
+    value, grads = dk.value_and_grad(
+        lambda s: s.u[-1, 0], prob, "tsit5", events=[_ground()], saveat=[0.9], **TIGHT
+    )
+    t1 = math.sqrt(2 / G)
+    s, v1 = 0.9 - t1, 0.8 * G * t1
+    np.testing.assert_allclose(float(value), v1 * s - G * s**2 / 2, rtol=1e-9)
+    np.testing.assert_allclose(grads.p["e"].item(), G * t1 * s, rtol=1e-7)
+    with pytest.raises(dk.UnsupportedError, match=r"loss\.backward"):
+        dk.value_and_grad(lambda s: s.t_events[0][0], prob, "tsit5", events=[_ground()])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 import scipy
 
 from ..._arrays import to_numpy
-from ..._errors import UnsupportedError
+from ..._events import without_event_gradients
 from ..._sensealg import (
     CheckpointedAdjoint,
     ContinuousAdjoint,
@@ -124,26 +123,7 @@ class ScipyBackend:
         ``t_events`` / ``u_events`` (they would count as constants): reading them
         raises `UnsupportedError`.
         """
-        if sol.t_events is not None:
-            sol = dataclasses.replace(
-                sol, t_events=_NoGradient("t_events"), u_events=_NoGradient("u_events")
-            )
-        return value_and_grad(loss, sol, getattr(req.sensealg, "autodiff", None))
-
-
-class _NoGradient(list):
-    """Stands for ``t_events`` / ``u_events`` in the Solution a loss sees."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-
-    def _refuse(self, *args: Any) -> Any:
-        raise UnsupportedError(
-            f"dk.value_and_grad on backend='scipy' differentiates loss(sol) through "
-            f"sol.u only; sol.{self.name} has no gradient there. Save the state at "
-            "the times you need and use sol.u, or use backend='torch', where "
-            "t_events and u_events are differentiable."
+        sol = without_event_gradients(
+            sol, "backend='scipy'", "use backend='torch', where they are differentiable"
         )
-
-    __getitem__ = __iter__ = __len__ = _refuse
+        return value_and_grad(loss, sol, getattr(req.sensealg, "autodiff", None))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._events import without_event_gradients
 from ..._pytree import leaves, tree_map
 from ..._sensealg import (
     CheckpointedAdjoint,
@@ -145,6 +146,11 @@ class TorchBackend:
     ) -> tuple[Any, Any]:
         """``loss(sol)`` and its gradient with respect to ``sol.u``, by autograd."""
         del req
+        sol = without_event_gradients(
+            sol,
+            "backend='torch'",
+            "call loss.backward() through dk.solve, where they are differentiable",
+        )
         u = sol.u.detach().requires_grad_()
         with torch.enable_grad():
             value = loss(dataclasses.replace(sol, u=u))
