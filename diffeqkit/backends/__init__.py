@@ -130,6 +130,16 @@ SPECS: Mapping[str, BackendSpec] = {
             forward_mode_max_inputs=0,
             reference_algs=("dopri8", "rosenbrock23"),
             reference_rank=2,
+            # Segment solves by the sensealg, glued by the event corrections.
+            # Not CheckpointedAdjoint: its graph-keeping first steps count the
+            # gradient of a u0 that itself depends on p twice (segments after an
+            # event start from such a u0).
+            events=(
+                "ReverseThroughSolver",
+                "ForwardMode",
+                "ContinuousAdjoint",
+                "InterpolatingAdjoint",
+            ),
         ),
         tree=_trees.torch_module,
     ),
@@ -161,6 +171,14 @@ SPECS: Mapping[str, BackendSpec] = {
             # reference of choice.
             reference_algs=("dopri8", "radau"),
             reference_rank=0,
+            # Forward sensitivities jump at each event; the adjoints are composed
+            # over the segments between events (docs/design.md, "Events").
+            events=(
+                "ForwardMode",
+                "ContinuousAdjoint",
+                "InterpolatingAdjoint",
+                "CheckpointedAdjoint",
+            ),
         ),
     ),
 }

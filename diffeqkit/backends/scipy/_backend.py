@@ -9,6 +9,7 @@ import numpy as np
 import scipy
 
 from ..._arrays import to_numpy
+from ..._events import without_event_gradients
 from ..._sensealg import (
     CheckpointedAdjoint,
     ContinuousAdjoint,
@@ -17,7 +18,7 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
-from . import _adjoint, _checkpoint, _forward, _solve
+from . import _adjoint, _checkpoint, _events, _forward, _solve
 from ._autodiff import Job, Layout, Pull, make_engine, value_and_grad
 
 __all__ = ["ScipyBackend"]
@@ -95,7 +96,12 @@ class ScipyBackend:
         problem = _solve.prepare(req)
         layout = Layout.of(problem.p)
         job = Job(problem, make_engine(problem, layout), layout)
-        sol, pull = SENSEALGS[type(req.sensealg)](job)
+        method = SENSEALGS[type(req.sensealg)]
+        if req.events and method is not _forward.vjp:
+            # ForwardMode carries its sensitivities across events itself
+            sol, pull = _events.vjp(job, method)
+        else:
+            sol, pull = method(job)
         rows = (problem.ts.size, problem.n)
 
         def pullback(cotangent: Any) -> tuple[Any, Any]:
@@ -111,5 +117,13 @@ class ScipyBackend:
         self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
     ) -> tuple[Any, Any]:
         """``loss(sol)`` as a float and its gradient with respect to ``sol.u`` as
-        NumPy, by the sensealg's ``autodiff`` framework (JAX or PyTorch)."""
+        NumPy, by the sensealg's ``autodiff`` framework (JAX or PyTorch).
+
+        The pullback takes a cotangent of ``sol.u`` only, so a loss may not read
+        ``t_events`` / ``u_events`` (they would count as constants): reading them
+        raises `UnsupportedError`.
+        """
+        sol = without_event_gradients(
+            sol, "backend='scipy'", "use backend='torch', where they are differentiable"
+        )
         return value_and_grad(loss, sol, getattr(req.sensealg, "autodiff", None))

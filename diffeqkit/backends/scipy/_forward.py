@@ -10,9 +10,11 @@ import numpy as np
 import scipy.sparse
 
 from ..._solution import Solution
-from ._autodiff import FINITE_DIFFERENCES, Engine, Job, Pull, engine_label
+from ._autodiff import FINITE_DIFFERENCES, Engine, Job, Layout, Pull, engine_label
+from ._events import jump_derivatives
 from ._solve import (
     Counter,
+    Jump,
     Problem,
     conclude_outcome,
     counted,
@@ -52,8 +54,13 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     if problem.autodiff_jacobians:
         jac, label = _jacobian(problem, engine, k), engine_label(engine)
     counter = Counter()
+    jump = _jump(problem, layout, engine.name, k) if problem.req.events else None
     outcome = integrate(
-        problem, counted(engine.forward, counter), y0, options(problem, jac=jac)
+        problem,
+        counted(engine.forward, counter),
+        y0,
+        options(problem, jac=jac),
+        jump=jump,
     )
     sol = conclude_outcome(problem, outcome, counter, outcome.out[:, :n], label)
     sens = outcome.out[:, n:].reshape(problem.ts.size, n, k)
@@ -63,3 +70,20 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
         return g[:n].reshape(problem.shape), layout.gradient(g[n:])
 
     return sol, pull
+
+
+def _jump(problem: Problem, layout: Layout, engine: str, k: int) -> Jump:
+    """Events on ``[u, S]`` (S = du/d[u0, p], ``(n, k)``): the state jumps by the
+    affect, the sensitivities by `jump_derivatives`: ``M_u S + [0 | M_p]``."""
+    n, shape = problem.n, problem.shape
+
+    def state(y: Any) -> Any:
+        return y[:n].reshape(shape)
+
+    def apply(i: int, t: float, y: Any) -> Any:
+        u_plus, M_u, M_p = jump_derivatives(problem, layout, engine, i, t, y[:n])
+        S = M_u @ y[n:].reshape(n, k)
+        S[:, n:] += M_p
+        return np.concatenate([u_plus, S.reshape(-1)])
+
+    return Jump(state, apply)

@@ -4,11 +4,12 @@ the alg table, solver options and the step loop (docs/design.md, "SciPy").
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -17,6 +18,7 @@ from scipy.integrate import BDF, LSODA, RK45, OdeSolver, Radau
 
 from ..._arrays import to_numpy
 from ..._errors import InvalidProblemError, UnsupportedError, short
+from ..._events import Fired, Tracker, check_affect_output, check_condition_output
 from ..._problem import check_rhs_output
 from ..._saveat import step_grid
 from ..._solution import Solution
@@ -27,15 +29,19 @@ from ._autodiff import FINITE_DIFFERENCES, newton_jacobian_of_f
 __all__ = [
     "ALGS",
     "Counter",
+    "Jump",
     "Method",
     "Outcome",
     "Problem",
     "RungeKutta",
+    "check_events",
     "conclude_outcome",
+    "event_arrays",
     "finite_check",
     "integrate",
     "newton_jacobian",
     "options",
+    "plain_jump",
     "prepare",
     "solve",
     "sparse",
@@ -282,7 +288,9 @@ def prepare(req: SolveRequest) -> Problem:
     jacobian = None
     if "jac" in opts:  # an implicit alg
         opts["jac"], jacobian = newton_jacobian_of_f(req, p, u0)
-    return Problem(req, method, u0, p, t0, t1, ts, opts, jacobian)
+    problem = Problem(req, method, u0, p, t0, t1, ts, opts, jacobian)
+    check_events(problem)
+    return problem
 
 
 def options(
@@ -384,11 +392,65 @@ class Outcome:
     err: ValueError | None
     solver: Any
     nfev0: int
+    # With events: the tracker that kept them, and the Newton Jacobians and LU
+    # factorisations of the solvers before the last (restarted at each event).
+    events: Tracker | None = None
+    spent: dict[str, int] = field(default_factory=dict)
 
 
 # A callable told the solver after the setup and after every accepted step
 # (CheckpointedAdjoint keeps some of those states).
 Recorder = Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class Jump:
+    """How events see and change the integrated vector ``y`` (the state, or the
+    state with more, such as forward sensitivities).
+
+    `state(y)` is the state in u0's shape; `apply(i, t, y)` is ``y`` after event
+    ``i``'s affect at `t` (called only for events with an affect).
+    """
+
+    state: Callable[[Any], Any]
+    apply: Callable[[int, float, Any], Any]
+
+
+def plain_jump(problem: Problem) -> Jump:
+    """Events on the plain state: ``y`` is the flat state."""
+    shape, p, events = problem.shape, problem.p, problem.req.events
+
+    def state(y: Any) -> Any:
+        return y.reshape(shape)
+
+    def apply(i: int, t: float, y: Any) -> Any:
+        affect = events[i].affect
+        return np.array(affect(y.reshape(shape), p, t), dtype=np.float64).reshape(-1)
+
+    return Jump(state, apply)
+
+
+def _tracker(problem: Problem) -> Tracker:
+    events, p, f = problem.req.events, problem.p, problem.req.f
+
+    def value(i: int, u: Any, t: float) -> float:
+        return float(events[i].condition(u, p, t))
+
+    def rhs(u: Any, t: float) -> Any:
+        return f(u, p, t)
+
+    direction = 1.0 if problem.t1 > problem.t0 else -1.0
+    return Tracker(events, value, rhs, problem.req.max_events, direction)
+
+
+def check_events(problem: Problem) -> None:
+    """Check each condition and affect once at ``(u0, p, t0)``."""
+    u0, p, t0 = problem.u0, problem.p, problem.t0
+    for i, event in enumerate(problem.req.events):
+        with np.errstate(all="ignore"):
+            check_condition_output(i, event.condition(u0, p, t0))
+            if event.affect is not None:
+                check_affect_output(i, event.affect(u0.copy(), p, t0), u0)
 
 
 def integrate(
@@ -397,25 +459,109 @@ def integrate(
     y0: Any,
     opts: dict[str, Any],
     recorder: Recorder | None = None,
+    jump: Jump | None = None,
 ) -> Outcome:
     """Integrate ``y' = fun(t, y)`` from ``t0`` to ``t1`` with the request's alg,
-    saving at the request's save times and ending steps on `Problem.stops`."""
+    saving at the request's save times and ending steps on `Problem.stops`.
+
+    With events, each accepted step is checked for crossings (`Tracker`); at the
+    earliest one the rows before it are saved from the step's dense output, the
+    jump (`jump`, default `plain_jump`) is applied and the solver is restarted
+    there: the rest of the step is integrated again from the new state. A save
+    time exactly at an event takes the state after its jump.
+    """
     req = problem.req
     ts = problem.ts
     out = np.full((ts.size, y0.size), np.nan)
+    tracker = _tracker(problem) if req.events else None
+    jump = jump or plain_jump(problem)
+    watch = None if tracker is None else _watcher(tracker, jump.state)
+    if tracker is not None:
+        tracker.start(jump.state(y0), problem.t0)
+    t_start, y_start, stops = problem.t0, y0, problem.stops
+    direction = 1.0 if problem.t1 > problem.t0 else -1.0
+    naccept = used = 0
+    spent = {"nfev": 0, "njev": 0, "nlu": 0}
     with problem.method.guard():
-        solver = problem.method.solver(fun, problem.t0, y0, problem.t1, **opts)
-        nfev0 = solver.nfev
-        # max_steps bounds step attempts (accepted + rejected), as on the other
-        # backends, where they can be told (Runge-Kutta: every attempt costs
-        # n_stages calls of f); BDF/Radau/LSODA hide rejections: accepted steps.
-        limit: int | tuple[int, int, int] = req.max_steps
-        if isinstance(solver, RungeKutta):
-            limit = (req.max_steps, nfev0, solver.n_stages)
-        status, naccept, t_reached, err = _integrate(
-            solver, ts, out, y0, problem.t0, limit, problem.stops, recorder
-        )
-    return Outcome(out, status, naccept, t_reached, err, solver, nfev0)
+        while True:
+            solver = problem.method.solver(fun, t_start, y_start, problem.t1, **opts)
+            nfev0 = solver.nfev
+            # max_steps bounds step attempts (accepted + rejected), as on the other
+            # backends, where they can be told (Runge-Kutta: every attempt costs
+            # n_stages calls of f); BDF/Radau/LSODA hide rejections: accepted steps.
+            rk = isinstance(solver, RungeKutta)
+            limit: int | tuple[int, int, int] = req.max_steps - used
+            if rk:
+                limit = (req.max_steps - used, nfev0, solver.n_stages)
+            status, n, t_reached, err, fired = _integrate(
+                solver, ts, out, y_start, t_start, limit, stops, recorder, watch
+            )
+            naccept += n
+            if fired is None or tracker is None:
+                break
+            t = fired.t
+            y = solver.y.copy() if t == solver.t else solver.dense_output()(t)
+            if not tracker.record(fired, jump.state(y).copy()):
+                status, t_reached = "too_many_events", t
+                break
+            event = req.events[fired.index]
+            if event.affect is not None:
+                y = jump.apply(fired.index, t, y)
+            if event.terminal or t == problem.t1:
+                out[ts == t] = y  # a save time at the event: after its jump
+                status, t_reached = ("terminated" if event.terminal else "success"), t
+                break
+            spent["nfev"] += solver.nfev - nfev0
+            spent["njev"] += int(getattr(solver, "njev", 0))
+            spent["nlu"] += int(getattr(solver, "nlu", 0))
+            used += (solver.nfev - nfev0) // solver.n_stages if rk else n
+            opts = _restart_options(opts, solver, t, problem.t1, direction)
+            stops = [s for s in stops if direction * s > direction * t]
+            t_start, y_start = t, y
+            tracker.start(jump.state(y), t, fired.index)
+    return Outcome(
+        out,
+        status,
+        naccept,
+        t_reached,
+        err,
+        solver,
+        nfev0 - spent["nfev"],
+        tracker,
+        spent,
+    )
+
+
+def _watcher(
+    tracker: Tracker, state: Callable[[Any], Any]
+) -> Callable[[Any], Fired | None]:
+    """Checks the solver's last accepted step for events."""
+
+    def watch(solver: Any) -> Fired | None:
+        dense: list[Any] = []
+
+        def state_at(t: float) -> Any:
+            if not dense:  # built only when a condition changed sign
+                dense.append(solver.dense_output())
+            return state(dense[0](t))
+
+        return tracker.check(solver.t_old, solver.t, state(solver.y), state_at)
+
+    return watch
+
+
+def _restart_options(
+    opts: dict[str, Any], solver: Any, t: float, t1: float, direction: float
+) -> dict[str, Any]:
+    """The options of the solver restarted at an event at `t`: the rest of a
+    fixed grid, or a first step as long as the last one."""
+    opts = dict(opts)
+    if "grid" in opts:
+        later = [s for s in opts["grid"] if direction * s > direction * t]
+        opts["grid"] = [t, *later]
+    elif "first_step" in opts:
+        opts["first_step"] = min(abs(solver.step_size), abs(t1 - t))
+    return opts
 
 
 def conclude_outcome(
@@ -437,6 +583,13 @@ def conclude_outcome(
         raise outcome.err  # not a non-finite f: a bug to see, not a status
     stats: dict[str, Any] = {"nfev": counter.nfev, "naccept": outcome.naccept}
     stats.update(problem.method.stats(solver, outcome.nfev0, outcome.naccept))
+    for key in ("njev", "nlu"):
+        if key in stats:
+            stats[key] += outcome.spent.get(key, 0)
+    t_events = u_events = None
+    if outcome.events is not None:
+        t_events, u_events = event_arrays(outcome.events, problem.shape)
+        stats["nevents"] = outcome.events.count
     if problem.jacobian is not None:
         stats["jacobian"] = jacobian or problem.jacobian
     return conclude(
@@ -446,7 +599,19 @@ def conclude_outcome(
         stats=stats,
         status=status,
         t_reached=outcome.t_reached,
+        t_events=t_events,
+        u_events=u_events,
     )
+
+
+def event_arrays(tracker: Tracker, shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """`t_events` and `u_events` as NumPy float64 arrays of exact lengths."""
+    t_events = [np.array(times, dtype=np.float64) for times in tracker.times]
+    u_events = [
+        np.array(states, dtype=np.float64).reshape((len(states), *shape))
+        for states in tracker.states
+    ]
+    return t_events, u_events
 
 
 def solve(problem: Problem, recorder: Recorder | None = None) -> Solution:
@@ -494,7 +659,8 @@ def _integrate(
     max_steps: int | tuple[int, int, int],
     stops: list[float],
     recorder: Recorder | None = None,
-) -> tuple[str, int, float, ValueError | None]:
+    watch: Callable[[Any], Fired | None] | None = None,
+) -> tuple[str, int, float, ValueError | None, Fired | None]:
     """Step `solver` to its end, filling the rows of `out` at the save times `ts`.
 
     `max_steps` is the most accepted steps, or ``(most attempts, nfev at the
@@ -502,8 +668,10 @@ def _integrate(
     Steps end exactly on each time of `stops`: the solver's ``t_bound`` (which
     SciPy's steps never cross) is moved from one stop to the next. `recorder`, if
     given, sees the solver before the first step and after every accepted one.
-    Returns the status, the number of accepted steps, the time reached and the
-    error a step raised, if any.
+    `watch`, if given, checks every accepted step for an event; at one, the rows
+    before it are saved and the integration stops there (status "event").
+    Returns the status, the number of accepted steps, the time reached, the
+    error a step raised, if any, and the event found, if any.
     """
     direction = 1.0 if solver.t_bound > t0 else -1.0
     stops = stop_list(stops, t0, solver.t_bound)
@@ -514,10 +682,11 @@ def _integrate(
     # per step than solve_ivp's searchsorted
     keys = (direction * ts).tolist()
     m = len(keys)
-    i = 0
-    if ts[0] == t0:
-        out[0] = y0
-        i = 1
+    # the first save time not before t0 (t0 > the solve's start after an event)
+    i = bisect.bisect_left(keys, direction * t0)
+    if i < m and ts[i] == t0:
+        out[i] = y0
+        i += 1
     nxt = keys[i] if i < m else math.inf
     step = solver.step
     finite = finite_check(solver.n)
@@ -539,7 +708,7 @@ def _integrate(
         recorder(solver)
     while True:
         if attempts() >= limit:
-            return "max_steps_reached", naccept, float(solver.t), None
+            return "max_steps_reached", naccept, float(solver.t), None, None
         if retry is not None:
             retry.keep()
         try:
@@ -550,24 +719,27 @@ def _integrate(
             # non-finite, else re-raises
             if retry is not None and _NONFINITE_LU in str(err) and retry.shrink():
                 continue
-            return "solver_failed", naccept, float(solver.t), err
+            return "solver_failed", naccept, float(solver.t), err, None
         if solver.status == "failed":
             status = _FAILURES.get(message, "solver_failed")
-            return status, naccept, float(solver.t), None
+            return status, naccept, float(solver.t), None, None
         if not finite(solver.y):
             if retry is not None and retry.shrink():
                 continue
-            return "nonfinite", naccept, float(solver.t_old or solver.t), None
+            return "nonfinite", naccept, float(solver.t_old or solver.t), None, None
         naccept += 1
         if retry is not None:
             retry.accepted()
+        if watch is not None and (fired := watch(solver)) is not None:
+            _save(solver, ts, keys, i, out, direction, direction * fired.t)
+            return "event", naccept, fired.t, None, fired
         if direction * solver.t >= nxt:
             i = _save(solver, ts, keys, i, out, direction)
             nxt = keys[i] if i < m else math.inf
         if solver.status == "finished":
             stop += 1
             if stop >= len(stops):
-                return "success", naccept, float(solver.t), None
+                return "success", naccept, float(solver.t), None, None
             solver.t_bound = stops[stop]
             solver.status = "running"
         if recorder is not None:
@@ -619,15 +791,26 @@ _MIN_STEP_ULPS = 10
 _SHRINK = 0.2
 
 
-def _save(solver: Any, ts: Any, keys: list[float], i: int, out: Any, d: float) -> int:
-    """Fill the rows of the save times reached by the last step; the next row."""
+def _save(
+    solver: Any,
+    ts: Any,
+    keys: list[float],
+    i: int,
+    out: Any,
+    d: float,
+    until: float = math.inf,
+) -> int:
+    """Fill the rows of the save times reached by the last step (those before
+    `until`, a signed time, only); the next row."""
     t = solver.t
     reached = d * t
     j = i
-    while j < len(keys) and keys[j] <= reached:
+    while j < len(keys) and keys[j] <= reached and keys[j] < until:
         j += 1
     end = j
-    if ts[j - 1] == t:  # a save time at the step's end takes the state exactly
+    if (
+        j > i and ts[j - 1] == t
+    ):  # a save time at the step's end takes the state exactly
         out[j - 1] = solver.y
         end = j - 1
     if end > i:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._events import without_event_gradients
 from ..._pytree import leaves, tree_map
 from ..._sensealg import (
     CheckpointedAdjoint,
@@ -25,7 +26,7 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
-from . import _adjoint, _checkpoint, _forward, _interpolating
+from . import _adjoint, _checkpoint, _events, _forward, _interpolating
 from ._params import param_view
 from ._solve import (
     check_inputs,
@@ -80,7 +81,10 @@ class TorchBackend:
             The integration failed and ``req.throw`` is True.
         """
         sensealg = req.sensealg
-        if sensealg is None or not requires_grad(req) or _empty(req.u0):
+        grad = sensealg is not None and requires_grad(req) and not _empty(req.u0)
+        if req.events:
+            return _events.solve(req, SENSEALGS[type(sensealg)] if grad else None)
+        if not grad:
             # An empty state has nothing to differentiate: its solution is u0.
             return solve_plain(req)
         return SENSEALGS[type(sensealg)](req)
@@ -142,6 +146,11 @@ class TorchBackend:
     ) -> tuple[Any, Any]:
         """``loss(sol)`` and its gradient with respect to ``sol.u``, by autograd."""
         del req
+        sol = without_event_gradients(
+            sol,
+            "backend='torch'",
+            "call loss.backward() through dk.solve, where they are differentiable",
+        )
         u = sol.u.detach().requires_grad_()
         with torch.enable_grad():
             value = loss(dataclasses.replace(sol, u=u))
