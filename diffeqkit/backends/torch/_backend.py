@@ -25,7 +25,7 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
-from . import _adjoint, _checkpoint, _forward, _interpolating
+from . import _adjoint, _checkpoint, _forward, _interpolating, _replay
 from ._params import param_view
 from ._solve import (
     check_inputs,
@@ -45,7 +45,7 @@ __all__ = ["SENSEALGS", "TorchBackend"]
 # autograd does not record is the plain one whatever the sensealg.)
 SENSEALGS: SensealgTable[SolveRequest, Solution] = {
     ForwardMode: _forward.solve,
-    ReverseThroughSolver: solve_plain,
+    ReverseThroughSolver: _replay.solve_through,
     ContinuousAdjoint: _adjoint.solve,
     InterpolatingAdjoint: _interpolating.solve,
     CheckpointedAdjoint: _checkpoint.solve,

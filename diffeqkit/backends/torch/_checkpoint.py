@@ -25,6 +25,7 @@ from ..._pytree import leaves
 from ..._sensealg import CheckpointedAdjoint
 from ..._solution import Solution
 from .._protocol import SolveRequest
+from . import _engine
 from ._replay import Plan, Recorder, Replayer, Schedule, make_plan, record
 from ._rk import AdaptiveRK, State, interpolate
 from ._solve import replace_leaves, solver_for
@@ -38,10 +39,12 @@ KEEP_STEPS = 16
 def solve(req: SolveRequest) -> Solution:
     """A solve whose gradients come from `_Checkpointed`."""
     sensealg = cast("CheckpointedAdjoint", req.sensealg)
+    # The compiled engine records no graph in its forward pass: it replays.
     keep = (
         sensealg.checkpoints is None
         and not req.alg.implicit
         and issubclass(solver_for(req), AdaptiveRK)
+        and not _engine.enabled(req)
     )
     # Keeping the graph: f(u0, p, t0) with it, the first stage of step one.
     plan = make_plan(req, graph=keep)
