@@ -126,8 +126,12 @@ def test_plain_solve_matches_torchdiffeq():
 
 @pytest.mark.parametrize(
     "sensealg",
-    [dk.ReverseThroughSolver(), dk.CheckpointedAdjoint(checkpoints=3)],
-    ids=["ReverseThroughSolver", "CheckpointedAdjoint"],
+    [
+        dk.ReverseThroughSolver(),
+        dk.CheckpointedAdjoint(),
+        dk.CheckpointedAdjoint(checkpoints=3),
+    ],
+    ids=["ReverseThroughSolver", "CheckpointedAdjoint", "CheckpointedAdjoint-3"],
 )
 def test_gradients_equal_reference(sensealg):
     grads = {}

@@ -61,7 +61,7 @@ __all__ = ["BLOCK", "ENV", "TRACES", "EngineFallbackWarning", "enabled"]
 # The environment variable selecting the engine: "compiled" or "eager".
 ENV = "DIFFEQKIT_TORCH_ENGINE"
 # Step attempts (adaptive) or steps (replays) per compiled call.
-BLOCK = 16
+BLOCK = 8
 # Traces of each kind of block ("adaptive", "replay", "fixed"); a trace happens
 # only when torch compiles (or, after a fallback, never).
 TRACES: dict[str, int] = {"adaptive": 0, "replay": 0, "fixed": 0}
