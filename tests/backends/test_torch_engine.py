@@ -178,3 +178,8 @@ def test_failed_compilation_falls_back_once_with_a_warning():
     # Warned once: a second solve of the same structure is quiet (warnings are
     # errors in the test suite).
     run()
+
+
+def test_unknown_engine_name_is_refused():
+    with pytest.raises(ValueError, match=_engine.ENV):
+        solve("fast")
