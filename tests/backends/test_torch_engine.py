@@ -143,6 +143,51 @@ def test_gradients_equal_reference(sensealg):
         close(got, want)
 
 
+def test_module_training_equals_reference_and_never_recompiles():
+    """p an nn.Module (the neural ODE): two Adam steps on each path give the same
+    losses and parameters; the second step, with new parameter values and their
+    .grad filled in, runs the compiled code of the first."""
+
+    def field(u, net, t):
+        return net(u**3)
+
+    def train(mode):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+        ).double()
+        opt = torch.optim.Adam(net.parameters(), lr=0.1)
+        u0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+        losses, traces = [], []
+        os.environ[_engine.ENV] = mode
+        try:
+            for _ in range(2):
+                opt.zero_grad()
+                prob = dk.ODEProblem(field, u0, (0.0, 1.5), net)
+                sol = dk.solve(
+                    prob,
+                    "dopri5",
+                    backend="torch",
+                    saveat=SAVES[:3],
+                    sensealg=dk.ReverseThroughSolver(),
+                )
+                loss = (sol.u**2).mean()
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+                traces.append(dict(_engine.TRACES))
+        finally:
+            del os.environ[_engine.ENV]
+        return torch.stack(losses), list(net.parameters()), traces
+
+    ref_losses, ref_params, _ = train("eager")
+    losses, params, traces = train("compiled")
+    close(losses, ref_losses)
+    for got, want in zip(params, ref_params, strict=True):
+        close(got, want)
+    assert traces[0] == traces[1]
+
+
 def test_fixed_step_equals_reference():
     ref, _, _ = solve("eager", alg="rk4", dt0=0.1)
     sol, _, _ = solve("compiled", alg="rk4", dt0=0.1)

@@ -21,7 +21,9 @@ traces (compilations), ``stats["compile_s"]`` the seconds a solve spent on them.
 Opt-in: the environment variable ``DIFFEQKIT_TORCH_ENGINE=compiled`` turns it on
 (default ``eager``: the reference drivers). Where compilation fails (no compiler,
 an operation dynamo cannot trace) the solve runs on the reference driver, with
-one `EngineFallbackWarning` per problem structure saying why.
+one `EngineFallbackWarning` per problem structure saying why. Modules in ``p``
+are part of the structure (by identity): training one module never recompiles,
+a new module instance compiles anew.
 """
 
 from __future__ import annotations
@@ -38,10 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._pytree import tree_map
+from ..._pytree import leaves, tree_map
 from ..._tableaux import get_tableau
 from .._protocol import SolveRequest
-from ._params import has_modules
 from ._rk import (
     _DFACTOR,
     _IFACTOR,
@@ -85,14 +86,12 @@ class EngineFallbackWarning(UserWarning):
 
 
 def enabled(req: SolveRequest) -> bool:
-    """Whether `req` runs on the engine: asked for by `ENV`, an explicit alg
-    from a shared tableau, and a plain tensor ``p`` (modules: reference path)."""
+    """Whether `req` runs on the engine: asked for by `ENV`, and an explicit alg
+    from a shared tableau."""
     mode = os.environ.get(ENV, "eager").strip().lower()
     if mode not in ("compiled", "eager"):
         raise ValueError(f"{ENV} must be 'compiled' or 'eager', not {mode!r}")
-    if mode != "compiled" or req.alg.implicit or req.alg.name not in _EXPLICIT:
-        return False
-    return not has_modules(req.p)
+    return mode == "compiled" and not req.alg.implicit and req.alg.name in _EXPLICIT
 
 
 _EXPLICIT = frozenset(
@@ -390,7 +389,10 @@ def _call(entry: _Compiled, stats: dict[str, float], *args: Any) -> Any:
 
 
 def _key(req: SolveRequest, backward: bool) -> tuple[Any, ...]:
-    return (req.f, backward)
+    """The problem structure: f, the direction, and the modules in p (a bound f
+    calls them; `_params.bind`), by identity."""
+    modules = tuple(x for x in leaves(req.p) if isinstance(x, torch.nn.Module))
+    return (req.f, backward, *modules)
 
 
 # ---------------------------------------------------------------------------------
@@ -636,6 +638,15 @@ def replay(
     ``f(start, y)`` (evaluated here if None; adaptive algs only)."""
     n = steps.shape[1]
     padded = _padded(steps)
+    # One trace for every block: the compiled code is guarded on requires_grad
+    # and on the type of each input (a Parameter is not a Tensor to it).
+    p = tree_map(lambda x: x.view_as(x) if isinstance(x, torch.nn.Parameter) else x, p)
+    if (
+        torch.is_grad_enabled()
+        and not y.requires_grad
+        and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves(p))
+    ):
+        y = y.detach().requires_grad_()
     try:
         if req.fixed_step:
             entry = _entry("fixed", req.alg.name, f, _key(req, backward))
@@ -651,8 +662,14 @@ def replay(
             states = torch.cat(chunks)[:n]
             return states, None
         entry = _entry("replay", req.alg.name, f, _key(req, backward))
-        if fy is None:
-            fy = f(y, p, steps[0, 0].to(y.dtype) if n else y.new_zeros(()))
+        first: torch.Tensor = (
+            f(y, p, steps[0, 0].to(y.dtype) if n else y.new_zeros(()))
+            if fy is None
+            else fy
+        )
+        if torch.is_grad_enabled() and not first.requires_grad and y.requires_grad:
+            first = first.detach().requires_grad_()
+        fy = first
         chunks = []
         for start in range(0, padded.shape[1], BLOCK):
             y, fy, dense = _call(
