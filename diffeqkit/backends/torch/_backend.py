@@ -26,7 +26,7 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
-from . import _adjoint, _checkpoint, _events, _forward, _interpolating
+from . import _adjoint, _checkpoint, _events, _forward, _interpolating, _replay
 from ._params import param_view
 from ._solve import (
     check_inputs,
@@ -46,7 +46,7 @@ __all__ = ["SENSEALGS", "TorchBackend"]
 # autograd does not record is the plain one whatever the sensealg.)
 SENSEALGS: SensealgTable[SolveRequest, Solution] = {
     ForwardMode: _forward.solve,
-    ReverseThroughSolver: solve_plain,
+    ReverseThroughSolver: _replay.solve_through,
     ContinuousAdjoint: _adjoint.solve,
     InterpolatingAdjoint: _interpolating.solve,
     CheckpointedAdjoint: _checkpoint.solve,
@@ -83,7 +83,11 @@ class TorchBackend:
         sensealg = req.sensealg
         grad = sensealg is not None and requires_grad(req) and not _empty(req.u0)
         if req.events:
-            return _events.solve(req, SENSEALGS[type(sensealg)] if grad else None)
+            return _events.solve(
+                req,
+                SENSEALGS[type(sensealg)] if grad else None,
+                through=grad and isinstance(sensealg, ReverseThroughSolver),
+            )
         if not grad:
             # An empty state has nothing to differentiate: its solution is u0.
             return solve_plain(req)

@@ -11,7 +11,9 @@ the graph of its first `KEEP_STEPS` steps (`_Keeper`) and then goes on without
 one: those steps are not replayed. A solve of at most that many steps (a neural
 ODE's typical training solve) is then differentiated at the cost of
 `ReverseThroughSolver`, with no recomputation; a longer one replays only the
-steps after them, and holds that many steps' graph besides one segment's.
+steps after them, and holds that many steps' graph besides one segment's. On
+the compiled engine (`_engine`) the forward pass keeps no graph: a solve of at
+most `KEEP_STEPS` steps is then replayed as one segment.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..._pytree import leaves
 from ..._sensealg import CheckpointedAdjoint
 from ..._solution import Solution
 from .._protocol import SolveRequest
+from . import _engine
 from ._replay import Plan, Recorder, Replayer, Schedule, make_plan, record
 from ._rk import AdaptiveRK, State, interpolate
 from ._solve import replace_leaves, solver_for
@@ -38,10 +41,12 @@ KEEP_STEPS = 16
 def solve(req: SolveRequest) -> Solution:
     """A solve whose gradients come from `_Checkpointed`."""
     sensealg = cast("CheckpointedAdjoint", req.sensealg)
+    # The compiled engine records no graph in its forward pass: it replays.
     keep = (
         sensealg.checkpoints is None
         and not req.alg.implicit
         and issubclass(solver_for(req), AdaptiveRK)
+        and not _engine.enabled(req)
     )
     # Keeping the graph: f(u0, p, t0) with it, the first stage of step one.
     plan = make_plan(req, graph=keep)
@@ -100,6 +105,15 @@ class _Checkpointed(torch.autograd.Function):
                 run, schedule = record(plan, recorder=keeper)
         else:
             run, schedule = record(plan, keep=True, checkpoints=sensealg.checkpoints)
+            if (
+                sensealg.checkpoints is None
+                and schedule.needed <= KEEP_STEPS
+                and _engine.enabled(plan.req)
+            ):
+                # The engine's rule for `_Keeper`'s: a short solve is one
+                # segment (compiled replays pad segments to whole blocks).
+                for step in [i for i in schedule.states if i]:
+                    del schedule.states[step]
         ctx.plan = plan
         ctx.schedule = schedule
         ctx.inputs = inputs

@@ -40,7 +40,7 @@ from ._rk import (
     interpolate,
     tensor,
 )
-from ._solve import Setup, prepare, solve_plain, solver_for
+from ._solve import Setup, prepare, solver_for
 
 __all__ = ["solve"]
 
@@ -372,11 +372,14 @@ def _stacked(values: list[Any], like: torch.Tensor) -> torch.Tensor:
 
 
 def solve(
-    req: SolveRequest, segment: Callable[[SolveRequest], Solution] | None
+    req: SolveRequest,
+    segment: Callable[[SolveRequest], Solution] | None,
+    *,
+    through: bool = False,
 ) -> Solution:
     """The solve with events; `segment` solves one segment differentiably (the
-    sensealg's solve), or is None for a solve autograd does not record."""
-    through = segment is solve_plain  # ReverseThroughSolver: one differentiable run
+    sensealg's solve), or is None for a solve autograd does not record;
+    `through` (ReverseThroughSolver): one run with autograd recording it all."""
     setup = prepare(req, graph=through)
     with torch.set_grad_enabled(through and torch.is_grad_enabled()):
         located = _locate(req, setup, through)

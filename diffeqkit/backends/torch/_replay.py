@@ -19,8 +19,9 @@ import torch
 from ..._saveat import step_grid
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from ._rk import Lift, Run, no_lift
-from ._solve import Setup, finish, prepare, run_steps, solver_for
+from . import _engine
+from ._rk import Lift, Rhs, Run, _nan_rows, no_lift
+from ._solve import Setup, finish, prepare, run_steps, solve_plain, solver_for
 
 
 class Recorder:
@@ -165,7 +166,9 @@ class Replayer:
 
     `lift` is applied once to every constant the steps use (the tableau, the
     step times and sizes, the save times); `_forward` passes one that keeps
-    forward-mode AD on its fast path.
+    forward-mode AD on its fast path. Without one, and with the compiled engine
+    on (`_engine.enabled`), steps are replayed in compiled blocks
+    (`_engine.replay`); ``stats["compile_s"]`` sums their compilation time.
     """
 
     def __init__(self, plan: Plan, schedule: Schedule, lift: Lift = no_lift) -> None:
@@ -175,6 +178,10 @@ class Replayer:
         self.steps = lift(schedule.steps)
         self.times = lift(schedule.times)
         self.reads = schedule.reads
+        self.req = plan.req
+        self.backward = setup.backward
+        self.compiled = lift is no_lift and _engine.enabled(plan.req)
+        self.stats: dict[str, float] = {"compile_s": 0.0}
 
     def run(
         self,
@@ -187,6 +194,10 @@ class Replayer:
         """Repeat steps ``start..stop-1`` from `y`, the state at the start of step
         `start`; the rows read off them go into `out`; returns the state at the
         end."""
+        if self.compiled and isinstance(func, Rhs):
+            y_end = self._run_compiled(func, y, start, stop, out)
+            if y_end is not None:
+                return y_end
         steps, times = self.steps, self.times
         f = None  # recomputed at the first step, as f(t_start, y)
         for n in range(start, stop):
@@ -194,3 +205,48 @@ class Replayer:
             for row in self.reads[n]:
                 out[row] = read(times[row])
         return y
+
+    def _run_compiled(
+        self, func: Rhs, y: torch.Tensor, start: int, stop: int, out: dict[int, Any]
+    ) -> torch.Tensor | None:
+        """`run` on the compiled engine; None where it could not compile."""
+        if stop <= start:
+            return y
+        steps = self.steps[:, start:stop]
+        found = _engine.replay(
+            self.req, func.f, func.p, y, None, steps, self.backward, self.stats
+        )
+        if found is None:
+            return None
+        first, dense = found
+        rows = [(row, n) for n in range(start, stop) for row in self.reads[n]]
+        if dense is None:  # fixed step: the saved values are step values
+            for row, n in rows:
+                out[row] = first[n - start]
+            return first[-1]
+        if rows:
+            index = torch.as_tensor([n - start for _, n in rows], device=y.device)
+            at = steps[:, index]
+            when = self.times[torch.as_tensor([row for row, _ in rows])]
+            values = _engine.interpolate_many(dense[index], at[0], at[2], when)
+            for k, (row, _) in enumerate(rows):
+                out[row] = values[k]
+        return first
+
+
+def solve_through(req: SolveRequest) -> Solution:
+    """ReverseThroughSolver: the plain solve, recording its graph; on the compiled
+    engine, the solve under ``no_grad`` then its steps replayed in compiled blocks
+    under autograd (the same steps, so the same gradient to rounding)."""
+    if not _engine.enabled(req):
+        return solve_plain(req)
+    plan = make_plan(req)
+    run, schedule = record(plan)
+    setup = plan.setup
+    replayer = Replayer(plan, schedule)
+    reads: dict[int, torch.Tensor] = {}
+    replayer.run(setup.rhs(first=False), setup.y0, 0, schedule.needed, reads)
+    rows = [setup.y0, *(reads[row] for row in range(1, run.reached))]
+    u = _nan_rows(rows, setup.y0, setup.times.shape[0])
+    compile_s = (run.compile_s or 0.0) + replayer.stats["compile_s"]
+    return finish(req, setup, run._replace(compile_s=compile_s), u)

@@ -403,6 +403,7 @@ class Run(NamedTuple):
     t_end: float  # solver time at the end of the last accepted step
     njev: int | None = None  # Jacobian evaluations (implicit algs)
     nlu: int | None = None  # LU factorisations (implicit algs)
+    compile_s: float | None = None  # seconds compiling (the compiled engine)
 
 
 class State(NamedTuple):

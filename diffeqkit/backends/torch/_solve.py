@@ -22,6 +22,7 @@ from ..._problem import check_rhs_output
 from ..._pytree import leaves, tree_map
 from ..._solution import Solution
 from .._protocol import SolveRequest, conclude
+from . import _engine
 from ._implicit import IMPLICIT_SOLVERS
 from ._params import bind, check_params, has_modules, param_view
 from ._rk import Recorder, Rhs, Run, Solver, adaptive_solver, fixed_solver, tensor
@@ -259,6 +260,8 @@ def run_stats(run: Run) -> dict[str, Any]:
     if run.njev is not None:
         stats["njev"] = run.njev
         stats["nlu"] = run.nlu
+    if run.compile_s is not None:
+        stats["compile_s"] = run.compile_s
     return stats
 
 
@@ -270,7 +273,28 @@ def run_steps(req: SolveRequest, setup: Setup, recorder: Recorder | None = None)
     if setup.y0.numel() == 0:
         u = torch.stack([setup.y0] * n)
         return Run(u, "success", None, 0, 0, 1, n, float(setup.times[-1]))
+    if (
+        _engine.enabled(req)
+        and not records_graph(setup)
+        and (recorder is None or not hasattr(recorder, "accepted"))
+    ):
+        out = _engine.run(
+            req, setup.f, setup.p, setup.y0, setup.du0, setup.times,
+            setup.backward, recorder,
+        )  # fmt: skip
+        if out is not None:
+            return out.run._replace(compile_s=out.stats["compile_s"])
     return solver_for(req).run(rhs, setup.y0, setup.times, req, recorder)
+
+
+def records_graph(setup: Setup) -> bool:
+    """Whether a run of `setup` now would record an autograd graph."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(
+        isinstance(x, torch.Tensor) and x.requires_grad
+        for x in [setup.y0, *leaves(setup.p)]
+    )
 
 
 def solve_plain(req: SolveRequest) -> Solution:
