@@ -765,3 +765,21 @@ def test_gradients_on_cuda(sensealg):
     exact_u0, exact_a = linear_grads(TS, cotangent(len(TS)))
     assert np.abs(to_numpy(u0.grad) - exact_u0).max() < allowed("tsit5")
     assert np.abs(to_numpy(a.grad) - exact_a).max() < allowed("tsit5")
+
+
+@pytest.mark.parametrize("sensealg", list(SENSEALGS))
+def test_p_that_also_computes_u0_is_counted_once(sensealg):
+    # u0 = (0, 3e) and f = (e u1, 0) on [0.5, 1]: u(1) = (1.5 e^2, 3e), so
+    # d(u0(1) + u1(1))/de = 3e + 3 (the kept graph of CheckpointedAdjoint once
+    # reached e through u0 as well and gave twice the u0 term).
+    e = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    u0 = torch.stack([torch.zeros((), dtype=torch.float64), 3 * e])
+
+    def f(u, p, t):
+        return torch.stack([p * u[1], 0.0 * u[0]])
+
+    prob = dk.ODEProblem(f, u0, (0.5, 1.0), e)
+    sol = dk.solve(prob, "tsit5", sensealg=SENSEALGS[sensealg], rtol=1e-10, atol=1e-12)
+    (sol.u[-1, 0] + sol.u[-1, 1]).backward()
+    assert e.grad is not None
+    assert float(e.grad) == pytest.approx(3 * 0.5 + 3, rel=1e-8)

@@ -18,6 +18,7 @@ most `KEEP_STEPS` steps is then replayed as one segment.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 import torch
@@ -48,10 +49,32 @@ def solve(req: SolveRequest) -> Solution:
         and issubclass(solver_for(req), AdaptiveRK)
         and not _engine.enabled(req)
     )
-    # Keeping the graph: f(u0, p, t0) with it, the first stage of step one.
-    plan = make_plan(req, graph=keep)
-    u = _Checkpointed.apply((plan, keep), plan.setup.y0, *leaves(plan.setup.p))
+    plan = make_plan(req)
+    inputs = [plan.setup.y0, *leaves(plan.setup.p)]
+    if keep:
+        plan = _aliased(plan)
+    u = _Checkpointed.apply((plan, keep), *inputs)
     return plan.solution(u)
+
+
+def _aliased(plan: Plan) -> Plan:
+    """`plan` on detached aliases of its inputs, with ``f(u0, p, t0)`` (the first
+    stage of step one) recorded from them: the graph that `_Keeper` keeps then
+    starts at the aliases, not at whatever computed u0 and p outside the solve,
+    which autograd reaches through `_Checkpointed`'s own inputs. (Kept on the
+    originals, a p that also computed u0 was counted twice.)"""
+    setup = plan.setup
+
+    def alias(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.detach().requires_grad_(x.requires_grad)
+
+    y0 = alias(setup.y0)
+    p = replace_leaves(setup.p, [alias(x) for x in leaves(setup.p)])
+    with torch.enable_grad():
+        du0 = setup.f(y0, p, setup.times[0].to(setup.dtype))
+    return Plan(plan.req, dataclasses.replace(setup, y0=y0, p=p, du0=du0))
 
 
 class _Keeper(Recorder):
@@ -116,7 +139,9 @@ class _Checkpointed(torch.autograd.Function):
                     del schedule.states[step]
         ctx.plan = plan
         ctx.schedule = schedule
-        ctx.inputs = inputs
+        # The kept graph starts at the plan's aliases (`_aliased`): its gradients
+        # are taken with respect to them.
+        ctx.inputs = (plan.setup.y0, *leaves(plan.setup.p)) if keep else inputs
         ctx.keeper = keeper
         return run.u.detach()
 
