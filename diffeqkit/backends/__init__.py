@@ -131,14 +131,12 @@ SPECS: Mapping[str, BackendSpec] = {
             reference_algs=("dopri8", "rosenbrock23"),
             reference_rank=2,
             # Segment solves by the sensealg, glued by the event corrections.
-            # Not CheckpointedAdjoint: its graph-keeping first steps count the
-            # gradient of a u0 that itself depends on p twice (segments after an
-            # event start from such a u0).
             events=(
                 "ReverseThroughSolver",
                 "ForwardMode",
                 "ContinuousAdjoint",
                 "InterpolatingAdjoint",
+                "CheckpointedAdjoint",
             ),
         ),
         tree=_trees.torch_module,
