@@ -122,7 +122,7 @@ SPECS: Mapping[str, BackendSpec] = {
         ("torch", "torchdiffeq"),
         aac.is_torch_array,
         Capabilities(
-            algs=(*_EXPLICIT, "rosenbrock23"),
+            algs=(*_EXPLICIT, "rosenbrock23", "rodas4"),
             devices=("cpu", "cuda"),
             sensealgs=_NATIVE_SENSEALGS,
             autodiff=("torch",),
