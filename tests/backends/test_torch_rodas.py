@@ -241,3 +241,16 @@ def test_rober_onset_gradients_match_finite_differences():
             loss, prob, ALG, saveat=saveat, rtol=1e-9, atol=1e-14, sensealg=sensealg
         )
         np.testing.assert_allclose(to_numpy(grads.p), fd, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_is_kept(dtype):
+    # ROBER over [0, 1] in float32 too: the constants follow the state's dtype.
+    prob = _rober(1.0)
+    prob = prob.remake(u0=prob.u0.to(dtype), p=prob.p.to(dtype))
+    sol = dk.solve(prob, ALG, rtol=1e-4, atol=1e-8)
+    assert sol.u.dtype == dtype
+    # Mass is conserved (the rows of f sum to zero) up to the dtype's rounding.
+    total = to_numpy(sol.u.sum(dim=-1)).astype(np.float64)
+    eps = float(torch.finfo(dtype).eps)
+    np.testing.assert_allclose(total, 1.0, atol=100 * eps)
