@@ -128,7 +128,7 @@ SPECS: Mapping[str, BackendSpec] = {
             autodiff=("torch",),
             # ForwardMode lost to the reverse methods at every size measured.
             forward_mode_max_inputs=0,
-            reference_algs=("dopri8", "rosenbrock23"),
+            reference_algs=("dopri8", "rodas4"),
             reference_rank=2,
         ),
         tree=_trees.torch_module,
