@@ -78,6 +78,7 @@ ALGS: Mapping[str, AlgInfo] = _table(
     AlgInfo(
         "rosenbrock23", "implicit", 2, "Rosenbrock 2(3) (MATLAB's ode23s), L-stable"
     ),
+    AlgInfo("rodas4", "implicit", 4, "Rosenbrock 4(3) RODAS (Hairer-Wanner), L-stable"),
 )
 
 

@@ -122,13 +122,13 @@ SPECS: Mapping[str, BackendSpec] = {
         ("torch", "torchdiffeq"),
         aac.is_torch_array,
         Capabilities(
-            algs=(*_EXPLICIT, "rosenbrock23"),
+            algs=(*_EXPLICIT, "rosenbrock23", "rodas4"),
             devices=("cpu", "cuda"),
             sensealgs=_NATIVE_SENSEALGS,
             autodiff=("torch",),
             # ForwardMode lost to the reverse methods at every size measured.
             forward_mode_max_inputs=0,
-            reference_algs=("dopri8", "rosenbrock23"),
+            reference_algs=("dopri8", "rodas4"),
             reference_rank=2,
             # Segment solves by the sensealg, glued by the event corrections.
             events=(

@@ -72,7 +72,7 @@ def nan_from_half(u, p, t):
     return u * 0 + torch.where(t < 0.5, -u, math.nan)
 
 
-@pytest.mark.parametrize("alg", [*ADAPTIVE, "rosenbrock23"])
+@pytest.mark.parametrize("alg", [*ADAPTIVE, "rosenbrock23", "rodas4"])
 def test_nonfinite_trial_steps_are_retried_until_the_step_underflows(alg):
     prob = dk.ODEProblem(nan_from_half, torch.ones(1, dtype=torch.float64), (0.0, 1.0))
     saveat = [0.0, 0.25, 0.75, 1.0]

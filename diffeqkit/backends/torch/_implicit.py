@@ -1,9 +1,11 @@
 """Rosenbrock methods on torch: adaptive, L-stable, for stiff problems.
 
 ``rosenbrock23`` is Shampine & Reichelt's method (MATLAB's ``ode23s``): order 2,
-an embedded order-3 error estimate, one Jacobian (``torch.func.jacrev``, or
-``prob.jac``) and one LU factorisation per step, its own order-2 dense output.
-The driver is `_rk.AdaptiveRK`'s; only the trial step is Rosenbrock's.
+an embedded order-3 error estimate, its own order-2 dense output. ``rodas4`` is
+Hairer & Wanner's RODAS (`diffeqkit._rosenbrock`): order 4, an embedded order-3
+estimate, stiffly accurate, with a cubic Hermite dense output. Each takes one
+Jacobian (``torch.func.jacrev``, or ``prob.jac``) and one LU factorisation per
+step. The driver is `_rk.AdaptiveRK`'s; only the trial step is Rosenbrock's.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
+from ..._rosenbrock import ROSENBROCK_TABLEAUX, RosenbrockTableau
 from ._rk import AdaptiveRK, Lift, Stepper, fsal_stepper, no_lift
 
 __all__ = ["IMPLICIT_SOLVERS"]
@@ -141,6 +144,124 @@ def _ros23_step(
 
 
 # ---------------------------------------------------------------------------------
+# rodas4 and other tableaux of `diffeqkit._rosenbrock` (Hairer & Wanner's form).
+# ---------------------------------------------------------------------------------
+
+
+class _Stage(NamedTuple):
+    """Stage ``i`` of a transformed Rosenbrock tableau, its zero terms dropped:
+    ``(j, a_ij)``, ``(j, C_ij)``, ``c_i`` (None: at ``t0``; 1: at ``t1``) and
+    ``d_i`` (None when zero)."""
+
+    a: list[tuple[int, Any]]
+    C: list[tuple[int, Any]]
+    c: Any
+    d: Any
+
+
+class _RodasConstants(NamedTuple):
+    gamma: Any
+    stages: list[_Stage]
+    m: list[tuple[int, Any]]
+    # The stage whose argument is the embedded solution, if one is (then y1 is
+    # that argument plus the last u and the error estimate is that u).
+    embedded_stage: int | None
+    # Cubic Hermite dense output: y0 + x h f0 + x^2 (3 dy - h (2 f0 + f1))
+    # + x^3 (h (f0 + f1) - 2 dy), dy = y1 - y0.
+    two: Any
+    three: Any
+
+
+def _rodas_constants(
+    tab: RosenbrockTableau, dtype: torch.dtype, device: torch.device, lift: Lift
+) -> _RodasConstants:
+    def value(x: float) -> Any:
+        return lift(torch.tensor(x, dtype=dtype, device=device))
+
+    def terms(row: tuple[float, ...]) -> list[tuple[int, Any]]:
+        return [(j, value(x)) for j, x in enumerate(row) if x != 0.0]
+
+    stages = [
+        _Stage(
+            terms(tab.a[i]),
+            terms(tab.C[i]),
+            None if i == 0 else (1.0 if tab.c[i] == 1.0 else value(tab.c[i])),
+            None if tab.d[i] == 0.0 else value(tab.d[i]),
+        )
+        for i in range(tab.n_stages)
+    ]
+    s = tab.n_stages
+    last = tab.a[s - 1]
+    embedded = (
+        s - 1
+        if tab.m_hat[s - 1] == 0.0
+        and tuple(tab.m_hat[: s - 1]) == tuple(last)
+        and tab.m[s - 1] == 1.0
+        and tuple(tab.m[: s - 1]) == tuple(last)
+        else None
+    )
+    return _RodasConstants(
+        value(tab.gamma), stages, terms(tab.m), embedded, value(2.0), value(3.0)
+    )
+
+
+def _rodas_step(
+    func: Any,
+    y0: torch.Tensor,
+    f0: torch.Tensor,
+    t0: torch.Tensor,
+    dt: torch.Tensor,
+    t1: torch.Tensor,
+    c: _RodasConstants,
+    n_implicit: int | None = None,
+    estimate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """One step of a transformed Rosenbrock tableau: ``(y1, f(t1, y1), error
+    estimate or None, dense coefficients)``. With ``g = gamma h`` and ``W = I -
+    g J``, each ``u_i = g W^-1 (f_i + sum_j C_ij u_j / h + h d_i T)``."""
+    h = dt.to(y0.dtype)
+    g = h * c.gamma
+    lin = _linearise(func, t0, y0, g, n_implicit)
+    us: list[torch.Tensor] = []
+    arg = y0
+    for i, stage in enumerate(c.stages):
+        if i == 0:
+            fi = f0
+        else:
+            arg = y0
+            for j, a in stage.a:
+                arg = arg + a * us[j]
+            at_end = isinstance(stage.c, float)
+            fi = func(t1 if at_end else t0 + stage.c.to(dt.dtype) * dt, arg)
+        r = fi
+        if stage.C:
+            extra = stage.C[0][1] * us[stage.C[0][0]]
+            for j, cij in stage.C[1:]:
+                extra = extra + cij * us[j]
+            r = r + extra / h
+        if stage.d is not None:
+            r = r + (h * stage.d) * lin.T
+        us.append(g * lin.solve(r))
+    if c.embedded_stage is not None:
+        y1 = arg + us[-1]
+    else:
+        y1 = y0
+        for j, mj in c.m:
+            y1 = y1 + mj * us[j]
+    f1 = func(t1, y1)
+    error = us[-1] if estimate else None
+    dy = y1 - y0
+    hf0, hf1 = h * f0, h * f1
+    coeffs = [
+        y0,
+        hf0,
+        c.three * dy - c.two * hf0 - hf1,
+        hf0 + hf1 - c.two * dy,
+    ]
+    return y1, f1, error, coeffs
+
+
+# ---------------------------------------------------------------------------------
 # The solver class.
 # ---------------------------------------------------------------------------------
 
@@ -167,8 +288,14 @@ class _Rosenbrock(AdaptiveRK):
         self.njev = 0
         self.nlu = 0
 
+    @staticmethod
+    def _constants(dtype: torch.dtype, device: torch.device, lift: Lift) -> Any:
+        return _ros23_constants(dtype, device, lift)
+
+    _step_fn: ClassVar[Callable[..., Any]] = staticmethod(_ros23_step)
+
     def _prepare(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.constants = _ros23_constants(dtype, device, no_lift)
+        self.constants = self._constants(dtype, device, no_lift)
 
     def _trial(
         self,
@@ -178,7 +305,7 @@ class _Rosenbrock(AdaptiveRK):
         dt: torch.Tensor,
         t1: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[], list[Any]]]:
-        y1, f1, error, coeffs = _ros23_step(
+        y1, f1, error, coeffs = type(self)._step_fn(
             self.func, y0, f0, t0, dt, t1, self.constants, self.n_implicit
         )
         self.njev += 1
@@ -192,12 +319,13 @@ class _Rosenbrock(AdaptiveRK):
         cls, dtype: torch.dtype, device: torch.device, lift: Lift = no_lift
     ) -> Stepper:
         """One step as a pure function (see `_rk.Stepper`), for replays."""
-        constants = _ros23_constants(dtype, device, lift)
+        constants = cls._constants(dtype, device, lift)
+        step_fn = cls._step_fn
 
         def advance(
             func: Any, y0: torch.Tensor, f0: torch.Tensor, t0: Any, dt: Any, t1: Any
         ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-            y1, f1, _, coeffs = _ros23_step(
+            y1, f1, _, coeffs = step_fn(
                 func, y0, f0, t0, dt, t1, constants, estimate=False
             )
             return y1, f1, coeffs
@@ -211,5 +339,19 @@ class _Rosenbrock23(_Rosenbrock):
     order = 3
 
 
+class _Rodas4(_Rosenbrock):
+    alg = "rodas4"
+    # The error estimate (y1 - y1_hat, y1_hat of order 3) is O(h^4).
+    order = 4
+    _step_fn = staticmethod(_rodas_step)
+
+    @staticmethod
+    def _constants(dtype: torch.dtype, device: torch.device, lift: Lift) -> Any:
+        return _rodas_constants(ROSENBROCK_TABLEAUX["rodas4"], dtype, device, lift)
+
+
 # The implicit algs this backend offers, in the registry's order.
-IMPLICIT_SOLVERS: dict[str, type[_Rosenbrock]] = {"rosenbrock23": _Rosenbrock23}
+IMPLICIT_SOLVERS: dict[str, type[_Rosenbrock]] = {
+    "rosenbrock23": _Rosenbrock23,
+    "rodas4": _Rodas4,
+}
