@@ -112,6 +112,7 @@ SPECS: Mapping[str, BackendSpec] = {
             forward_mode_max_inputs=32,
             reference_algs=("dopri8", "kvaerno5"),
             reference_rank=1,
+            ensemble=("devices",),
         ),
         tree=_trees.jax_tree,
     ),
@@ -161,6 +162,7 @@ SPECS: Mapping[str, BackendSpec] = {
             # reference of choice.
             reference_algs=("dopri8", "radau"),
             reference_rank=0,
+            ensemble=("executor",),
         ),
     ),
 }
