@@ -17,7 +17,6 @@ import pytest
 from conftest import BY_NAME, need, need_gradients
 
 import diffeqkit as dk
-from diffeqkit.backends.scipy import _ensemble
 
 SAVES = np.linspace(0.0, 2.0, 5)
 TOL = {"rtol": 1e-8, "atol": 1e-10}
@@ -105,7 +104,11 @@ def test_devices_and_executor_need_an_ensemble():
         dk.solve(lv_problem(), devices=["cpu:0"])
 
 
+@pytest.mark.scipy
 def test_chunks_cover_the_members_in_order():
+    need("scipy")
+    from diffeqkit.backends.scipy import _ensemble
+
     for size, workers in [(1, 1), (7, 2), (1000, 2), (10_001, 3), (5, 8)]:
         parts = _ensemble.chunks(size, workers)
         assert parts[0][0] == 0

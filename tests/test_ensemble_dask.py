@@ -22,7 +22,7 @@ from conftest import need_gradients
 import diffeqkit as dk
 from diffeqkit.problems import lotka_volterra_rhs
 
-pytestmark = [pytest.mark.dask, pytest.mark.scipy]
+pytestmark = pytest.mark.dask  # only in tests_all, which has SciPy and Dask
 
 SAVES = np.linspace(0.0, 5.0, 11)
 TOL = {"rtol": 1e-8, "atol": 1e-10}
