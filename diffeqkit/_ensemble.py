@@ -11,7 +11,7 @@ of the compiled solve; torch: a batched solver; SciPy: chunks on an executor).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from .backends._protocol import SolveRequest
 __all__ = ["EnsembleProblem", "ensemble_request", "solve_ensemble", "vjp_ensemble"]
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, eq=False)
 class EnsembleProblem:
     """`prob` for a batch of members, each with its own ``u0`` and/or ``p``.
 
@@ -76,6 +76,7 @@ class EnsembleProblem:
     u0: Any
     p: Any
     size: int
+    _template: ODEProblem = field(repr=False)
 
     def __init__(self, prob: ODEProblem, *, u0: Any = None, p: Any = None) -> None:
         if not isinstance(prob, ODEProblem):
@@ -130,7 +131,7 @@ class EnsembleProblem:
     @property
     def template(self) -> ODEProblem:
         """Member 0 as a problem: what the request is built from."""
-        return self.__dict__["_template"]
+        return self._template
 
     def __repr__(self) -> str:
         batched = [n for n, v in (("u0", self.u0), ("p", self.p)) if v is not None]

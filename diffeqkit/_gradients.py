@@ -169,6 +169,14 @@ def _backend_vjp(
 ) -> tuple[SolveRequest, Solution, Pullback]:
     if isinstance(prob, EnsembleProblem):
         return vjp_ensemble(prob, alg, solve_kwargs)
+    for name in ("devices", "executor"):
+        if solve_kwargs.get(name) is not None:
+            raise InvalidProblemError(
+                f"{name}= applies to a dk.EnsembleProblem only; got {name}="
+                f"{solve_kwargs[name]!r}. Wrap the problem: dk.EnsembleProblem(prob, "
+                f"u0=..., p=...), or leave {name}=None."
+            )
+        solve_kwargs.pop(name, None)
     req = build_request(prob, alg, **solve_kwargs)
     sol, pull = backends.load(req.backend).vjp(req)
     return req, sol, pull

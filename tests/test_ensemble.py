@@ -102,6 +102,8 @@ def test_devices_and_executor_need_an_ensemble():
         dk.solve(lv_problem(), executor=object())
     with pytest.raises(dk.InvalidProblemError, match="devices applies to a dk"):
         dk.solve(lv_problem(), devices=["cpu:0"])
+    with pytest.raises(dk.InvalidProblemError, match="executor= applies to a dk"):
+        dk.vjp(lv_problem(), executor=object())
 
 
 @pytest.mark.scipy
