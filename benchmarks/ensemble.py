@@ -21,7 +21,10 @@ Variants of one group run interleaved (round-robin, one call each per round;
 ``benchmarks/results/ensemble.md``.
 
 Run: python benchmarks/ensemble.py [--sizes 1000 10000] [--scipy-sizes 1000]
-     [--repeat N] [--quick]
+     [--one-worker] [--repeat N] [--budget S] [--quick] [--out FILE]
+(about 3-5 minutes on a loaded 2-core machine). The large JAX batches:
+python benchmarks/ensemble.py --sizes 10000 100000 --scipy-sizes --repeat 7
+--out benchmarks/results/ensemble_jax_large.md
 """
 
 from __future__ import annotations
