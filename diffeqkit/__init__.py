@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import problems as problems
 from ._arrays import array_namespace as array_namespace
+from ._ensemble import EnsembleProblem as EnsembleProblem
 from ._errors import BackendNotInstalledError as BackendNotInstalledError
 from ._errors import DiffEqKitError as DiffEqKitError
 from ._errors import InvalidProblemError as InvalidProblemError
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointedAdjoint",
     "ContinuousAdjoint",
     "DiffEqKitError",
+    "EnsembleProblem",
     "Event",
     "ForwardMode",
     "Grads",

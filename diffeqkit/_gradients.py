@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import backends
+from ._ensemble import EnsembleProblem, vjp_ensemble
 from ._errors import InvalidProblemError
 from ._problem import ODEProblem
 from ._solution import Solution
@@ -45,15 +46,17 @@ class Grads:
 
 
 def vjp(
-    prob: ODEProblem, alg: str = "tsit5", **solve_kwargs: Any
+    prob: ODEProblem | EnsembleProblem, alg: str = "tsit5", **solve_kwargs: Any
 ) -> tuple[Solution, Callable[[Any], Grads]]:
     """Solve, and return the solution with its pullback (vector-Jacobian product).
 
     Parameters
     ----------
-    prob : ODEProblem
+    prob : ODEProblem or EnsembleProblem
         The problem; gradients are taken with respect to ``prob.u0`` and
-        ``prob.p``.
+        ``prob.p``. For an ensemble, with respect to its batched ``u0`` and ``p``
+        (gradients with the member axis first) and, for what is not batched,
+        ``prob.prob.u0`` or ``prob.prob.p`` (summed over the members).
     alg : str
         The solver, as in `dk.solve`.
     **solve_kwargs
@@ -116,7 +119,7 @@ def vjp(
 
 def value_and_grad(
     loss: Callable[[Solution], Any],
-    prob: ODEProblem,
+    prob: ODEProblem | EnsembleProblem,
     alg: str = "tsit5",
     **solve_kwargs: Any,
 ) -> tuple[Any, Grads]:
@@ -162,8 +165,18 @@ def value_and_grad(
 
 
 def _backend_vjp(
-    prob: ODEProblem, alg: str, solve_kwargs: dict[str, Any]
+    prob: ODEProblem | EnsembleProblem, alg: str, solve_kwargs: dict[str, Any]
 ) -> tuple[SolveRequest, Solution, Pullback]:
+    if isinstance(prob, EnsembleProblem):
+        return vjp_ensemble(prob, alg, solve_kwargs)
+    for name in ("devices", "executor"):
+        if solve_kwargs.get(name) is not None:
+            raise InvalidProblemError(
+                f"{name}= applies to a dk.EnsembleProblem only; got {name}="
+                f"{solve_kwargs[name]!r}. Wrap the problem: dk.EnsembleProblem(prob, "
+                f"u0=..., p=...), or leave {name}=None."
+            )
+        solve_kwargs.pop(name, None)
     req = build_request(prob, alg, **solve_kwargs)
     sol, pull = backends.load(req.backend).vjp(req)
     return req, sol, pull

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+
 __all__ = [
     "STATUSES",
     "STATUS_CODES",
@@ -113,20 +115,24 @@ class Solution:
     u : array, shape ``(m, *u0.shape)``
         The state at the save times. When the integration failed
         (``success=False``), rows at save times that were not reached are NaN.
+        For an ensemble, shape ``(B, m, *u0.shape)``: members first.
     stats : dict
         At least ``nfev`` (evaluations of `f`), ``naccept`` and ``nreject``
         (accepted and rejected steps); ints, or None where a backend cannot tell.
-    status : str or int array
+    status : str, tuple of str or int array
         ``"success"``, ``"terminated"`` (a terminal event stopped the solve, a
         success), ``"max_steps_reached"``, ``"step_size_too_small"``,
         ``"nonfinite"``, ``"solver_failed"`` or ``"too_many_events"``. Under a
         JAX transformation with ``throw=False`` the status is only known when
         the program runs: it is then a traced int32 array, the index of the status in
         ``Solution.STATUS_CODES`` (0 is ``"success"``; batched under
-        ``jax.vmap``).
+        ``jax.vmap``). For an ensemble (``dk.EnsembleProblem``), a tuple with
+        one status per member (a traced int32 array of them under a JAX
+        transformation with ``throw=False``).
     success : bool or bool array
         Whether the integration reached ``t1`` or a terminal event (a traced bool
-        array when the status is traced).
+        array when the status is traced; a NumPy bool array, one per member, for
+        an ensemble).
     message : str
         A sentence describing the status.
     backend, alg : str
@@ -167,6 +173,8 @@ class Solution:
     def success(self) -> Any:
         if isinstance(self.status, str):
             return STATUSES[self.status].success
+        if isinstance(self.status, tuple):  # an ensemble's, one per member
+            return np.array([STATUSES[s].success for s in self.status], dtype=bool)
         # A traced code: success or a terminal event (an array of bools).
         return (self.status == SUCCESS_CODES[0]) | (self.status == SUCCESS_CODES[1])
 

@@ -4,7 +4,7 @@ it a `SolveRequest`."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import backends
 from ._algs import AlgInfo, get_alg
@@ -18,11 +18,14 @@ from ._solution import Solution
 from ._tableaux import get_tableau
 from .backends._protocol import SolveRequest
 
+if TYPE_CHECKING:
+    from ._ensemble import EnsembleProblem
+
 __all__ = ["build_request", "check_problem", "solve"]
 
 
 def solve(
-    prob: ODEProblem,
+    prob: ODEProblem | EnsembleProblem,
     alg: str = "tsit5",
     *,
     backend: str | None = None,
@@ -38,13 +41,15 @@ def solve(
     throw: bool = True,
     events: Any = None,
     max_events: int = MAX_EVENTS,
+    devices: Any = None,
+    executor: Any = None,
 ) -> Solution:
-    """Solve an `ODEProblem` on a backend.
+    """Solve an `ODEProblem` (or an `EnsembleProblem`) on a backend.
 
     Parameters
     ----------
-    prob : ODEProblem
-        The problem.
+    prob : ODEProblem or EnsembleProblem
+        The problem; an ensemble solves every member with its own steps.
     alg : str, default "tsit5"
         A neutral solver name: fixed step (``euler``, ``rk4``, ...; need
         `dt0`), adaptive explicit (``tsit5``, ``dopri5``, ...) or implicit for
@@ -95,6 +100,13 @@ def solve(
         The most events that may fire in one solve (all events together); one
         more stops it with status ``"too_many_events"`` (a chattering, Zeno,
         event ends with `SolveError`, never a hang).
+    devices : list, optional
+        Ensembles only: the devices to split the members over (JAX: a list of
+        ``jax.Device`` or names such as ``"cuda:0"``; the batch is sharded over a
+        1-D mesh of them).
+    executor : concurrent.futures.Executor or dask.distributed.Client, optional
+        Ensembles only (SciPy): members run in chunks on its workers, results in
+        member order. None solves them one after another in this process.
 
     Returns
     -------
@@ -106,6 +118,9 @@ def solve(
         ``njev`` and ``nlu`` (Jacobians and LU factorisations) where counted, and
         SciPy's ``jacobian`` (where df/du came from: ``"prob.jac"``, ``"jax"``,
         ``"torch"`` or ``"finite differences"``).
+        For an `EnsembleProblem` with ``B`` members: ``u`` of shape ``(B, m,
+        *u0.shape)``, ``status`` a tuple of one status per member, ``success`` a
+        bool array, each ``stats`` entry a list per member.
 
     Raises
     ------
@@ -117,7 +132,8 @@ def solve(
     BackendNotInstalledError
         The backend's packages are missing; the message gives the pip line.
     SolveError
-        The integration failed and ``throw=True``.
+        The integration failed and ``throw=True`` (for an ensemble: any member
+        failed; the message names them).
 
     Examples
     --------
@@ -127,9 +143,7 @@ def solve(
     >>> bool(abs(sol.u[-1, 0] - np.exp(-2.0)) < 1e-9)
     True
     """
-    req = build_request(
-        prob,
-        alg,
+    kwargs: dict[str, Any] = dict(
         backend=backend,
         saveat=saveat,
         rtol=rtol,
@@ -144,6 +158,22 @@ def solve(
         events=events,
         max_events=max_events,
     )
+    # (Imported here: `_ensemble` builds on `build_request`.)
+    from . import _ensemble
+
+    if isinstance(prob, _ensemble.EnsembleProblem):
+        options = {"devices": devices, "executor": executor}
+        return _ensemble.solve_ensemble(prob, alg, {**kwargs, **options})
+    for name, value in (("devices", devices), ("executor", executor)):
+        if value is not None:
+            raise invalid(
+                name,
+                "applies to a dk.EnsembleProblem only",
+                value,
+                "Wrap the problem: dk.EnsembleProblem(prob, u0=..., p=...), or "
+                f"leave {name}=None.",
+            )
+    req = build_request(prob, alg, **kwargs)
     return backends.load(req.backend).solve(req)
 
 

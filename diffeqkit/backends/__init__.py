@@ -112,6 +112,7 @@ SPECS: Mapping[str, BackendSpec] = {
             forward_mode_max_inputs=32,
             reference_algs=("dopri8", "kvaerno5"),
             reference_rank=1,
+            ensemble=("devices",),
         ),
         tree=_trees.jax_tree,
     ),
@@ -177,6 +178,7 @@ SPECS: Mapping[str, BackendSpec] = {
                 "InterpolatingAdjoint",
                 "CheckpointedAdjoint",
             ),
+            ensemble=("executor",),
         ),
     ),
 }

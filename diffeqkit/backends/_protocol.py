@@ -7,7 +7,7 @@ its library and the library's result back into a `Solution` via `conclude`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
@@ -15,7 +15,7 @@ from .._algs import AlgInfo, Kind
 from .._arrays import dtype_name, is_array
 from .._errors import SolveError, solve_failed
 from .._pytree import tree_map
-from .._solution import Solution, failure_hint
+from .._solution import STATUSES, Solution, failure_hint
 
 __all__ = [
     "Backend",
@@ -26,6 +26,7 @@ __all__ = [
     "SensealgTable",
     "SolveRequest",
     "conclude",
+    "conclude_ensemble",
 ]
 
 
@@ -82,6 +83,10 @@ class Capabilities:
     events : tuple of str
         The sensealgs that differentiate a solve with ``events=[...]`` here; empty
         when the backend does not offer events.
+    ensemble : tuple of str
+        The scale-out options of ``dk.solve(ensemble, ...)`` this backend takes:
+        ``"devices"`` (split the batch over devices), ``"executor"`` (members in
+        chunks on a `concurrent.futures.Executor` or a Dask client).
     """
 
     algs: tuple[str, ...]
@@ -92,6 +97,7 @@ class Capabilities:
     reference_algs: tuple[str, str] | None = None
     reference_rank: int = 0
     events: tuple[str, ...] = ()
+    ensemble: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,25 @@ class Backend(Protocol):
         """``(loss(sol), d loss / d sol.u)``: the value and the cotangent."""
         ...
 
+    def solve_ensemble(
+        self, req: SolveRequest, u0: Any, p: Any, size: int, **options: Any
+    ) -> Solution:
+        """Solve `size` members of the template `req` (its u0 and p are member
+        0's): `u0` has a leading member axis or is None (every member starts at
+        ``req.u0``), `p` is ``req.p``'s structure with a leading member axis on
+        every leaf, or None (shared). `options` are the ensemble options the
+        registry lists for the backend (``devices``, ``executor``). Returns
+        `conclude_ensemble`'s `Solution`."""
+        ...
+
+    def vjp_ensemble(
+        self, req: SolveRequest, u0: Any, p: Any, size: int, **options: Any
+    ) -> tuple[Solution, Pullback]:
+        """`solve_ensemble` and its pullback: the cotangent has ``sol.u``'s shape
+        ``(size, m, *u0.shape)``; batched inputs get gradients with the member
+        axis, shared ones (`u0` or `p` None) the sum over members."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """Versions and visible devices, for `python -m diffeqkit info`."""
         ...
@@ -254,6 +279,73 @@ def conclude(
     if req.throw:
         raise SolveError(message, sol)
     return sol
+
+
+def conclude_ensemble(
+    req: SolveRequest,
+    *,
+    t: Any,
+    u: Any,
+    stats: dict[str, Any],
+    status: Sequence[str],
+    t_reached: Sequence[float] | None = None,
+) -> Solution:
+    """The `Solution` of an ensemble: ``status`` a tuple of per-member names,
+    ``stats`` per-member lists; raise `SolveError` naming the failed members
+    when ``req.throw`` and any failed."""
+    statuses = tuple(status)
+    failed = [i for i, s in enumerate(statuses) if not STATUSES[s].success]
+    message = (
+        f"All {len(statuses)} members reached t1 (or a terminal event)."
+        if not failed
+        else ensemble_failed(req, statuses, failed, t_reached)
+    )
+    sol = Solution(
+        t=t,
+        u=u,
+        stats=stats,
+        status=statuses,
+        backend=req.backend,
+        alg=req.alg.name,
+        sensealg=req.sensealg,
+        message=message,
+    )
+    if failed and req.throw:
+        raise SolveError(message, sol)
+    return sol
+
+
+def ensemble_failed(
+    req: SolveRequest,
+    statuses: Sequence[str],
+    failed: Sequence[int],
+    t_reached: Sequence[float] | None,
+) -> str:
+    """The message of an ensemble with failed members: which, how, and the hint
+    of the first one's status."""
+    by_status: dict[str, list[int]] = {}
+    for i in failed:
+        by_status.setdefault(statuses[i], []).append(i)
+    parts = [f"{name} for members {_ids(ids)}" for name, ids in by_status.items()]
+    first = failed[0]
+    reached = ""
+    if t_reached is not None:
+        reached = f" (member {first} stopped at t={float(t_reached[first]):.6g})"
+    from . import implicit_algs
+
+    hint = failure_hint(statuses[first], implicit_algs(req.backend), "", req.alg.name)
+    return (
+        f"{len(failed)} of {len(statuses)} members failed over tspan=("
+        f"{req.t0!r}, {req.t1!r}): {'; '.join(parts)}{reached}. "
+        f"{hint} With throw=False the other members' results are returned and "
+        "sol.success marks the failed ones."
+    ).replace("  ", " ")
+
+
+def _ids(ids: Sequence[int], limit: int = 10) -> str:
+    text = ", ".join(str(i) for i in ids[:limit])
+    more = f", ... ({len(ids)} in all)" if len(ids) > limit else ""
+    return f"[{text}{more}]"
 
 
 def _other_backends(name: str) -> list[str]:

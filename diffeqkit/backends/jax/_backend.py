@@ -12,7 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..._errors import SolveError, UnsupportedError, backward_failed
+from ..._errors import (
+    InvalidProblemError,
+    SolveError,
+    UnsupportedError,
+    backward_failed,
+)
 from ..._problem import rhs_nonfinite_error
 from ..._saveat import step_grid
 from ..._sensealg import (
@@ -23,8 +28,14 @@ from ..._sensealg import (
     ReverseThroughSolver,
 )
 from ..._solution import Solution
-from .._protocol import Pullback, SensealgTable, SolveRequest, conclude
-from . import _adjoint, _checkpoint, _forward, _interpolating
+from .._protocol import (
+    Pullback,
+    SensealgTable,
+    SolveRequest,
+    conclude,
+    conclude_ensemble,
+)
+from . import _adjoint, _checkpoint, _ensemble, _forward, _interpolating
 from ._inputs import (
     Params,
     concrete_times,
@@ -210,6 +221,156 @@ class JaxBackend:
 
         return sol, pull
 
+    def solve_ensemble(
+        self,
+        req: SolveRequest,
+        u0: Any,
+        p: Any,
+        size: int,
+        *,
+        devices: Any = None,
+    ) -> Solution:
+        """Solve `size` members: ``jax.vmap`` of the compiled solve, each member
+        with its own steps (`_ensemble`); ``devices=[...]`` shards them.
+
+        Eagerly, ``status`` is a tuple of names and ``stats`` lists, one per
+        member. Under a JAX transformation, stats are None and, with
+        ``throw=False``, ``status`` is a traced int32 array of codes (one per
+        member); with ``throw=True`` a failed member raises when the program
+        runs.
+
+        Raises
+        ------
+        InvalidProblemError
+            ``f(u0, p, t0)`` is not finite for some members (named).
+        SolveError
+            Members failed and ``req.throw`` is True (the message names them).
+        """
+        dtype = state_dtype(req)
+        method = ALGS[req.alg.name]
+        traced = is_traced(req)
+        (tu0, tinputs, scalars, ts, grid), params = traced_inputs(req, dtype)
+        bu0, inputs, batch = _ensemble.batch_inputs(
+            req, u0, p, dtype, (tu0, tinputs, params)
+        )
+        if not traced:
+            t0, t1, saveat = concrete_times(req)
+            ts = saveat.astype(dtype, copy=False)
+            dt0 = 0.0 if req.dt0 is None else req.dt0
+            scalars = np.array([t0, t1, req.rtol, req.atol, dt0], dtype=dtype)
+        args = (bu0, inputs, scalars, ts, grid)
+        device = None
+        if devices is not None:
+            args, _total = _ensemble.shard(
+                _ensemble.mesh_of(devices), batch, size, args
+            )
+        elif not traced:
+            device, put = placement(req, [x for x in inputs if x is not None])
+            args = jax.device_put(args, device) if put else args
+        mode = "traced" if traced else "eager"
+        run = self._program(
+            req, method, dtype, tu0, tinputs, params, ts, grid, device, mode, batch
+        )
+        t, u, info = run(*args)
+        u = _ensemble.trim(u, size)
+        if traced:
+            stats = {"nfev": None, "naccept": None, "nreject": None}
+            if req.throw:  # only a successful solve returns (diffrax raises)
+                return conclude_ensemble(
+                    req, t=t, u=u, stats=stats, status=["success"] * size
+                )
+            return Solution(
+                t=t,
+                u=u,
+                stats=stats,
+                status=_ensemble.trim(info, size)[:, 0],
+                backend=req.backend,
+                alg=req.alg.name,
+                sensealg=req.sensealg,
+            )
+        info = np.asarray(info)[:size]
+        bad = np.flatnonzero(info[:, 3] == 0)
+        if bad.size:
+            raise rhs_nonfinite_members(req.t0, bad)
+        t_reached = info[:, 4:].copy().view(dtype)[:, 0]
+        return conclude_ensemble(
+            req,
+            t=t,
+            u=u,
+            stats=_member_stats(method, info),
+            status=[STATUSES[int(c)] for c in info[:, 0]],
+            t_reached=[float(x) for x in t_reached],
+        )
+
+    def vjp_ensemble(
+        self,
+        req: SolveRequest,
+        u0: Any,
+        p: Any,
+        size: int,
+        *,
+        devices: Any = None,
+    ) -> tuple[Solution, Pullback]:
+        """`dk.vjp` of an ensemble: the batched program and its pullback, cached
+        like `vjp`'s. Batched inputs' gradients keep the member axis; shared
+        ones are summed over the members. A failed member's gradients are NaN
+        (``throw=False``)."""
+        dtype = state_dtype(req)
+        method = ALGS[req.alg.name]
+        if is_traced(req):
+            raise UnsupportedError(
+                "dk.vjp cannot run under a JAX transformation; inside jax.jit, "
+                "jax.grad or jax.vmap call dk.solve on the ensemble and "
+                "differentiate it with jax.grad or jax.vjp instead."
+            )
+        (tu0, tinputs, scalars, ts, grid), params = traced_inputs(req, dtype)
+        bu0, inputs, batch = _ensemble.batch_inputs(
+            req, u0, p, dtype, (tu0, tinputs, params)
+        )
+        args = (bu0, inputs, scalars, ts, grid)
+        total, device = size, None
+        if devices is not None:
+            args, total = _ensemble.shard(_ensemble.mesh_of(devices), batch, size, args)
+        else:
+            device, _ = placement(req, [x for x in inputs if x is not None])
+            args = jax.device_put(args, device)
+        run = self._program(
+            req, method, dtype, tu0, tinputs, params, ts, grid, device, "vjp", batch
+        )
+        u, pullback, (t, counts) = run(*args)
+        counts = np.asarray(counts)[:size]
+        sol = conclude_ensemble(
+            req,
+            t=t,
+            u=_ensemble.trim(u, size),
+            stats=_member_stats(method, counts),
+            status=[STATUSES[int(c)] for c in counts[:, 0]],
+        )
+        padding = total - size
+
+        def pull(cotangent: Any) -> tuple[Any, Any]:
+            ct = jnp.asarray(cotangent, dtype=u.dtype)
+            if padding:
+                ct = jnp.concatenate(
+                    [ct, jnp.zeros((padding, *ct.shape[1:]), ct.dtype)]
+                )
+            ct = jax.device_put(ct, u.sharding)
+            try:
+                du0, dp = jax.block_until_ready(PULLBACK(pullback, ct))
+            except (jax.errors.JaxRuntimeError, ValueError) as err:
+                if not _runtime_failure(err):
+                    raise
+                raise SolveError(backward_failed(req.sensealg, str(err))) from err
+            if padding:
+                du0 = du0 if batch.u0 is None else du0[:size]
+                dp = [
+                    x if a is None else x[:size]
+                    for x, a in zip(dp, batch.p, strict=True)
+                ]
+            return du0, params.grads(dp)
+
+        return sol, pull
+
     def loss_grad(
         self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
     ) -> tuple[Any, Any]:
@@ -229,9 +390,11 @@ class JaxBackend:
         grid: Any,
         device: Any,
         mode: str = "eager",
+        batch: _ensemble.Batch | None = None,
     ) -> Callable[..., Any]:
         """The cached compiled program for this problem structure: p's `Params`
-        and the signatures of its inputs, not their values."""
+        and the signatures of its inputs, not their values (for an ensemble, a
+        member's signatures, and which inputs are batched: `batch`)."""
         # An eager solve is not differentiated: one program serves every sensealg.
         sensealg = None if mode == "eager" else req.sensealg
         # Only a solve under a transformation raises itself (else the host does).
@@ -259,6 +422,7 @@ class JaxBackend:
             sensealg,
             dtype,
             throw,
+            batch,
         )
         cfg = Config(
             params.bind(req.f),
@@ -273,6 +437,13 @@ class JaxBackend:
             None if sensealg is None else SENSEALGS[type(sensealg)],
             throw,
         )
+        if batch is not None:
+            run = (
+                _ensemble.batched_vjp_program
+                if mode == "vjp"
+                else _ensemble.batched_program
+            )
+            return PROGRAMS.get(key, functools.partial(run, cfg, batch))
         run = vjp_program if mode == "vjp" else program
         return PROGRAMS.get(key, functools.partial(run, cfg))
 
@@ -283,6 +454,21 @@ class JaxBackend:
             "default_backend": jax.default_backend(),
             "x64": x64(),
         }
+
+
+def _member_stats(method: Method, info: Any) -> dict[str, Any]:
+    """Per-member lists of `_stats` from the rows ``(code, naccept, nreject, ...)``."""
+    rows = [_stats(method, int(r[1]), int(r[2])) for r in info]
+    return {k: [r[k] for r in rows] for k in ("nfev", "naccept", "nreject")}
+
+
+def rhs_nonfinite_members(t0: Any, members: Any) -> InvalidProblemError:
+    ids = ", ".join(str(int(i)) for i in members[:10])
+    more = f", ... ({len(members)} in all)" if len(members) > 10 else ""
+    return InvalidProblemError(
+        f"f(u0, p, t0) is not finite at t0={t0!r} (NaN or inf) for members "
+        f"[{ids}{more}]. Check their u0 and p, and f near the initial time."
+    )
 
 
 def _runtime_failure(err: Exception) -> bool:

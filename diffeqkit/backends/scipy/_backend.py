@@ -18,7 +18,7 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
-from . import _adjoint, _checkpoint, _events, _forward, _solve
+from . import _adjoint, _checkpoint, _ensemble, _events, _forward, _solve
 from ._autodiff import Job, Layout, Pull, make_engine, value_and_grad
 
 __all__ = ["ScipyBackend"]
@@ -112,6 +112,34 @@ class ScipyBackend:
             return pull(cot)
 
         return sol, pullback
+
+    def solve_ensemble(
+        self,
+        req: SolveRequest,
+        u0: Any,
+        p: Any,
+        size: int,
+        *,
+        executor: Any = None,
+    ) -> Solution:
+        """Solve `size` members (see `_ensemble`): in chunks on `executor` (a
+        `concurrent.futures.Executor` or a ``dask.distributed.Client``), or here
+        one after another when it is None. ``u`` has shape ``(size, m,
+        *u0.shape)``; ``status`` one name per member; ``stats`` lists."""
+        return _ensemble.solve_ensemble(req, u0, p, size, executor=executor)
+
+    def vjp_ensemble(
+        self,
+        req: SolveRequest,
+        u0: Any,
+        p: Any,
+        size: int,
+        *,
+        executor: Any = None,
+    ) -> tuple[Solution, Pullback]:
+        """Each member's `vjp` by ``req.sensealg``, in chunks as in
+        `solve_ensemble`."""
+        return _ensemble.vjp_ensemble(req, u0, p, size, executor=executor)
 
     def loss_grad(
         self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest

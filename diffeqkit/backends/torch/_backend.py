@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._errors import UnsupportedError
 from ..._events import without_event_gradients
 from ..._pytree import leaves, tree_map
 from ..._sensealg import (
@@ -92,6 +93,20 @@ class TorchBackend:
             # An empty state has nothing to differentiate: its solution is u0.
             return solve_plain(req)
         return SENSEALGS[type(sensealg)](req)
+
+    def solve_ensemble(
+        self, req: SolveRequest, u0: Any, p: Any, size: int, **options: Any
+    ) -> Solution:
+        """Ensembles on torch: the batched solver is not in this build yet."""
+        del req, u0, p, size, options
+        raise _no_ensembles()
+
+    def vjp_ensemble(
+        self, req: SolveRequest, u0: Any, p: Any, size: int, **options: Any
+    ) -> tuple[Solution, Pullback]:
+        """Ensembles on torch: the batched solver is not in this build yet."""
+        del req, u0, p, size, options
+        raise _no_ensembles()
 
     def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
         """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
@@ -196,3 +211,11 @@ def _cotangent(cotangent: Any, u: torch.Tensor) -> torch.Tensor:
     if isinstance(cotangent, torch.Tensor):
         return cotangent.to(dtype=u.dtype, device=u.device)
     return torch.as_tensor(np.asarray(cotangent), dtype=u.dtype, device=u.device)
+
+
+def _no_ensembles() -> UnsupportedError:
+    return UnsupportedError(
+        "dk.EnsembleProblem is not available on backend='torch' yet. Use "
+        "backend='jax' (vmap of the compiled solve) or backend='scipy' (members in "
+        "chunks, optionally on an executor), or solve ens.member(i) one by one."
+    )
