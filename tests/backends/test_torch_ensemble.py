@@ -163,6 +163,7 @@ def test_finished_members_cost_no_evaluations():
     prob = dk.ODEProblem(f, torch.tensor([1.0], dtype=F64), (0.0, 1.0), 1.0)
     req = build_request(prob, "tsit5", saveat=[0.0, 1.0], rtol=1e-8, atol=1e-10)
     _, run, rhs = integrate(req, None, rates, 6)
+    assert rhs.vectorized  # vmapped, not looped
     # Every evaluation of a member is counted in its nfev, and no other happens.
     assert rhs.member_evals == sum(run.nfev)
     assert rhs.member_evals < 0.4 * 6 * max(run.nfev)

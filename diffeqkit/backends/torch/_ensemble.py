@@ -83,12 +83,15 @@ class BatchRhs:
         self.member_evals += y.shape[0]
         ts = t.to(self.dtype)
         if self.vectorized:
-            if self._vmapped is None:
-                self._vmapped = torch.func.vmap(
-                    self.member, in_dims=(0, 0, *([0] * len(batched)))
-                )
+            args = (y, ts, *batched)
             try:
-                return self._vmapped(y, ts, *batched)
+                if self._vmapped is not None and _LEAN:
+                    return _lean_vmap(self.member, args)
+                if self._vmapped is None:
+                    self._vmapped = torch.func.vmap(
+                        self.member, in_dims=(0,) * len(args)
+                    )
+                return self._vmapped(*args)
             except (RuntimeError, ValueError, TypeError, NotImplementedError):
                 # f does something vmap cannot batch (data-dependent control
                 # flow, .item(), in-place writes into a new tensor): loop. If f
@@ -100,6 +103,35 @@ class BatchRhs:
                 for i in range(y.shape[0])
             ]
         )
+
+
+# vmap's own primitives: after a first call through `torch.func.vmap` (which
+# checks f's inputs and outputs and loads its batching rules), later calls skip
+# its argument handling, most of its cost for a small f. None where this torch
+# lacks them: then every call goes through `torch.func.vmap`.
+_FT: Any = getattr(torch._C, "_functorch", None)
+_LEAN = _FT is not None and all(
+    hasattr(_FT, name)
+    for name in (
+        "_add_batch_dim",
+        "_remove_batch_dim",
+        "_vmap_increment_nesting",
+        "_vmap_decrement_nesting",
+    )
+)
+
+
+def _lean_vmap(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> Any:
+    """``torch.func.vmap(fn)(*args)``, every argument batched on axis 0."""
+    size = args[0].shape[0]
+    level = _FT._vmap_increment_nesting(size, "error")
+    try:
+        out = fn(*(_FT._add_batch_dim(a, 0, level) for a in args))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError("f must return a tensor")
+        return _FT._remove_batch_dim(out, level, size, 0)
+    finally:
+        _FT._vmap_decrement_nesting()
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -161,10 +193,11 @@ def _adaptive(
     order = adaptive_solver(alg).order
     tab, dense_p = adaptive_tableau(alg, dtype, device)
     alphas = [float(a) for a in tab.alpha]
-    betas = [
-        [(j, float(w)) for j, w in enumerate(b.tolist()) if w != 0.0] for b in tab.beta
-    ]
-    errs = [(j, float(w)) for j, w in enumerate(tab.error.tolist()) if w != 0.0]
+    # Stage weights as vectors (a product with the stacked stages) and the
+    # first stage's weight alone.
+    betas = list(tab.beta)
+    first_beta = float(betas[0][0])
+    error_w = tab.error
     n_stages = len(alphas)
 
     def f64(x: Any) -> torch.Tensor:
@@ -172,27 +205,41 @@ def _adaptive(
 
     rtol, atol = f64(req.rtol), f64(req.atol)
     safety, ifactor, dfactor = f64(_SAFETY), f64(_IFACTOR), f64(_DFACTOR)
+    inf = f64(math.inf)
     n = times.shape[0]
     step_t = times[1:] if req.land_on_saves else times[-1:]
-    n_land = step_t.shape[0]
+    last_land = step_t.shape[0] - 1
     max_steps = req.max_steps
 
     ids = torch.arange(size, device=device)
     t = times[0].expand(size).clone()
-    y = y0
-    f = rhs(t, y, batched)
+    f = rhs(t, y0, batched)
     first_evals = 1
     if req.dt0 is None:
-        dt = _initial_step(rhs, t, y, f, batched, order - 1, rtol, atol)
+        dt = _initial_step(rhs, t, y0, f, batched, order - 1, rtol, atol)
         first_evals = 2
     else:
         dt = f64(req.dt0).expand(size).clone()
-    land = torch.zeros(size, dtype=torch.long, device=device)
-    save = torch.ones(size, dtype=torch.long, device=device)
-    nsteps = torch.zeros(size, dtype=torch.long, device=device)
-    naccept = torch.zeros(size, dtype=torch.long, device=device)
-    nonfinite = torch.zeros(size, dtype=torch.bool, device=device)
 
+    def zeros(dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(size, dtype=dtype, device=device)
+
+    # Per active member: id, time, next step size, state, f there, the next
+    # landing time's index, the next save's index, steps tried and accepted, and
+    # whether the last trial was not finite; then p's batched leaves.
+    state = [
+        ids,
+        t,
+        dt,
+        y0,
+        f,
+        zeros(torch.long),
+        zeros(torch.long) + 1,
+        zeros(torch.long),
+        zeros(torch.long),
+        zeros(torch.bool),
+        *batched,
+    ]
     rows = [(ids, torch.zeros_like(ids), y0)]
     status: list[str] = ["success"] * size
     t_reached: list[float | None] = [None] * size
@@ -201,17 +248,21 @@ def _adaptive(
 
     def retire(gone: torch.Tensor, why: list[str] | None) -> None:
         """Record the outcome of the members at positions `gone`."""
-        for k, i in enumerate(ids[gone].tolist()):
-            steps_of[i] = int(nsteps[gone][k])
-            accepted_of[i] = int(naccept[gone][k])
+        who = state[0][gone].tolist()
+        tried, accepted = state[7][gone].tolist(), state[8][gone].tolist()
+        reached = state[1][gone].tolist()
+        for k, i in enumerate(who):
+            steps_of[i] = tried[k]
+            accepted_of[i] = accepted[k]
             if why is not None:
                 status[i] = why[k]
-                t_reached[i] = float(t[gone][k])
+                t_reached[i] = reached[k]
 
-    while ids.shape[0] > 0:
+    while state[0].shape[0] > 0:
+        ids, t, dt, y, f, land, save, nsteps, naccept, nonfinite = state[:10]
         # Members that cannot take another step stop here.
         over = nsteps >= max_steps
-        tiny = ~(dt >= 10 * (torch.nextafter(t, t.new_tensor(math.inf)) - t))
+        tiny = ~(dt >= 10 * (torch.nextafter(t, inf) - t))
         stop = over | tiny
         if bool(stop.any()):
             gone = stop.nonzero().squeeze(1)
@@ -225,18 +276,9 @@ def _adaptive(
             ]
             retire(gone, why)
             keep = ~stop
-            ids, t, dt, y, f = ids[keep], t[keep], dt[keep], y[keep], f[keep]
-            land, save, nsteps, naccept = (
-                land[keep],
-                save[keep],
-                nsteps[keep],
-                naccept[keep],
-            )
-            nonfinite = nonfinite[keep]
-            batched = [b[keep] for b in batched]
-            if ids.shape[0] == 0:
-                break
-        nsteps = nsteps + 1
+            state = [x[keep] for x in state]
+            continue
+        batched = state[10:]
 
         # The trial step, ending on the next landing time if it would pass it.
         target = step_t[land]
@@ -247,57 +289,76 @@ def _adaptive(
         hb = _per_member(h.to(dtype), y)
         ks = [f]
         yi = y
-        for alpha, beta in zip(alphas, betas, strict=True):
+        for i, alpha in enumerate(alphas):
             ti = t1 if alpha == 1.0 else t + alpha * h
-            yi = y + hb * _combine(beta, ks)
+            if i == 0:
+                step = f * first_beta
+            else:
+                step = torch.matmul(torch.stack(ks, dim=-1), betas[i])
+            yi = torch.addcmul(y, hb, step)
             ks.append(rhs(ti, yi, batched))
         y1, f1 = yi, ks[-1]
-        error = hb * _combine(errs, ks)
+        k_all = torch.stack(ks, dim=-1)
         with torch.no_grad():
+            error = hb * torch.matmul(k_all, error_w)
             scale = atol + rtol * torch.max(y.abs(), y1.abs())
             ratio = _rms(error / scale)
             finite = torch.isfinite(ratio) & torch.isfinite(y1).flatten(1).all(1)
-            ratio = torch.where(finite, ratio, math.inf)
+            ratio = torch.where(finite, ratio, inf)
         dt = next_step_size(h, ratio, order, safety, ifactor, dfactor)
         accept = ratio <= 1
-        nonfinite = ~accept & ~finite
-        naccept = naccept + accept.long()
+        n_acc = int(accept.sum())
+        nsteps = nsteps + 1
+        if n_acc == 0:
+            state[2], state[7], state[9] = dt, nsteps, ~finite
+            continue
+        everyone = n_acc == accept.shape[0]
+        a = None if everyone else accept.nonzero().squeeze(1)
 
-        if bool(accept.any()):
-            a = accept.nonzero().squeeze(1)
-            # Saves in (t, t1] of the accepted steps, off their dense output.
-            k_stack = torch.stack([k[a] for k in ks], dim=-1)
-            coeffs = torch.matmul(k_stack, dense_p) * hb[a].unsqueeze(-1)
-            y_a, t0_a, t1_a, h_a = y[a], t[a], t1[a], h[a]
-            at = save[a]
-            while True:
-                due = (at < n) & (times[at.clamp(max=n - 1)] <= t1_a)
-                if not bool(due.any()):
-                    break
-                d = due.nonzero().squeeze(1)
-                x = ((times[at[d]] - t0_a[d]) / h_a[d]).to(dtype)
-                rows.append((ids[a[d]], at[d], _dense(y_a[d], coeffs[d], x)))
-                at = at + due.long()
-            save = save.index_copy(0, a, at)
-            passed = step_t[land] <= t1
-            land = torch.where(accept & passed & (land < n_land - 1), land + 1, land)
+        # Saves in (t, t1] of the accepted steps, off their dense output.
+        coeffs = torch.matmul(_pick(k_all, a), dense_p) * _pick(hb, a).unsqueeze(-1)
+        at = _pick(save, a)
+        t1_a = _pick(t1, a)
+        # Save times <= t1 not yet written, per accepted member.
+        count = torch.searchsorted(times, t1_a, right=True) - at
+        total = int(count.sum())
+        if total:
+            who = torch.repeat_interleave(
+                torch.arange(at.shape[0], device=device), count
+            )
+            first = torch.cumsum(count, 0) - count
+            k = at[who] + torch.arange(total, device=device) - first[who]
+            x = ((times[k] - _pick(t, a)[who]) / _pick(h, a)[who]).to(dtype)
+            values = _dense(_pick(y, a)[who], coeffs[who], x)
+            rows.append((_pick(ids, a)[who], k, values))
+            at = at + count
+        passed = accept & (step_t[land] <= t1) & (land < last_land)
+        land = land + passed.long()
+        if everyone:
+            y, f, t, save = y1, f1, t1, at
+        else:
+            save = save.index_copy(0, a, at)  # pyright: ignore[reportArgumentType]
             mask = _per_member(accept, y)
             y = torch.where(mask, y1, y)
             f = torch.where(mask, f1, f)
             t = torch.where(accept, t1, t)
-            done = save >= n
-            if bool(done.any()):
-                retire(done.nonzero().squeeze(1), None)
-                keep = ~done
-                ids, t, dt, y, f = ids[keep], t[keep], dt[keep], y[keep], f[keep]
-                land, save, nsteps, naccept = (
-                    land[keep],
-                    save[keep],
-                    nsteps[keep],
-                    naccept[keep],
-                )
-                nonfinite = nonfinite[keep]
-                batched = [b[keep] for b in batched]
+        state[:10] = [
+            ids,
+            t,
+            dt,
+            y,
+            f,
+            land,
+            save,
+            nsteps,
+            naccept + accept.long(),
+            ~accept & ~finite,
+        ]
+        done = save >= n
+        if bool(done.any()):
+            retire(done.nonzero().squeeze(1), None)
+            keep = ~done
+            state = [x[keep] for x in state]
 
     return EnsembleRun(
         u=_assemble(rows, size, n, y0),
@@ -309,15 +370,9 @@ def _adaptive(
     )
 
 
-def _combine(weights: list[tuple[int, float]], ks: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_j w_j ks[j]`` over the nonzero weights."""
-    total = None
-    for j, w in weights:
-        term = ks[j] * w
-        total = term if total is None else total + term
-    if total is None:
-        return torch.zeros_like(ks[0])
-    return total
+def _pick(x: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+    """`x` at the positions `where` (all of it for None)."""
+    return x if where is None else x[where]
 
 
 def _dense(y0: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
