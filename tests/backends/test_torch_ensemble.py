@@ -240,3 +240,13 @@ def test_bad_inputs_are_refused():
     stiff = build_request(lv(), "rosenbrock23", saveat=SAVES)
     with pytest.raises(dk.UnsupportedError, match="explicit algs"):
         solve_ensemble(stiff, None, None, 2)
+
+
+def test_a_continuous_adjoint_is_refused_when_gradients_are_recorded():
+    us, ps = members(2)
+    kw = {"saveat": SAVES, "sensealg": dk.ContinuousAdjoint()}
+    req = build_request(lv(), "tsit5", **kw)
+    # Without gradients the sensealg plays no part.
+    assert solve_ensemble(req, us, ps, 2).status == ("success", "success")
+    with pytest.raises(dk.UnsupportedError, match=r"dk\.ReverseThroughSolver\(\)"):
+        solve_ensemble(req, us, ps.clone().requires_grad_(True), 2)

@@ -26,7 +26,7 @@ from ..._errors import InvalidProblemError, SolveError, UnsupportedError, solve_
 from ..._pytree import leaves, tree_map
 from ..._solution import STATUSES, Solution, failure_hint
 from .._protocol import SolveRequest
-from ._params import has_modules
+from ._params import has_modules, param_view
 from ._rk import (
     _DFACTOR,
     _IFACTOR,
@@ -514,6 +514,33 @@ def _rebuild(struct: Any, batched: tuple[torch.Tensor, ...]) -> Any:
     return tree_map(lambda x: None if x is None else next(it), struct)
 
 
+def _check_sensealg(req: SolveRequest, u0: Any, p: Any) -> None:
+    """Refuse a continuous sensealg when autograd records: the batched solve is
+    differentiated through its steps, which is what the discrete sensealgs
+    compute (to rounding), not what a continuous adjoint computes."""
+    from .. import spec_of
+
+    if req.sensealg is None or not torch.is_grad_enabled():
+        return
+    inputs = [req.u0, u0, *leaves(param_view(req.p)), *leaves(p)]
+    if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+        return
+    table = spec_of(req.backend).capabilities.sensealgs
+    name = type(req.sensealg).__name__
+    support = table.get(name)
+    if support is not None and support.computes == "discrete":
+        return
+    discrete = ", ".join(
+        f"dk.{n}()" for n, s in table.items() if s.computes == "discrete"
+    )
+    raise UnsupportedError(
+        f"backend='torch' differentiates an ensemble through its batched steps "
+        f"(the discrete derivative), not by sensealg=dk.{name!s}(). Pass one of "
+        f"{discrete}, or solve the members one by one with dk.solve for a "
+        "continuous adjoint."
+    )
+
+
 def integrate(
     req: SolveRequest, u0: Any, p: Any, size: int
 ) -> tuple[Setup, EnsembleRun, BatchRhs]:
@@ -534,6 +561,7 @@ def integrate(
         raise InvalidProblemError(
             f"the ensemble's size must be a positive int, got {size!r}."
         )
+    _check_sensealg(req, u0, p)
     setup = prepare(req, graph=True)
     y0, rhs, batched = _batch_inputs(req, setup, u0, p, size)
     if setup.y0.numel() == 0:
