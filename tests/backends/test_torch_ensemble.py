@@ -15,7 +15,11 @@ torch = pytest.importorskip("torch")
 
 import diffeqkit as dk  # noqa: E402
 from diffeqkit._solve import build_request  # noqa: E402
-from diffeqkit.backends.torch._ensemble import integrate, solve_ensemble  # noqa: E402
+from diffeqkit.backends.torch._ensemble import (  # noqa: E402
+    integrate,
+    solve_ensemble,
+    vjp_ensemble,
+)
 from diffeqkit.problems import lotka_volterra_rhs  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -250,3 +254,43 @@ def test_a_continuous_adjoint_is_refused_when_gradients_are_recorded():
     assert solve_ensemble(req, us, ps, 2).status == ("success", "success")
     with pytest.raises(dk.UnsupportedError, match=r"dk\.ReverseThroughSolver\(\)"):
         solve_ensemble(req, us, ps.clone().requires_grad_(True), 2)
+
+
+def test_vjp_ensemble_batched_p_and_shared_u0():
+    _, ps = members(3, seed=4)
+    kw = {"saveat": SAVES, "rtol": 1e-8, "atol": 1e-10}
+    req = build_request(lv(), "tsit5", **kw)
+    sol, pull = vjp_ensemble(req, None, ps, 3)
+    assert not sol.u.requires_grad
+    gen = torch.Generator().manual_seed(5)
+    ct = torch.randn(sol.u.shape, generator=gen, dtype=F64)
+    du0, dp = pull(ct)
+    assert dp.shape == (3, 4)
+    assert du0.shape == (2,)
+    total_u0 = torch.zeros(2, dtype=F64)
+    for i in range(3):
+        _, pullback = dk.vjp(
+            lv(U0, ps[i]), "tsit5", sensealg=dk.ReverseThroughSolver(), **kw
+        )
+        grads = pullback(ct[i])
+        torch.testing.assert_close(dp[i], grads.p, rtol=1e-6, atol=1e-9)
+        total_u0 = total_u0 + grads.u0
+    # The shared u0's gradient sums the members'.
+    torch.testing.assert_close(du0, total_u0, rtol=1e-6, atol=1e-9)
+    # The pullback may be called again.
+    torch.testing.assert_close(pull(2 * ct)[1], 2 * dp)
+
+
+def test_vjp_ensemble_failed_member_has_nan_gradient():
+    p = torch.tensor([0.1, 1.0, 0.2], dtype=F64)  # member 1 blows up at t=1
+    prob = dk.ODEProblem(blow_up, torch.tensor([1.0], dtype=F64), (0.0, 2.0), 0.1)
+    req = build_request(prob, "tsit5", saveat=[0.0, 0.5, 2.0], throw=False)
+    sol, pull = vjp_ensemble(req, torch.ones(3, 1, dtype=F64), p, 3)
+    du0, dp = pull(torch.ones(sol.u.shape, dtype=F64))
+    assert torch.isnan(dp[1])
+    assert torch.isnan(du0[1]).all()
+    # u(2) = 1 / (1 - 2 p) + the earlier saves: d/dp of sum_t 1/(1 - p t).
+    ts = torch.tensor([0.0, 0.5, 2.0], dtype=F64)
+    for i in (0, 2):
+        exact = (ts / (1 - p[i] * ts) ** 2).sum()
+        torch.testing.assert_close(dp[i], exact, rtol=1e-5, atol=0.0)

@@ -14,6 +14,7 @@ ReverseThroughSolver does for one solve); step sizes are held fixed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,9 +38,17 @@ from ._rk import (
     next_step_size,
     tensor,
 )
-from ._solve import Setup, prepare, to_param, to_state
+from ._solve import (
+    Setup,
+    prepare,
+    replace_leaves,
+    solve_device,
+    state_dtype,
+    to_param,
+    to_state,
+)
 
-__all__ = ["BatchRhs", "EnsembleRun", "integrate", "solve_ensemble"]
+__all__ = ["BatchRhs", "EnsembleRun", "integrate", "solve_ensemble", "vjp_ensemble"]
 
 
 # ---------------------------------------------------------------------------------
@@ -645,3 +654,104 @@ def _failure_message(
         f"{shown}{more}; the others are in SolveError.solution). Member {first}: "
         f"{detail}"
     )
+
+
+def vjp_ensemble(
+    req: SolveRequest, u0: Any, p: Any, size: int
+) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
+    """`solve_ensemble` and its pullback ``cotangent -> (dL/du0, dL/dp)``.
+
+    The cotangent has ``sol.u``'s shape ``(size, m, *u0.shape)``. Batched inputs
+    (`u0`, `p` given) get gradients with the member axis; shared ones (None:
+    ``req.u0``, ``req.p``) the sum over members. Gradients come from autograd
+    through the batched steps (the discrete derivative); the pullback may be
+    called repeatedly. A leaf ``f`` does not use gets zeros, integer and None
+    leaves None. A failed member has no derivative: its rows of batched
+    gradients are NaN, and a shared input's gradient is NaN when any member
+    failed, as for `dk.vjp` of a failed solve.
+    """
+    dtype = state_dtype(req)
+    device = solve_device(req)
+
+    def tree_input(tree: Any, convert: Callable[..., torch.Tensor]) -> Any:
+        return tree_map(
+            lambda x: (
+                x
+                if x is None or isinstance(x, torch.nn.Module)
+                else _input(x, convert, dtype, device)
+            ),
+            tree,
+        )
+
+    if u0 is None:
+        base_u0, ens_u0 = _input(req.u0, to_state, dtype, device), None
+        x_u0 = base_u0
+    else:
+        base_u0, ens_u0 = req.u0, _input(u0, to_state, dtype, device)
+        x_u0 = ens_u0
+    if p is None:
+        base_p, ens_p = tree_input(req.p, to_param), None
+        p_leaves = leaves(param_view(base_p))
+        p_struct = param_view(req.p)
+    else:
+        base_p, ens_p = req.p, tree_input(p, to_param)
+        p_leaves = leaves(ens_p)
+        p_struct = p
+    inputs = [x for x in (x_u0, *p_leaves) if x is not None and x.requires_grad]
+    with torch.enable_grad():
+        sol = solve_ensemble(
+            dataclasses.replace(req, u0=base_u0, p=base_p), ens_u0, ens_p, size
+        )
+    u = sol.u
+    failed = [i for i, s in enumerate(sol.status) if not STATUSES[s].success]
+    batched = {id(x) for x in (ens_u0, *(leaves(ens_p) if p is not None else ()))}
+
+    def pull(cotangent: Any) -> tuple[Any, Any]:
+        ct = (
+            cotangent.to(dtype=u.dtype, device=u.device)
+            if isinstance(cotangent, torch.Tensor)
+            else torch.as_tensor(np.asarray(cotangent), dtype=u.dtype, device=u.device)
+        )
+        if tuple(ct.shape) != tuple(u.shape):
+            raise InvalidProblemError(
+                f"cotangent must have the shape of sol.u, {tuple(u.shape)}; got "
+                f"shape {tuple(ct.shape)}. Pass dL/d(sol.u): one entry per member, "
+                "saved time and state component."
+            )
+        # NaN rows (not reached) carry no derivative; their cotangent is unused.
+        ct = torch.where(torch.isnan(u), torch.zeros_like(ct), ct)
+        found = (
+            torch.autograd.grad(u, inputs, ct, retain_graph=True, allow_unused=True)
+            if u.requires_grad
+            else (None,) * len(inputs)
+        )
+        grads = {}
+        for x, g in zip(inputs, found, strict=True):
+            g = torch.zeros_like(x) if g is None else g
+            if failed and id(x) in batched:
+                g = g.clone()
+                g[failed] = math.nan
+            elif failed:
+                g = torch.full_like(g, math.nan)
+            grads[id(x)] = g
+        dp = [None if x is None else grads.get(id(x)) for x in p_leaves]
+        return grads.get(id(x_u0)), replace_leaves(p_struct, dp)
+
+    return dataclasses.replace(sol, u=u.detach()), pull
+
+
+def _input(
+    x: Any,
+    convert: Callable[..., torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """An input of `vjp_ensemble` as a fresh tensor that requires grad (a
+    floating tensor keeps its dtype and device; integers cannot require grad)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        t = x.detach()
+    else:
+        t = convert(x, dtype, device)
+    if t.is_floating_point():
+        t.requires_grad_()
+    return t
