@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--algs", nargs="+", default=["tsit5", "dopri5"])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="B=100, 2 rounds")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     text = "\n".join(
         [
-            "# Torch ensembles: per trajectory against a loop, torchode, one stacked ODE",
+            "# Torch ensembles per trajectory: a loop, torchode, one stacked ODE",
             "",
             "Written by `benchmarks/ensemble_torch.py` (see its docstring for the "
             "setup). Lotka-Volterra, +-20% spread in u0 and p, t in [0, 10], 101 "
