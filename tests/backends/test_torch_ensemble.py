@@ -128,7 +128,7 @@ def test_a_failing_member_leaves_the_others_intact():
         torch.testing.assert_close(sol.u[i, :, 0], exact, rtol=1e-7, atol=0.0)
     # throw=True names the failing member and still carries everyone's result.
     with pytest.raises(
-        dk.SolveError, match=r"1 of 4 ensemble members failed \(members 1;"
+        dk.SolveError, match=r"1 of 4 ensemble members failed \(members 1\)"
     ):
         solve_ensemble(build_request(prob, "tsit5", **kw), None, p, 4)
     with pytest.raises(dk.SolveError) as err:
@@ -294,3 +294,24 @@ def test_vjp_ensemble_failed_member_has_nan_gradient():
     for i in (0, 2):
         exact = (ts / (1 - p[i] * ts) ** 2).sum()
         torch.testing.assert_close(dp[i], exact, rtol=1e-5, atol=0.0)
+
+
+def test_members_split_over_devices_match_one_batch():
+    us, ps = members(7, seed=6)
+    kw = {"saveat": SAVES[::-1], "rtol": 1e-8, "atol": 1e-10}
+    # Backward in time, and some members stopped by max_steps.
+    req = build_request(lv(tspan=(5.0, 0.0)), "tsit5", throw=False, max_steps=150, **kw)
+    one = solve_ensemble(req, us, ps, 7)
+    split = solve_ensemble(req, us, ps, 7, devices=["cpu", "cpu", "cpu"])
+    torch.testing.assert_close(split.u, one.u, rtol=1e-13, atol=0.0, equal_nan=True)
+    assert split.status == one.status
+    assert split.stats == one.stats
+    assert split.message == one.message
+    # Gradients through the split batch are the same too.
+    _, pull_one = vjp_ensemble(req, us, ps, 7)
+    _, pull_split = vjp_ensemble(req, us, ps, 7, devices=["cpu", "cpu"])
+    ct = torch.ones(one.u.shape, dtype=F64)
+    for a, b in zip(pull_one(ct), pull_split(ct), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0.0, equal_nan=True)
+    with pytest.raises(dk.UnsupportedError, match="cuda:7"):
+        solve_ensemble(req, us, ps, 7, devices=["cpu", "cuda:7"])

@@ -14,9 +14,10 @@ ReverseThroughSolver does for one solve); step sizes are held fixed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -588,7 +589,14 @@ def integrate(
     return setup, driver(req, rhs, y0, batched, setup.times), rhs
 
 
-def solve_ensemble(req: SolveRequest, u0: Any, p: Any, size: int) -> Solution:
+def solve_ensemble(
+    req: SolveRequest,
+    u0: Any,
+    p: Any,
+    size: int,
+    *,
+    devices: Sequence[str] | None = None,
+) -> Solution:
     """Solve `size` members of the problem of `req` in one batch.
 
     Parameters
@@ -602,6 +610,10 @@ def solve_ensemble(req: SolveRequest, u0: Any, p: Any, size: int) -> Solution:
         leaf; None: every member has ``req.p``.
     size : int
         The number of members.
+    devices : list of str, optional
+        Split the members into one contiguous chunk per device (``"cpu"``,
+        ``"cuda:0"``, ...), each solved on its device in its own thread; the
+        result lands on the first device. None: one batch on ``req.device``.
 
     Returns
     -------
@@ -611,7 +623,10 @@ def solve_ensemble(req: SolveRequest, u0: Any, p: Any, size: int) -> Solution:
         per-member lists. With ``req.throw``, a `SolveError` naming the failing
         members when any fails (its ``solution`` has every member's result).
     """
-    setup, run, _ = integrate(req, u0, p, size)
+    if devices is None:
+        setup, run, _ = integrate(req, u0, p, size)
+    else:
+        setup, run = _split(req, u0, p, size, devices)
     m = len(req.saveat)
     statuses = tuple(run.status)
     failed = [i for i, s in enumerate(statuses) if not STATUSES[s].success]
@@ -635,6 +650,54 @@ def solve_ensemble(req: SolveRequest, u0: Any, p: Any, size: int) -> Solution:
     return sol
 
 
+def _split(
+    req: SolveRequest, u0: Any, p: Any, size: int, devices: Sequence[str]
+) -> tuple[Setup, EnsembleRun]:
+    """The members in one contiguous chunk per device, solved concurrently (one
+    thread each: a GPU's kernels run while the others' threads launch theirs);
+    the first device's `Setup` and the runs joined there."""
+    if isinstance(devices, str) or not devices:
+        raise InvalidProblemError(
+            f"devices must be a non-empty list of device names, got {devices!r}. "
+            "Pass e.g. devices=['cuda:0', 'cuda:1']."
+        )
+    reqs = [dataclasses.replace(req, device=str(d)) for d in devices]
+    for r in reqs:
+        solve_device(r)  # an unavailable device is refused before any work
+    chunks = np.array_split(np.arange(size), min(len(reqs), size))
+    bounds = [(int(c[0]), int(c[-1]) + 1) for c in chunks]
+
+    def rows(x: Any, lo: int, hi: int) -> Any:
+        if x is None:
+            return None
+        if not isinstance(x, torch.Tensor):
+            x = np.asarray(x)
+        return x[lo:hi] if x.ndim else x
+
+    def part(j: int) -> tuple[Setup, EnsembleRun, BatchRhs]:
+        lo, hi = bounds[j]
+        cu0 = None if u0 is None else rows(u0, lo, hi)
+        cp = None if p is None else tree_map(lambda x: rows(x, lo, hi), p)
+        return integrate(reqs[j], cu0, cp, hi - lo)
+
+    with concurrent.futures.ThreadPoolExecutor(len(bounds)) as pool:
+        parts = list(pool.map(part, range(len(bounds))))
+    setup = parts[0][0]
+
+    def joined(name: str) -> list[Any]:
+        return [x for _, run, _ in parts for x in getattr(run, name)]
+
+    run = EnsembleRun(
+        u=torch.cat([run.u.to(setup.device) for _, run, _ in parts]),
+        status=joined("status"),
+        t_reached=joined("t_reached"),
+        nfev=joined("nfev"),
+        naccept=joined("naccept"),
+        nreject=joined("nreject"),
+    )
+    return setup, run
+
+
 def _failure_message(
     req: SolveRequest, setup: Setup, run: EnsembleRun, failed: list[int]
 ) -> str:
@@ -651,13 +714,18 @@ def _failure_message(
     detail = solve_failed(reached, (req.t0, req.t1), status, steps, hint)
     return (
         f"{len(failed)} of {len(run.status)} ensemble members failed (members "
-        f"{shown}{more}; the others are in SolveError.solution). Member {first}: "
-        f"{detail}"
+        f"{shown}{more}); the others' results stand (throw=False returns them, "
+        f"SolveError.solution holds them). Member {first}: {detail}"
     )
 
 
 def vjp_ensemble(
-    req: SolveRequest, u0: Any, p: Any, size: int
+    req: SolveRequest,
+    u0: Any,
+    p: Any,
+    size: int,
+    *,
+    devices: Sequence[str] | None = None,
 ) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
     """`solve_ensemble` and its pullback ``cotangent -> (dL/du0, dL/dp)``.
 
@@ -668,7 +736,8 @@ def vjp_ensemble(
     called repeatedly. A leaf ``f`` does not use gets zeros, integer and None
     leaves None. A failed member has no derivative: its rows of batched
     gradients are NaN, and a shared input's gradient is NaN when any member
-    failed, as for `dk.vjp` of a failed solve.
+    failed, as for `dk.vjp` of a failed solve. `devices` as in `solve_ensemble`
+    (gradients land where the inputs are).
     """
     dtype = state_dtype(req)
     device = solve_device(req)
@@ -700,7 +769,11 @@ def vjp_ensemble(
     inputs = [x for x in (x_u0, *p_leaves) if x is not None and x.requires_grad]
     with torch.enable_grad():
         sol = solve_ensemble(
-            dataclasses.replace(req, u0=base_u0, p=base_p), ens_u0, ens_p, size
+            dataclasses.replace(req, u0=base_u0, p=base_p),
+            ens_u0,
+            ens_p,
+            size,
+            devices=devices,
         )
     u = sol.u
     failed = [i for i, s in enumerate(sol.status) if not STATUSES[s].success]
