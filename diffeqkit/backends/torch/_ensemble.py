@@ -8,8 +8,10 @@ its own `dk.solve` takes. The user's single-member ``f(u, p, t)`` is evaluated
 on the batch by `torch.func.vmap` (a Python loop over members where ``f`` cannot
 be vmapped). Members that finish or fail leave the batch: later steps evaluate
 ``f`` only on the members still running. Fixed-step algs step the whole batch on
-the shared grid. Gradients flow by autograd through the steps (as
-ReverseThroughSolver does for one solve); step sizes are held fixed.
+the shared grid. Gradients flow by autograd through the steps (the discrete
+derivative, as ReverseThroughSolver gives for one solve; step sizes held
+fixed); `vjp_ensemble` wraps that as a pullback. ``devices=[...]`` splits the
+members into one chunk per device.
 """
 
 from __future__ import annotations
