@@ -267,11 +267,25 @@ def test_scipy_ensemble_gradients_of_a_failed_member_are_nan():
 
 
 @pytest.mark.torch
-def test_torch_ensembles_say_what_works():
+def test_torch_ensembles_run_through_solve_and_vjp():
     need("torch")
     import torch
 
-    prob = dk.ODEProblem(lv, torch.ones(2, dtype=torch.float64), (0.0, 1.0), None)
-    ens = dk.EnsembleProblem(prob, u0=torch.ones((3, 2), dtype=torch.float64))
-    with pytest.raises(dk.UnsupportedError, match="backend='jax'"):
-        dk.solve(ens, "tsit5")
+    f64 = torch.float64
+    p = {"ab": torch.tensor([1.5, 1.0], dtype=f64), "d": torch.tensor(1.0, dtype=f64)}
+    prob = dk.ODEProblem(lv, torch.ones(2, dtype=f64), (0.0, 2.0), p)
+    u0 = torch.tensor([[1.0, 1.0], [0.8, 1.2], [1.2, 0.7]], dtype=f64)
+    ens = dk.EnsembleProblem(prob, u0=u0)
+    sol = dk.solve(ens, "tsit5", saveat=SAVES, **TOL)
+    assert sol.u.shape == (3, SAVES.size, 2)
+    assert sol.status == ("success",) * 3
+    out, pullback = dk.vjp(ens, "tsit5", saveat=SAVES, **TOL)
+    grads = pullback(torch.ones_like(out.u))
+    assert grads.u0.shape == (3, 2)
+    for i in range(3):
+        one, pull_one = dk.vjp(ens.member(i), "tsit5", saveat=SAVES, **TOL)
+        torch.testing.assert_close(sol.u[i], one.u, rtol=1e-10, atol=1e-12)
+        g = pull_one(torch.ones_like(one.u))
+        torch.testing.assert_close(grads.u0[i], g.u0, rtol=1e-8, atol=1e-10)
+    with pytest.raises(dk.UnsupportedError, match="executor"):
+        dk.solve(ens, "tsit5", executor=object())

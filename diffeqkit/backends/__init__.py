@@ -139,6 +139,8 @@ SPECS: Mapping[str, BackendSpec] = {
                 "InterpolatingAdjoint",
                 "CheckpointedAdjoint",
             ),
+            # One batch with per-member steps; devices split it (one chunk each).
+            ensemble=("devices",),
         ),
         tree=_trees.torch_module,
     ),

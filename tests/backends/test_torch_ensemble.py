@@ -127,9 +127,7 @@ def test_a_failing_member_leaves_the_others_intact():
         exact = 1 / (1 - p[i] * torch.as_tensor(ts, dtype=F64))
         torch.testing.assert_close(sol.u[i, :, 0], exact, rtol=1e-7, atol=0.0)
     # throw=True names the failing member and still carries everyone's result.
-    with pytest.raises(
-        dk.SolveError, match=r"1 of 4 ensemble members failed \(members 1\)"
-    ):
+    with pytest.raises(dk.SolveError, match=r"1 of 4 members failed .*members \[1\]"):
         solve_ensemble(build_request(prob, "tsit5", **kw), None, p, 4)
     with pytest.raises(dk.SolveError) as err:
         solve_ensemble(build_request(prob, "tsit5", **kw), None, p, 4)

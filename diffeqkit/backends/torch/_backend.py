@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._errors import UnsupportedError
 from ..._events import without_event_gradients
 from ..._pytree import leaves, tree_map
 from ..._sensealg import (
@@ -27,7 +26,15 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest
-from . import _adjoint, _checkpoint, _events, _forward, _interpolating, _replay
+from . import (
+    _adjoint,
+    _checkpoint,
+    _ensemble,
+    _events,
+    _forward,
+    _interpolating,
+    _replay,
+)
 from ._params import param_view
 from ._solve import (
     check_inputs,
@@ -97,16 +104,15 @@ class TorchBackend:
     def solve_ensemble(
         self, req: SolveRequest, u0: Any, p: Any, size: int, **options: Any
     ) -> Solution:
-        """Ensembles on torch: the batched solver is not in this build yet."""
-        del req, u0, p, size, options
-        raise _no_ensembles()
+        """`size` members in one batch, each with its own steps (`_ensemble`);
+        ``devices=[...]`` splits the batch across them."""
+        return _ensemble.solve_ensemble(req, u0, p, size, **options)
 
     def vjp_ensemble(
         self, req: SolveRequest, u0: Any, p: Any, size: int, **options: Any
     ) -> tuple[Solution, Pullback]:
-        """Ensembles on torch: the batched solver is not in this build yet."""
-        del req, u0, p, size, options
-        raise _no_ensembles()
+        """`solve_ensemble` and its pullback (autograd through the steps)."""
+        return _ensemble.vjp_ensemble(req, u0, p, size, **options)
 
     def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
         """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
@@ -211,11 +217,3 @@ def _cotangent(cotangent: Any, u: torch.Tensor) -> torch.Tensor:
     if isinstance(cotangent, torch.Tensor):
         return cotangent.to(dtype=u.dtype, device=u.device)
     return torch.as_tensor(np.asarray(cotangent), dtype=u.dtype, device=u.device)
-
-
-def _no_ensembles() -> UnsupportedError:
-    return UnsupportedError(
-        "dk.EnsembleProblem is not available on backend='torch' yet. Use "
-        "backend='jax' (vmap of the compiled solve) or backend='scipy' (members in "
-        "chunks, optionally on an executor), or solve ens.member(i) one by one."
-    )

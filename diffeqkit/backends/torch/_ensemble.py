@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._errors import InvalidProblemError, SolveError, UnsupportedError, solve_failed
+from ..._errors import InvalidProblemError, UnsupportedError
 from ..._pytree import leaves, tree_map
-from ..._solution import STATUSES, Solution, failure_hint
-from .._protocol import SolveRequest
+from ..._solution import STATUSES, Solution
+from .._protocol import SolveRequest, conclude_ensemble
 from ._params import has_modules, param_view
 from ._rk import (
     _DFACTOR,
@@ -630,26 +630,17 @@ def solve_ensemble(
     else:
         setup, run = _split(req, u0, p, size, devices)
     m = len(req.saveat)
-    statuses = tuple(run.status)
-    failed = [i for i, s in enumerate(statuses) if not STATUSES[s].success]
-    message = (
-        f"The integration reached t1 for all {size} members."
-        if not failed
-        else _failure_message(req, setup, run, failed)
-    )
-    sol = Solution(
+    reached = [
+        math.nan if t is None else (-t if setup.backward else t) for t in run.t_reached
+    ]
+    return conclude_ensemble(
+        req,
         t=tensor(req.saveat, setup.dtype, setup.device),
         u=run.u[:, setup.lead : setup.lead + m],
         stats={"nfev": run.nfev, "naccept": run.naccept, "nreject": run.nreject},
-        status=statuses,
-        backend=req.backend,
-        alg=req.alg.name,
-        sensealg=req.sensealg,
-        message=message,
+        status=run.status,
+        t_reached=reached,
     )
-    if failed and req.throw:
-        raise SolveError(message, sol)
-    return sol
 
 
 def _split(
@@ -698,27 +689,6 @@ def _split(
         nreject=joined("nreject"),
     )
     return setup, run
-
-
-def _failure_message(
-    req: SolveRequest, setup: Setup, run: EnsembleRun, failed: list[int]
-) -> str:
-    from .. import implicit_algs
-
-    shown = ", ".join(str(i) for i in failed[:10])
-    more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
-    first = failed[0]
-    status = run.status[first]
-    reached = run.t_reached[first]
-    reached = math.nan if reached is None else (-reached if setup.backward else reached)
-    steps = run.naccept[first] + run.nreject[first]
-    hint = failure_hint(status, implicit_algs(req.backend), "", req.alg.name)
-    detail = solve_failed(reached, (req.t0, req.t1), status, steps, hint)
-    return (
-        f"{len(failed)} of {len(run.status)} ensemble members failed (members "
-        f"{shown}{more}); the others' results stand (throw=False returns them, "
-        f"SolveError.solution holds them). Member {first}: {detail}"
-    )
 
 
 def vjp_ensemble(
