@@ -24,7 +24,7 @@ from ..._sensealg import (
 )
 from ..._solution import Solution
 from .._protocol import Pullback, SensealgTable, SolveRequest, conclude
-from . import _adjoint, _checkpoint, _forward, _interpolating
+from . import _adjoint, _checkpoint, _events, _forward, _interpolating
 from ._inputs import (
     Params,
     concrete_times,
@@ -98,6 +98,8 @@ class JaxBackend:
         """
         dtype = state_dtype(req)
         method = ALGS[req.alg.name]
+        if req.events:
+            return self._solve_events(req, method, dtype)
         if is_traced(req):
             return self._solve_traced(req, method, dtype)
 
@@ -158,6 +160,78 @@ class JaxBackend:
             sensealg=req.sensealg,
         )
 
+    def _solve_events(self, req: SolveRequest, method: Method, dtype: str) -> Solution:
+        """`solve` with ``events=[...]`` (`_events`), eagerly or under a JAX
+        transformation. Under one, ``t_events[i]`` has ``max_events`` entries,
+        NaN after the events that fired, and ``stats["nevents"]`` counts them."""
+        if req.fixed_step:
+            raise UnsupportedError(
+                f"events=[...] on backend='jax' need an adaptive alg (they are "
+                f"located on its steps' interpolants); alg='{req.alg.name}' "
+                f"{'with adaptive=False ' if not req.adaptive else ''}steps on a "
+                "fixed grid. Use e.g. alg='tsit5' (adaptive=True)."
+            )
+        mode = "traced" if is_traced(req) else "eager"
+        (u0, inputs, scalars, ts, _), params = traced_inputs(req, dtype)
+        if mode == "eager":
+            device, put = placement(req, inputs)
+        else:
+            device, put = None, False
+        run = self._events_program(
+            req, method, dtype, u0, inputs, params, ts, device, mode
+        )
+        args = (u0, inputs, scalars, ts)
+        t, u, t_ev, u_ev, info, t_end = run(
+            *(jax.device_put(args, device) if put else args)
+        )
+        n = len(req.events)
+        if mode == "traced":
+            stats = {
+                "nfev": None,
+                "naccept": None,
+                "nreject": None,
+                "nevents": jnp.sum(info[3 : 3 + n]),
+            }
+            t_events, u_events = list(t_ev), list(u_ev)
+            if req.throw:
+                return conclude(
+                    req,
+                    t=t,
+                    u=u,
+                    stats=stats,
+                    status="success",
+                    t_events=t_events,
+                    u_events=u_events,
+                )
+            return Solution(
+                t=t,
+                u=u,
+                stats=stats,
+                status=info[0],
+                backend=req.backend,
+                alg=req.alg.name,
+                sensealg=req.sensealg,
+                t_events=t_events,
+                u_events=u_events,
+            )
+        host_info = np.asarray(info)
+        code, naccept, nreject = (int(v) for v in host_info[:3])
+        per_event = [int(v) for v in host_info[3 : 3 + n]]
+        if not host_info[3 + n]:
+            raise rhs_nonfinite_error(req.t0)
+        stats = _stats(method, naccept, nreject)
+        stats["nevents"] = sum(per_event)
+        return conclude(
+            req,
+            t=t,
+            u=u,
+            stats=stats,
+            status=STATUSES[code],
+            t_reached=float(t_end),
+            t_events=[t_ev[i, :k] for i, k in enumerate(per_event)],
+            u_events=[u_ev[i, :k] for i, k in enumerate(per_event)],
+        )
+
     def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
         """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
 
@@ -168,6 +242,12 @@ class JaxBackend:
         """
         dtype = state_dtype(req)
         method = ALGS[req.alg.name]
+        if req.events:
+            raise UnsupportedError(
+                "dk.vjp does not take events=[...] on backend='jax'; differentiate "
+                "dk.solve with jax.grad or jax.vjp instead (the sensealg does the "
+                "work there too)."
+            )
         if is_traced(req):
             raise UnsupportedError(
                 "dk.vjp cannot run under a JAX transformation; inside jax.jit, "
@@ -275,6 +355,70 @@ class JaxBackend:
         )
         run = vjp_program if mode == "vjp" else program
         return PROGRAMS.get(key, functools.partial(run, cfg))
+
+    @staticmethod
+    def _events_program(
+        req: SolveRequest,
+        method: Method,
+        dtype: str,
+        u0: Any,
+        inputs: list[Any],
+        params: Params,
+        ts: Any,
+        device: Any,
+        mode: str,
+    ) -> Callable[..., Any]:
+        """The cached compiled program of a solve with events (`_events`)."""
+        sensealg = None if mode == "eager" else req.sensealg
+        if (
+            sensealg is not None
+            and not isinstance(sensealg, ForwardMode)
+            and not all(e.terminal for e in req.events)
+        ):
+            raise UnsupportedError(
+                f"sensealg=dk.{type(sensealg).__name__}() on backend='jax' "
+                "differentiates solves whose events are all terminal; events that "
+                "continue (terminal=False) run in a loop that only forward-mode AD "
+                "goes through. Use sensealg=dk.ForwardMode() (or make the events "
+                "terminal)."
+            )
+        throw = req.throw if mode == "traced" else True
+        adaptive_dt0 = req.dt0 is not None
+        land = method.lands_on_saves or req.land_on_saves
+        key = (
+            "events",
+            req.events,
+            req.max_events,
+            req.f,
+            req.alg.name,
+            signature(u0),
+            params,
+            tuple(signature(x) for x in inputs),
+            len(ts),
+            req.max_steps,
+            adaptive_dt0,
+            land,
+            device,
+            mode,
+            sensealg,
+            dtype,
+            throw,
+        )
+        cfg = Config(
+            params.bind(req.f),
+            method,
+            dtype,
+            req.max_steps,
+            False,
+            adaptive_dt0,
+            land,
+            mode,
+            sensealg,
+            None if sensealg is None else SENSEALGS[type(sensealg)],
+            throw,
+        )
+        ev = _events.EventConfig(req.events, req.max_events, params.bind)
+        return PROGRAMS.get(key, functools.partial(_events.program, cfg, ev))
 
     def describe(self) -> dict[str, Any]:
         """Visible devices, JAX's default platform and whether x64 is on."""
