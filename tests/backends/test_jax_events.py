@@ -277,3 +277,31 @@ def test_condition_not_a_scalar_and_affect_of_wrong_shape_are_refused():
     jump = dk.Event(_level, terminal=False, affect=lambda u, p, t: u[:1])
     with pytest.raises(dk.InvalidProblemError, match=r"events\[0\]\.affect"):
         dk.solve(prob, "tsit5", backend="jax", events=[jump])
+
+
+def _clock(u: Any, p: Any, t: Any) -> Any:
+    return 0.0 * u + 1.0
+
+
+def test_two_crossings_in_one_step_fire_in_time_order():
+    # u = t, rtol loose: steps of about 1 hold both crossings; the one listed
+    # second crosses first.
+    late = dk.Event(lambda u, p, t: u[0] - 0.7, terminal=False)
+    early = dk.Event(lambda u, p, t: u[0] - 0.6, terminal=False)
+    prob = dk.ODEProblem(_clock, jnp.asarray([0.0]), (0.0, 10.0))
+    loose = {"backend": "jax", "rtol": 1e-6, "atol": 1e-6}
+    sol = dk.solve(prob, "tsit5", events=[late, early], **loose)
+    np.testing.assert_allclose(np.asarray(sol.t_events[0]), [0.7], rtol=1e-14)
+    np.testing.assert_allclose(np.asarray(sol.t_events[1]), [0.6], rtol=1e-14)
+    # Terminal: the earlier one stops the solve, also for a reverse sensealg.
+    stop = [dk.Event(late.condition), dk.Event(early.condition)]
+
+    def stop_time(u0: Any) -> Any:
+        p = dk.ODEProblem(_clock, jnp.stack([u0]), (0.0, 10.0))
+        out = dk.solve(
+            p, "tsit5", events=stop, sensealg=dk.CheckpointedAdjoint(), **loose
+        )
+        return out.t_events[1][0]
+
+    value, grad = jax.jit(jax.value_and_grad(stop_time))(0.0)
+    np.testing.assert_allclose([float(value), float(grad)], [0.6, -1.0], rtol=1e-12)

@@ -118,15 +118,28 @@ class _Segment:
     ys: Any  # the save times' states (clipped to the segment; inf past t_end)
     fired: Any  # whether an event stopped it
     which: Any  # the index of that event
+    # Per event: whether another enabled event crossed before the one that
+    # stopped the solve (diffrax picks the first listed in a step, not the
+    # earliest crossing): then the segment is solved again up to there.
+    crossed: Any
     code: Any  # status of the segment (success unless it failed)
     naccept: Any
     nreject: Any
 
 
 def _locate(
-    cfg: Config, ev: EventConfig, y0: Any, p: Any, times: Any, ts: Any, t_s: Any
+    cfg: Config,
+    ev: EventConfig,
+    y0: Any,
+    p: Any,
+    times: Any,
+    ts: Any,
+    t_s: Any,
+    cap: Any,
+    enabled: Any,
 ) -> _Segment:
-    """The solve from ``t_s`` towards t1, stopped by the first event crossing."""
+    """The solve from ``t_s`` towards ``cap`` (t1, or the end of a segment being
+    solved again), stopped by the first crossing of an `enabled` event."""
     y0, p = jax.lax.stop_gradient((y0, p))
     _, t1, rtol, atol, dt0 = times
     method = cfg.method
@@ -137,7 +150,7 @@ def _locate(
     ulp = eps * jnp.maximum(jnp.abs(t_s), jnp.finfo(y0.dtype).tiny)
     tiny = jnp.finfo(y0.dtype).tiny
 
-    def wrapped(g: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(g: Callable[..., Any], on: Any) -> tuple[Any, ...]:
         g0 = g(y0, p, t_s)
         rate = _rate(g, cfg.f, y0, p, t_s)
         at_zero = jnp.abs(g0) <= _AT_ZERO_ULPS * ulp * jnp.abs(rate)
@@ -148,30 +161,34 @@ def _locate(
         # tolerance on the residual is one on time).
         scale = jnp.abs(rate) + jnp.abs(g0) / jnp.where(span > 0, span, 1.0) + tiny
 
-        def cond(t: Any, y: Any, args: Any, **_: Any) -> Any:
-            value = jnp.where(t == t_s, start, g(y, args, t))
-            return (value / scale).astype(y0.dtype)
+        start = jnp.where(on, start / scale, 1.0).astype(y0.dtype)
 
-        return cond
+        def cond(t: Any, y: Any, args: Any, **_: Any) -> Any:
+            # A disabled event is a constant: it never crosses.
+            value = jnp.where(t == t_s, start, g(y, args, t) / scale)
+            return jnp.where(on, value, 1.0).astype(y0.dtype)
+
+        return cond, start
 
     direction = [{0: None, 1: True, -1: False}[e.direction] for e in ev.events]
     # Tolerances in time: a few ulps (optimistix types them as floats).
     newton: Any = optx.Newton
     root_finder = newton(rtol=4 * eps, atol=4 * eps * scale_t)
-    event = diffrax.Event(
-        [wrapped(g) for g in conditions], root_finder=root_finder, direction=direction
+    conds, starts = zip(
+        *(wrapped(g, enabled[i]) for i, g in enumerate(conditions)), strict=True
     )
+    event = diffrax.Event(list(conds), root_finder=root_finder, direction=direction)
     pid = method.controller(rtol, atol)
     controller: Any = (
         diffrax.ClipStepSizeController(pid, step_ts=ts) if cfg.land else pid
     )
-    step0 = jnp.where(t1 > t_s, dt0, -dt0) if cfg.adaptive_dt0 else None
-    lo, hi = jnp.minimum(t_s, t1), jnp.maximum(t_s, t1)
+    step0 = jnp.where(cap > t_s, dt0, -dt0) if cfg.adaptive_dt0 else None
+    lo, hi = jnp.minimum(t_s, cap), jnp.maximum(t_s, cap)
     sol = diffrax.diffeqsolve(
         method.term(cfg.f),
         method.build(),
         t_s,
-        t1,
+        cap,
         step0,
         y0,
         args=p,
@@ -194,13 +211,26 @@ def _locate(
     ts_out, ys_out = cast("Any", ts_out), cast("Any", ys_out)
     # A Newton iteration that stalled within rounding of the root still located it.
     code = jnp.where(fired, _SUCCESS, _status_code(sol.result))
+    which = jnp.argmax(mask).astype(jnp.int32)
+    t_end, y_end = ts_out[1][0], ys_out[1][0]
+    crossed = []
+    for i, (cond, e) in enumerate(zip(conds, ev.events, strict=True)):
+        before, after = starts[i], cond(t_end, y_end, p)
+        if e.direction == 0:
+            flip = jnp.sign(before) != jnp.sign(after)
+        elif e.direction == 1:
+            flip = (before <= 0) & (after > 0)
+        else:
+            flip = (before > 0) & (after <= 0)
+        crossed.append(flip & enabled[i] & (which != i))
     stats: Any = sol.stats
     return _Segment(
-        t_end=ts_out[1][0],
-        y_end=ys_out[1][0],
+        t_end=t_end,
+        y_end=y_end,
         ys=ys_out[0],
         fired=fired,
-        which=jnp.argmax(mask),
+        which=which,
+        crossed=fired & jnp.stack(crossed),
         code=code,
         naccept=jnp.asarray(stats["num_accepted_steps"]).astype(jnp.int32),
         nreject=jnp.asarray(stats["num_rejected_steps"]).astype(jnp.int32),
@@ -211,8 +241,8 @@ def _locate(
 class _Carry:
     """The state of the loop over segments (a pytree)."""
 
-    t_s: Any
-    y_s: Any
+    t_s: Any  # where the next segment starts
+    y_s: Any  # and its state there (differentiable)
     ys: Any
     t_ev: Any
     u_ev: Any
@@ -221,57 +251,26 @@ class _Carry:
     done: Any
     naccept: Any
     nreject: Any
-    t_end: Any
+    t_end: Any  # where the last segment ended
+    which: Any  # the event that ended it, if one did
+    # Solving a segment again up to `cap` with only the events that crossed
+    # before `pending` enabled; if none fires, `pending` fires at `cap`.
+    cap: Any
+    enabled: Any
+    retry: Any
+    pending: Any
 
 
-jax.tree_util.register_dataclass(
-    _Carry,
-    data_fields=[
-        "t_s",
-        "y_s",
-        "ys",
-        "t_ev",
-        "u_ev",
-        "count",
-        "code",
-        "done",
-        "naccept",
-        "nreject",
-        "t_end",
-    ],
-    meta_fields=[],
-)
+_FIELDS = [f for f in _Carry.__dataclass_fields__]
+jax.tree_util.register_dataclass(_Carry, data_fields=_FIELDS, meta_fields=[])
 
 
-def _segment(
-    cfg: Config,
-    ev: EventConfig,
-    entry: Callable[[Job], tuple[Any, Any]] | None,
-    p: Any,
-    times: Any,
-    ts: Any,
-    c: _Carry,
-) -> _Carry:
-    """One segment: locate its end, take its saves and apply its event.
-
-    `entry` (None: no gradient wanted) re-solves ``[t_s, t*]`` differentiably.
-    """
-    seg = _locate(cfg, ev, c.y_s, p, times, ts, c.t_s)
-    t_star = jax.lax.stop_gradient(seg.t_end)
-    lo, hi = jnp.minimum(c.t_s, t_star), jnp.maximum(c.t_s, t_star)
-    if entry is None:
-        rows, u_minus = seg.ys, seg.y_end
-    else:
-        seg_ts = jnp.concatenate([jnp.clip(ts, lo, hi), t_star[None]])
-        job = Job(cfg, c.y_s, p, (c.t_s, t_star, *times[2:]), seg_ts, None)
-        out, _ = entry(job)
-        rows, u_minus = out[:-1], out[-1]
-    inside = (ts >= lo) & (ts <= hi)
-    ys = jnp.where(inside.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, c.ys)
-
-    total = jnp.sum(c.count)
-    room = total < ev.max_events
-    fired = seg.fired & (seg.code == _SUCCESS)
+def _jump(
+    cfg: Config, ev: EventConfig, which: Any, u_minus: Any, p: Any, t_star: Any
+) -> tuple[Any, Any, Any]:
+    """``(tau, u_ev, u_next)`` of event `which` at `t_star` (see the module's
+    docstring): the event time, the state there before its jump, and the start of
+    the next segment (`u_ev` for a terminal event)."""
 
     def branch(i: int) -> Callable[[], tuple[Any, ...]]:
         e = ev.events[i]
@@ -293,31 +292,71 @@ def _segment(
         return run
 
     tau, u_ev, u_next = jax.lax.switch(
-        seg.which, [branch(i) for i in range(len(ev.events))]
+        which, [branch(i) for i in range(len(ev.events))]
     )
-    terminal = jnp.asarray([e.terminal for e in ev.events])[seg.which]
+    return tau, u_ev, u_next
+
+
+def _merge(ys: Any, rows: Any, ts: Any, lo: Any, hi: Any, take: Any) -> Any:
+    """`ys` with the rows of save times in ``[lo, hi]`` from `rows` if `take`."""
+    inside = (ts >= lo) & (ts <= hi) & take
+    return jnp.where(inside.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, ys)
+
+
+def _segment(
+    cfg: Config,
+    ev: EventConfig,
+    entry: Callable[[Job], tuple[Any, Any]] | None,
+    p: Any,
+    times: Any,
+    ts: Any,
+    c: _Carry,
+) -> _Carry:
+    """One segment: locate its end, take its saves and apply its event.
+
+    `entry` (None: no gradient wanted) re-solves ``[t_s, t*]`` differentiably.
+    """
+    seg = _locate(cfg, ev, c.y_s, p, times, ts, c.t_s, c.cap, c.enabled)
+    t_star = jax.lax.stop_gradient(seg.t_end)
+    lo, hi = jnp.minimum(c.t_s, t_star), jnp.maximum(c.t_s, t_star)
+    if entry is None:
+        rows, u_minus = seg.ys, seg.y_end
+    else:
+        seg_ts = jnp.concatenate([jnp.clip(ts, lo, hi), t_star[None]])
+        job = Job(cfg, c.y_s, p, (c.t_s, t_star, *times[2:]), seg_ts, None)
+        out, _ = entry(job)
+        rows, u_minus = out[:-1], out[-1]
+
+    ok = seg.code == _SUCCESS
+    # An earlier crossing in the step: solve [t_s, t*] again with those events.
+    conflict = ok & jnp.any(seg.crossed)
+    # Solved again and none of them fired after all: the one found first fires.
+    late = c.retry & jnp.logical_not(seg.fired) & ok
+    fired = ok & ((seg.fired & jnp.logical_not(conflict)) | late)
+    which = jnp.where(seg.fired, seg.which, c.pending)
+    ys = _merge(c.ys, rows, ts, lo, hi, jnp.logical_not(conflict))
+
+    tau, u_ev, u_next = _jump(cfg, ev, which, u_minus, p, t_star)
+    terminal = jnp.asarray([e.terminal for e in ev.events])[which]
+    room = jnp.sum(c.count) < ev.max_events
     record = fired & room
-    k = c.count[seg.which]
-    slot = jnp.minimum(k, ev.max_events - 1)
-    t_ev = c.t_ev.at[seg.which, slot].set(
-        jnp.where(record, tau, c.t_ev[seg.which, slot])
-    )
-    u_ev_all = c.u_ev.at[seg.which, slot].set(
-        jnp.where(record, u_ev, c.u_ev[seg.which, slot])
-    )
-    count = c.count.at[seg.which].add(record.astype(c.count.dtype))
+    slot = jnp.minimum(c.count[which], ev.max_events - 1)
+    t_ev = c.t_ev.at[which, slot].set(jnp.where(record, tau, c.t_ev[which, slot]))
+    u_ev_all = c.u_ev.at[which, slot].set(jnp.where(record, u_ev, c.u_ev[which, slot]))
+    count = c.count.at[which].add(record.astype(c.count.dtype))
     code = jnp.where(
-        seg.code != _SUCCESS,
-        seg.code,
+        ok,
         jnp.where(
             fired,
             jnp.where(room, jnp.where(terminal, _TERMINATED, _SUCCESS), _TOO_MANY),
             _SUCCESS,
         ),
+        seg.code,
     ).astype(jnp.int32)
-    go_on = fired & room & jnp.logical_not(terminal) & (seg.code == _SUCCESS)
+    go_on = fired & room & jnp.logical_not(terminal)
     # No event: the solve reached t1 (or failed); a terminal event or one too many
     # ends it. Saves past where it stopped stay NaN.
+    n = len(ev.events)
     return _Carry(
         t_s=jnp.where(go_on, t_star, c.t_s),
         y_s=jnp.where(go_on, u_next, c.y_s),
@@ -326,18 +365,23 @@ def _segment(
         u_ev=u_ev_all,
         count=count,
         code=code,
-        done=jnp.logical_not(go_on),
+        done=jnp.logical_not(go_on | conflict),
         naccept=c.naccept + seg.naccept,
         nreject=c.nreject + seg.nreject,
         t_end=t_star,
+        which=which,
+        cap=jnp.where(conflict, t_star, times[1]),
+        enabled=jnp.where(conflict, seg.crossed, jnp.ones((n,), bool)),
+        retry=conflict,
+        pending=which,
     )
 
 
-def _start(ev: EventConfig, y0: Any, ts: Any, t0: Any) -> _Carry:
+def _start(ev: EventConfig, y0: Any, ts: Any, times: Any) -> _Carry:
     n, m = len(ev.events), ev.max_events
     nan = jnp.array(jnp.nan, y0.dtype)
     return _Carry(
-        t_s=t0,
+        t_s=times[0],
         y_s=y0,
         ys=jnp.full((ts.shape[0], *y0.shape), nan),
         t_ev=jnp.full((n, m), nan),
@@ -347,7 +391,12 @@ def _start(ev: EventConfig, y0: Any, ts: Any, t0: Any) -> _Carry:
         done=jnp.array(False),
         naccept=jnp.array(0, jnp.int32),
         nreject=jnp.array(0, jnp.int32),
-        t_end=t0,
+        t_end=times[0],
+        which=jnp.array(0, jnp.int32),
+        cap=times[1],
+        enabled=jnp.ones((n,), bool),
+        retry=jnp.array(False),
+        pending=jnp.array(0, jnp.int32),
     )
 
 
@@ -360,12 +409,37 @@ def _loop(
     times: Any,
     ts: Any,
 ) -> _Carry:
-    """All segments: a while loop, or one segment when every event is terminal."""
-    c = _start(ev, y0, ts, times[0])
+    """All segments, in a while loop (segments solved again included).
+
+    With `entry` and only terminal events (so no jump: every segment starts at
+    t0), the loop only locates, without gradients, and one differentiable solve
+    of ``[t0, t*]`` follows: reverse-mode AD needs no loop then.
+    """
     body = lambda c: _segment(cfg, ev, entry, p, times, ts, c)  # noqa: E731
-    if ev.all_terminal:
-        return body(c)
-    return jax.lax.while_loop(lambda c: jnp.logical_not(c.done), body, c)
+    go = lambda c: jnp.logical_not(c.done)  # noqa: E731
+    if entry is None or not ev.all_terminal:
+        return jax.lax.while_loop(go, body, _start(ev, y0, ts, times))
+    y0_fixed, p_fixed = jax.lax.stop_gradient((y0, p))
+    locate = lambda c: _segment(cfg, ev, None, p_fixed, times, ts, c)  # noqa: E731
+    c = jax.lax.while_loop(go, locate, _start(ev, y0_fixed, ts, times))
+    t_star = c.t_end
+    seg_ts = jnp.concatenate([jnp.clip(ts, times[0], t_star), t_star[None]])
+    out, _ = entry(Job(cfg, y0, p, (times[0], t_star, *times[2:]), seg_ts, None))
+    rows, u_minus = out[:-1], out[-1]
+    lo, hi = jnp.minimum(times[0], t_star), jnp.maximum(times[0], t_star)
+    ys = _merge(c.ys, rows, ts, lo, hi, jnp.array(True))
+    tau, u_ev, _ = _jump(cfg, ev, c.which, u_minus, p, t_star)
+    fired = c.code == _TERMINATED
+    t_ev = c.t_ev.at[c.which, 0].set(jnp.where(fired, tau, c.t_ev[c.which, 0]))
+    u_ev_all = c.u_ev.at[c.which, 0].set(jnp.where(fired, u_ev, c.u_ev[c.which, 0]))
+    return _Carry(
+        **{
+            **{k: getattr(c, k) for k in _FIELDS},
+            "ys": ys,
+            "t_ev": t_ev,
+            "u_ev": u_ev_all,
+        }
+    )
 
 
 def _outputs(c: _Carry) -> tuple[Any, Any, Any, Any, Any]:
