@@ -370,18 +370,6 @@ class JaxBackend:
     ) -> Callable[..., Any]:
         """The cached compiled program of a solve with events (`_events`)."""
         sensealg = None if mode == "eager" else req.sensealg
-        if (
-            sensealg is not None
-            and not isinstance(sensealg, ForwardMode)
-            and not all(e.terminal for e in req.events)
-        ):
-            raise UnsupportedError(
-                f"sensealg=dk.{type(sensealg).__name__}() on backend='jax' "
-                "differentiates solves whose events are all terminal; events that "
-                "continue (terminal=False) run in a loop that only forward-mode AD "
-                "goes through. Use sensealg=dk.ForwardMode() (or make the events "
-                "terminal)."
-            )
         throw = req.throw if mode == "traced" else True
         adaptive_dt0 = req.dt0 is not None
         land = method.lands_on_saves or req.land_on_saves

@@ -18,8 +18,11 @@ corrections of the implicit-function theorem (docs/events.md):
 The segments run in a ``lax.while_loop`` (at most ``max_events + 1`` of them);
 forward-mode AD goes through it, which is how `ForwardMode` differentiates any
 events (a custom VJP computing the Jacobian by forward mode, as without events).
-Reverse-mode AD cannot go through a while loop: the reverse sensealgs
-differentiate solves whose events are all terminal (one segment, no loop).
+Reverse-mode AD cannot go through a while loop: with only terminal events the
+loop locates without gradients and one differentiable solve of ``[t0, t*]``
+follows; with events that continue, the reverse sensealgs run a ``lax.scan`` of
+``max_events + 1`` segments (its memory grows with `max_events`: pass a small
+one).
 
 Under ``jax.jit`` the event outputs have static shapes: ``t_events[i]`` is
 ``(max_events,)`` and ``u_events[i]`` ``(max_events, *u0.shape)``, padded with
@@ -408,17 +411,33 @@ def _loop(
     p: Any,
     times: Any,
     ts: Any,
+    *,
+    reverse: bool = False,
 ) -> _Carry:
     """All segments, in a while loop (segments solved again included).
 
     With `entry` and only terminal events (so no jump: every segment starts at
     t0), the loop only locates, without gradients, and one differentiable solve
-    of ``[t0, t*]`` follows: reverse-mode AD needs no loop then.
+    of ``[t0, t*]`` follows: reverse-mode AD needs no loop then. With events that
+    continue and a `reverse` sensealg, a ``lax.scan`` of ``max_events + 1``
+    segments (those after the end skipped by ``lax.cond``) replaces the while
+    loop, which reverse-mode AD cannot go through; a solve that needs more
+    segments (several events crossing in one step each take one more) stops with
+    "too_many_events".
     """
     body = lambda c: _segment(cfg, ev, entry, p, times, ts, c)  # noqa: E731
     go = lambda c: jnp.logical_not(c.done)  # noqa: E731
     if entry is None or not ev.all_terminal:
-        return jax.lax.while_loop(go, body, _start(ev, y0, ts, times))
+        start = _start(ev, y0, ts, times)
+        if not (reverse and entry is not None):
+            return jax.lax.while_loop(go, body, start)
+
+        def step(c: _Carry, _: Any) -> tuple[_Carry, None]:
+            return jax.lax.cond(c.done, lambda c: c, body, c), None
+
+        c, _ = jax.lax.scan(step, start, None, length=ev.max_events + 1)
+        code = jnp.where(c.done, c.code, _TOO_MANY).astype(jnp.int32)
+        return _Carry(**{**{k: getattr(c, k) for k in _FIELDS}, "code": code})
     y0_fixed, p_fixed = jax.lax.stop_gradient((y0, p))
     locate = lambda c: _segment(cfg, ev, None, p_fixed, times, ts, c)  # noqa: E731
     c = jax.lax.while_loop(go, locate, _start(ev, y0_fixed, ts, times))
@@ -540,7 +559,7 @@ def solve_events(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
     if isinstance(cfg.sensealg, ForwardMode):
         return _forward(cfg, ev, job)
     times, ts = jax.lax.stop_gradient((job.times, job.ts))
-    c = _loop(cfg, ev, cfg.differentiable, job.y0, job.p, times, ts)
+    c = _loop(cfg, ev, cfg.differentiable, job.y0, job.p, times, ts, reverse=True)
     return _outputs(c)
 
 
