@@ -279,6 +279,24 @@ def test_zeno_ball_stops_with_too_many_events():
     code = int(jax.jit(status)(jnp.asarray(1.0)))
     assert dk.Solution.STATUS_CODES[code] == "too_many_events"
 
+    # With throw=True it raises when the program runs.
+    def height(h0: Any) -> Any:
+        return dk.solve(ball(h0, 0.5, t1=5.0), "tsit5", **zeno).u
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="max_events"):
+        jax.block_until_ready(jax.jit(height)(jnp.asarray(1.0)))
+
+
+def test_terminated_status_is_a_traced_code_under_jit():
+    def stopped(u0: Any) -> Any:
+        prob = dk.ODEProblem(decay, jnp.stack([u0]), (0.0, 10.0), {"k": 0.7, "c": 0.5})
+        sol = dk.solve(prob, "tsit5", events=[LEVEL], saveat=[1.0, 5.0], **TOL)
+        return sol.status, sol.success
+
+    code, success = jax.jit(stopped)(2.0)
+    assert dk.Solution.STATUS_CODES[int(code)] == "terminated"
+    assert bool(success)
+
 
 def test_fixed_step_alg_is_refused():
     prob = ball(jnp.asarray(H0), E)

@@ -163,7 +163,8 @@ class JaxBackend:
     def _solve_events(self, req: SolveRequest, method: Method, dtype: str) -> Solution:
         """`solve` with ``events=[...]`` (`_events`), eagerly or under a JAX
         transformation. Under one, ``t_events[i]`` has ``max_events`` entries,
-        NaN after the events that fired, and ``stats["nevents"]`` counts them."""
+        NaN after the events that fired, ``stats["nevents"]`` counts them, and the
+        status is a traced code (`Solution.STATUS_CODES`) whatever `throw`."""
         if req.fixed_step:
             raise UnsupportedError(
                 f"events=[...] on backend='jax' need an adaptive alg (they are "
@@ -192,17 +193,10 @@ class JaxBackend:
                 "nreject": None,
                 "nevents": jnp.sum(info[3 : 3 + n]),
             }
+            # The status is a traced code even with throw=True (a failure then
+            # raises when the program runs): "success" and "terminated" are
+            # both successes, told apart only at run time.
             t_events, u_events = list(t_ev), list(u_ev)
-            if req.throw:
-                return conclude(
-                    req,
-                    t=t,
-                    u=u,
-                    stats=stats,
-                    status="success",
-                    t_events=t_events,
-                    u_events=u_events,
-                )
             return Solution(
                 t=t,
                 u=u,
