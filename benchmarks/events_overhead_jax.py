@@ -10,6 +10,10 @@ as ``warmup_s``. Every call gets a new p (cycled through 8 pre-drawn values).
 
 - forward, jitted: ``jax.jit`` of dk.solve -> u.
 - forward, eager: dk.solve with a new p each call.
+- forward, jitted, 256 states: ``u' = A u`` (A dense 256 x 256, stable), the
+  event ``u[0] + 10``, with the default max_events = 1000 and with 10: the
+  padded event buffers (max_events x state) cost time on every step there
+  (XLA copies them inside the loop of segments, as measured; see the results).
 - gradient, jitted: ``jax.jit(jax.grad)`` of ``0.5 * sum(u**2)`` in p, with
   ForwardMode (the event terminal=False: the loop of segments) and with
   CheckpointedAdjoint (terminal: one located segment, then the differentiable
@@ -83,6 +87,31 @@ def groups() -> dict[str, dict[str, Any]]:
         return jax.jit(jax.grad(loss))
 
     fwd = lambda events: jax.jit(lambda p: solve_u(p, events))  # noqa: E731
+    n = 256
+    a = -np.eye(n) + rng.standard_normal((n, n)) / (2 * np.sqrt(n))
+    mats = [jnp.asarray(a * (1 + 0.05 * rng.standard_normal())) for _ in range(8)]
+    big0 = jnp.ones(n)
+
+    def linear(u: Any, p: Any, t: Any) -> Any:
+        return p @ u
+
+    def big(events: Any, max_events: int = 1000) -> Any:
+        prob = lambda m: dk.ODEProblem(linear, big0, (0.0, 10.0), m)  # noqa: E731
+        return jax.jit(
+            lambda m: (
+                dk.solve(prob(m), "tsit5", events=events, max_events=max_events, **kw).u
+            )
+        )
+
+    def cycling_big(fn: Any) -> Any:
+        state = {"i": 0}
+
+        def call() -> Any:
+            state["i"] += 1
+            return jax.block_until_ready(fn(mats[state["i"] % len(mats)]))
+
+        return call
+
     return {
         "forward, jitted": {
             "plain": cycling(fwd(None)),
@@ -91,6 +120,14 @@ def groups() -> dict[str, dict[str, Any]]:
         "forward, eager": {
             "plain": cycling(lambda p: solve_u(p, None)),
             "events": cycling(lambda p: solve_u(p, going_on)),
+        },
+        "forward, jitted, 256 states": {
+            "plain": cycling_big(big(None)),
+            "events": cycling_big(big(going_on)),
+        },
+        "forward, jitted, 256 states, max_events=10": {
+            "plain": cycling_big(big(None)),
+            "events": cycling_big(big(going_on, 10)),
         },
         "gradient ForwardMode, jitted": {
             "plain": cycling(grad_of(None, dk.ForwardMode())),
