@@ -27,6 +27,15 @@ one).
 Under ``jax.jit`` the event outputs have static shapes: ``t_events[i]`` is
 ``(max_events,)`` and ``u_events[i]`` ``(max_events, *u0.shape)``, padded with
 NaN after the events that fired; an eager solve trims them to exact length.
+
+Conventions: a save time equal to an event time holds the state after the jump
+(the next segment's); a terminal event stops the solve without applying its
+affect; when several events cross in one step diffrax locates the first listed,
+so a segment in which another enabled event also changed sign before that time
+is solved again up to there with only those events (the earliest fires first);
+two events crossing at the same time fire once (the other is "at zero" at the
+restart). The padded buffers ride in the loop's carry: with large states a
+smaller `max_events` is faster (benchmarks/results/events_overhead_jax.md).
 """
 
 from __future__ import annotations
