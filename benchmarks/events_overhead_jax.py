@@ -11,9 +11,13 @@ as ``warmup_s``. Every call gets a new p (cycled through 8 pre-drawn values).
 - forward, jitted: ``jax.jit`` of dk.solve -> u.
 - forward, eager: dk.solve with a new p each call.
 - forward, jitted, 256 states: ``u' = A u`` (A dense 256 x 256, stable), the
-  event ``u[0] + 10``, with the default max_events = 1000 and with 10: the
-  padded event buffers (max_events x state) cost time on every step there
-  (XLA copies them inside the loop of segments, as measured; see the results).
+  event ``u[0] + 10``. With sensealg=ForwardMode the jitted solve runs the plain
+  loop of segments (its custom VJP's primal). With the default sensealg (65,792
+  inputs: CheckpointedAdjoint) a jitted solve with continuing events runs the
+  differentiable bounded scan of max_events + 1 segments even when nothing is
+  differentiated (JAX cannot tell at trace time whether a gradient follows):
+  every skipped segment still passes the carry (saves, event buffers) through
+  ``lax.cond``; shown at max_events 1000 and 10.
 - gradient, jitted: ``jax.jit(jax.grad)`` of ``0.5 * sum(u**2)`` in p, with
   ForwardMode (the event terminal=False: the loop of segments) and with
   CheckpointedAdjoint (terminal: one located segment, then the differentiable
@@ -95,13 +99,13 @@ def groups() -> dict[str, dict[str, Any]]:
     def linear(u: Any, p: Any, t: Any) -> Any:
         return p @ u
 
-    def big(events: Any, max_events: int = 1000) -> Any:
-        prob = lambda m: dk.ODEProblem(linear, big0, (0.0, 10.0), m)  # noqa: E731
-        return jax.jit(
-            lambda m: (
-                dk.solve(prob(m), "tsit5", events=events, max_events=max_events, **kw).u
-            )
-        )
+    def big(events: Any, max_events: int = 1000, sensealg: Any = None) -> Any:
+        def solve(m: Any) -> Any:
+            prob = dk.ODEProblem(linear, big0, (0.0, 10.0), m)
+            opts = {"events": events, "max_events": max_events, "sensealg": sensealg}
+            return dk.solve(prob, "tsit5", **opts, **kw).u
+
+        return jax.jit(solve)
 
     def cycling_big(fn: Any) -> Any:
         state = {"i": 0}
@@ -121,11 +125,15 @@ def groups() -> dict[str, dict[str, Any]]:
             "plain": cycling(lambda p: solve_u(p, None)),
             "events": cycling(lambda p: solve_u(p, going_on)),
         },
-        "forward, jitted, 256 states": {
+        "forward, jitted, 256 states, ForwardMode": {
+            "plain": cycling_big(big(None, sensealg=dk.ForwardMode())),
+            "events": cycling_big(big(going_on, sensealg=dk.ForwardMode())),
+        },
+        "forward, jitted, 256 states, default sensealg": {
             "plain": cycling_big(big(None)),
             "events": cycling_big(big(going_on)),
         },
-        "forward, jitted, 256 states, max_events=10": {
+        "forward, jitted, 256 states, default sensealg, max_events=10": {
             "plain": cycling_big(big(None)),
             "events": cycling_big(big(going_on, 10)),
         },
