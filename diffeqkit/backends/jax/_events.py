@@ -22,7 +22,8 @@ Reverse-mode AD cannot go through a while loop: with only terminal events the
 loop locates without gradients and one differentiable solve of ``[t0, t*]``
 follows; with events that continue, the reverse sensealgs run a ``lax.scan`` of
 ``max_events + 1`` segments (its memory grows with `max_events`: pass a small
-one).
+one). Either way the reverse path is a custom VJP whose primal is the plain
+loop, so a jitted solve that is not differentiated costs no more than that.
 
 Under ``jax.jit`` the event outputs have static shapes: ``t_events[i]`` is
 ``(max_events,)`` and ``u_events[i]`` ``(max_events, *u0.shape)``, padded with
@@ -85,6 +86,11 @@ _SEGMENT_STATUS = {
 _TIMES = (
     "sensealg=dk.ForwardMode() on backend='jax' differentiates a solve with events "
     "with respect to u0 and p only, not tspan, saveat, rtol or atol."
+)
+
+_TIMES_REVERSE = (
+    "A solve with events on backend='jax' is differentiated with respect to u0 "
+    "and p only, not tspan, saveat, rtol or atol."
 )
 
 # A condition within this many ulps of t (times its rate of change) of zero at a
@@ -567,9 +573,45 @@ def solve_events(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
 
     if isinstance(cfg.sensealg, ForwardMode):
         return _forward(cfg, ev, job)
-    times, ts = jax.lax.stop_gradient((job.times, job.ts))
-    c = _loop(cfg, ev, cfg.differentiable, job.y0, job.p, times, ts, reverse=True)
-    return _outputs(c)
+    return _reverse(cfg, ev, job)
+
+
+def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
+    """The reverse sensealgs: a custom VJP whose primal is the plain loop (a
+    jitted solve that is not differentiated pays nothing more) and whose forward
+    pass runs the differentiable segments (`_loop` with the sensealg's entry)
+    under `jax.vjp`, keeping its pullback as the residual."""
+    entry = cfg.differentiable
+
+    def differentiable(y0: Any, p: Any, times: Any, ts: Any) -> Any:
+        c = _loop(cfg, ev, entry, y0, p, times, ts, reverse=True)
+        ys, t_ev, u_ev, info, t_end = _outputs(c)
+        return (ys, t_ev, u_ev), (info, t_end)
+
+    @jax.custom_vjp
+    def solve(y0: Any, p: Any, times: Any, ts: Any) -> Any:
+        return _outputs(_loop(cfg, ev, None, y0, p, times, ts))
+
+    def fwd(y0: Any, p: Any, times: Any, ts: Any) -> Any:
+        times, ts = fixed_inputs((times, ts), _TIMES_REVERSE)
+        y0, p = jax.tree_util.tree_map(lambda x: x.value, (y0, p))
+        outs, pull, (info, t_end) = jax.vjp(
+            lambda y0, p: differentiable(y0, p, times, ts), y0, p, has_aux=True
+        )
+        return (*outs, info, t_end), pull
+
+    def bwd(pull: Any, cts: Any) -> Any:
+        cts = tuple(
+            jnp.zeros(ct.shape, cast("Any", ct).dtype)
+            if isinstance(ct, SymbolicZero)
+            else jnp.nan_to_num(ct)
+            for ct in cts[:3]
+        )
+        dy0, dp = pull(cts)
+        return (dy0, dp, None, None)
+
+    solve.defvjp(fwd, bwd, symbolic_zeros=True)
+    return solve(job.y0, job.p, job.times, job.ts)
 
 
 def program(
