@@ -304,6 +304,17 @@ def test_fixed_step_alg_is_refused():
         dk.solve(prob, "rk4", dt0=0.01, events=[GROUND])
 
 
+def test_storing_every_step_of_a_thousand_segments_is_refused_with_the_fix():
+    def loss(h0: Any) -> Any:
+        sol = dk.solve(
+            ball(h0, E), "tsit5", events=[GROUND], sensealg=dk.ReverseThroughSolver()
+        )
+        return sol.u[-1, 0]
+
+    with pytest.raises(dk.UnsupportedError, match="smaller max_events"):
+        jax.grad(loss)(H0)
+
+
 def test_condition_not_a_scalar_and_affect_of_wrong_shape_are_refused():
     prob = dk.ODEProblem(decay, [1.0, 2.0], (0.0, 1.0), {"k": 1.0, "c": 0.0})
     bad = dk.Event(lambda u, p, t: u)

@@ -53,6 +53,7 @@ import numpy as np
 import optimistix as optx
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from ..._errors import UnsupportedError
 from ..._events import Event, check_affect_output, check_condition_output
 from ..._problem import check_rhs_output
 from ._solve import (
@@ -576,6 +577,29 @@ def solve_events(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
     return _reverse(cfg, ev, job)
 
 
+# The most steps the bounded scan may keep for the backward pass with a sensealg
+# that stores every step (ReverseThroughSolver's checkpoints, InterpolatingAdjoint's
+# dense output): (max_events + 1) * max_steps of them, allocated up front.
+_MAX_STORED_STEPS = 2_000_000
+
+
+def _check_stored_steps(cfg: Config, ev: EventConfig) -> None:
+    from ..._sensealg import InterpolatingAdjoint, ReverseThroughSolver
+
+    stored = (ev.max_events + 1) * cfg.max_steps
+    every_step = isinstance(cfg.sensealg, ReverseThroughSolver | InterpolatingAdjoint)
+    if ev.all_terminal or not every_step or stored <= _MAX_STORED_STEPS:
+        return
+    raise UnsupportedError(
+        f"sensealg=dk.{type(cfg.sensealg).__name__}() keeps every step of each "
+        f"of the max_events + 1 = {ev.max_events + 1} segments of a solve with "
+        f"events that continue, up to max_steps = {cfg.max_steps} each: "
+        f"{stored:,} steps in memory (more than {_MAX_STORED_STEPS:,}). Pass a "
+        "smaller max_events (the events you expect, plus a margin) or max_steps, "
+        "or use sensealg=dk.CheckpointedAdjoint() or dk.ForwardMode()."
+    )
+
+
 def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
     """The reverse sensealgs: a custom VJP whose primal is the plain loop (a
     jitted solve that is not differentiated pays nothing more) and whose forward
@@ -593,6 +617,7 @@ def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
         return _outputs(_loop(cfg, ev, None, y0, p, times, ts))
 
     def fwd(y0: Any, p: Any, times: Any, ts: Any) -> Any:
+        _check_stored_steps(cfg, ev)
         times, ts = fixed_inputs((times, ts), _TIMES_REVERSE)
         y0, p = jax.tree_util.tree_map(lambda x: x.value, (y0, p))
         outs, pull, (info, t_end) = jax.vjp(
