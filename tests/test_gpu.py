@@ -28,9 +28,7 @@ def impacts(e: float, n: int) -> np.ndarray:
     return first + np.concatenate([[0.0], np.cumsum(2 * first * e ** np.arange(1, n))])
 
 
-EVENTS = [
-    dk.Event(lambda u, p, t: u[0], direction=-1, terminal=False, affect=bounce)
-]
+EVENTS = [dk.Event(lambda u, p, t: u[0], direction=-1, terminal=False, affect=bounce)]
 
 
 def lv(u, p, t):

@@ -112,6 +112,15 @@ SPECS: Mapping[str, BackendSpec] = {
             forward_mode_max_inputs=32,
             reference_algs=("dopri8", "kvaerno5"),
             reference_rank=1,
+            # ForwardMode differentiates every event (a loop of segments); the
+            # reverse ones solves whose events are all terminal (one segment).
+            events=(
+                "ForwardMode",
+                "ReverseThroughSolver",
+                "CheckpointedAdjoint",
+                "InterpolatingAdjoint",
+                "ContinuousAdjoint",
+            ),
             ensemble=("devices",),
         ),
         tree=_trees.jax_tree,

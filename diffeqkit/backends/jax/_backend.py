@@ -18,6 +18,7 @@ from ..._errors import (
     UnsupportedError,
     backward_failed,
 )
+from ..._events import without_event_gradients
 from ..._problem import rhs_nonfinite_error
 from ..._saveat import step_grid
 from ..._sensealg import (
@@ -35,7 +36,7 @@ from .._protocol import (
     conclude,
     conclude_ensemble,
 )
-from . import _adjoint, _checkpoint, _ensemble, _forward, _interpolating
+from . import _adjoint, _checkpoint, _ensemble, _events, _forward, _interpolating
 from ._inputs import (
     Params,
     concrete_times,
@@ -109,6 +110,8 @@ class JaxBackend:
         """
         dtype = state_dtype(req)
         method = ALGS[req.alg.name]
+        if req.events:
+            return self._solve_events(req, method, dtype)
         if is_traced(req):
             return self._solve_traced(req, method, dtype)
 
@@ -169,6 +172,72 @@ class JaxBackend:
             sensealg=req.sensealg,
         )
 
+    def _solve_events(self, req: SolveRequest, method: Method, dtype: str) -> Solution:
+        """`solve` with ``events=[...]`` (`_events`), eagerly or under a JAX
+        transformation. Under one, ``t_events[i]`` has ``max_events`` entries,
+        NaN after the events that fired, ``stats["nevents"]`` counts them, and the
+        status is a traced code (`Solution.STATUS_CODES`) whatever `throw`."""
+        if req.fixed_step:
+            raise UnsupportedError(
+                f"events=[...] on backend='jax' need an adaptive alg (they are "
+                f"located on its steps' interpolants); alg='{req.alg.name}' "
+                f"{'with adaptive=False ' if not req.adaptive else ''}steps on a "
+                "fixed grid. Use e.g. alg='tsit5' (adaptive=True)."
+            )
+        mode = "traced" if is_traced(req) else "eager"
+        (u0, inputs, scalars, ts, _), params = traced_inputs(req, dtype)
+        if mode == "eager":
+            device, put = placement(req, inputs)
+        else:
+            device, put = None, False
+        run = self._events_program(
+            req, method, dtype, u0, inputs, params, ts, device, mode
+        )
+        args = (u0, inputs, scalars, ts)
+        t, u, t_ev, u_ev, info, t_end = run(
+            *(jax.device_put(args, device) if put else args)
+        )
+        n = len(req.events)
+        if mode == "traced":
+            stats = {
+                "nfev": None,
+                "naccept": None,
+                "nreject": None,
+                "nevents": jnp.sum(info[3 : 3 + n]),
+            }
+            # The status is a traced code even with throw=True (a failure then
+            # raises when the program runs): "success" and "terminated" are
+            # both successes, told apart only at run time.
+            t_events, u_events = list(t_ev), list(u_ev)
+            return Solution(
+                t=t,
+                u=u,
+                stats=stats,
+                status=info[0],
+                backend=req.backend,
+                alg=req.alg.name,
+                sensealg=req.sensealg,
+                t_events=t_events,
+                u_events=u_events,
+            )
+        host_info = np.asarray(info)
+        code, naccept, nreject = (int(v) for v in host_info[:3])
+        per_event = [int(v) for v in host_info[3 : 3 + n]]
+        if not host_info[3 + n]:
+            raise rhs_nonfinite_error(req.t0)
+        stats = _stats(method, naccept, nreject)
+        stats["nevents"] = sum(per_event)
+        return conclude(
+            req,
+            t=t,
+            u=u,
+            stats=stats,
+            status=STATUSES[code],
+            t_reached=float(t_end),
+            t_events=[t_ev[i, :k] for i, k in enumerate(per_event)],
+            u_events=[u_ev[i, :k] for i, k in enumerate(per_event)],
+        )
+
     def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
         """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).
 
@@ -185,6 +254,8 @@ class JaxBackend:
                 "jax.grad or jax.vmap call dk.solve and differentiate it with "
                 "jax.grad or jax.vjp instead (the sensealg does the work there too)."
             )
+        if req.events:
+            return self._events_vjp(req, dtype)
         (u0, inputs, scalars, ts, grid), params = traced_inputs(req, dtype)
         device, _ = placement(req, inputs)
         run = self._program(
@@ -371,11 +442,48 @@ class JaxBackend:
 
         return sol, pull
 
+    def _events_vjp(self, req: SolveRequest, dtype: str) -> tuple[Solution, Pullback]:
+        """`dk.vjp` of a solve with events: `jax.vjp` of the solve (its events'
+        gradients are `_events`'); a failed solve's gradients are NaN."""
+        sol = self.solve(req)
+        floating = [
+            jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+            for x in jax.tree_util.tree_leaves(req.p)
+        ]
+        if not all(floating):
+            raise UnsupportedError(
+                "dk.vjp with events=[...] on backend='jax' needs p's leaves all "
+                "floating; differentiate dk.solve with jax.grad instead (static "
+                "leaves as equinox does: eqx.filter_grad)."
+            )
+        u0 = jnp.asarray(req.u0, dtype=dtype)
+        p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), req.p)
+
+        def solve_u(u0: Any, p: Any) -> Any:
+            return self.solve(dataclasses.replace(req, u0=u0, p=p, throw=False)).u
+
+        _, pull_u = jax.vjp(solve_u, u0, p)
+
+        def pull(cotangent: Any) -> tuple[Any, Any]:
+            du0, dp = pull_u(jnp.asarray(cotangent, dtype=dtype))
+            if not sol.success:
+                du0, dp = jax.tree_util.tree_map(
+                    lambda g: jnp.full_like(g, jnp.nan), (du0, dp)
+                )
+            return du0, dp
+
+        return sol, pull
+
     def loss_grad(
         self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
     ) -> tuple[Any, Any]:
         """``loss(sol)`` and its gradient with respect to ``sol.u``, by JAX."""
         del req
+        sol = without_event_gradients(
+            sol,
+            "backend='jax'",
+            "differentiate dk.solve with jax.grad, where they are differentiable",
+        )
         return jax.value_and_grad(lambda u: loss(dataclasses.replace(sol, u=u)))(sol.u)
 
     @staticmethod
@@ -446,6 +554,58 @@ class JaxBackend:
             return PROGRAMS.get(key, functools.partial(run, cfg, batch))
         run = vjp_program if mode == "vjp" else program
         return PROGRAMS.get(key, functools.partial(run, cfg))
+
+    @staticmethod
+    def _events_program(
+        req: SolveRequest,
+        method: Method,
+        dtype: str,
+        u0: Any,
+        inputs: list[Any],
+        params: Params,
+        ts: Any,
+        device: Any,
+        mode: str,
+    ) -> Callable[..., Any]:
+        """The cached compiled program of a solve with events (`_events`)."""
+        sensealg = None if mode == "eager" else req.sensealg
+        throw = req.throw if mode == "traced" else True
+        adaptive_dt0 = req.dt0 is not None
+        land = method.lands_on_saves or req.land_on_saves
+        key = (
+            "events",
+            req.events,
+            req.max_events,
+            req.f,
+            req.alg.name,
+            signature(u0),
+            params,
+            tuple(signature(x) for x in inputs),
+            len(ts),
+            req.max_steps,
+            adaptive_dt0,
+            land,
+            device,
+            mode,
+            sensealg,
+            dtype,
+            throw,
+        )
+        cfg = Config(
+            params.bind(req.f),
+            method,
+            dtype,
+            req.max_steps,
+            False,
+            adaptive_dt0,
+            land,
+            mode,
+            sensealg,
+            None if sensealg is None else SENSEALGS[type(sensealg)],
+            throw,
+        )
+        ev = _events.EventConfig(req.events, req.max_events, params.bind)
+        return PROGRAMS.get(key, functools.partial(_events.program, cfg, ev))
 
     def describe(self) -> dict[str, Any]:
         """Visible devices, JAX's default platform and whether x64 is on."""
