@@ -101,22 +101,24 @@ def test_torch_ensemble_on_cuda_matches_the_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.torch
-def test_torch_rodas4_and_compiled_engine_on_cuda(monkeypatch):
+@pytest.mark.parametrize(
+    ("alg", "engine"), [("rodas4", "eager"), ("tsit5", "compiled")]
+)
+def test_torch_rodas4_and_compiled_engine_on_cuda(monkeypatch, alg, engine):
     torch = _torch_cuda()
     p = torch.tensor([1.5, 1.0, 3.0, 1.0], dtype=torch.float64)
     u0 = torch.ones(2, dtype=torch.float64)
     saves = np.linspace(0.0, 5.0, 11)
-    for alg, env in (("rodas4", "eager"), ("tsit5", "compiled")):
-        monkeypatch.setenv("DIFFEQKIT_TORCH_ENGINE", env)
-        cpu = dk.solve(dk.ODEProblem(lv, u0, (0.0, 5.0), p), alg, saveat=saves, **TOL)
-        pc = p.cuda().requires_grad_()
-        gpu = dk.solve(
-            dk.ODEProblem(lv, u0.cuda(), (0.0, 5.0), pc), alg, saveat=saves, **TOL
-        )
-        torch.testing.assert_close(gpu.u.detach().cpu(), cpu.u, rtol=1e-8, atol=1e-10)
-        gpu.u[-1].sum().backward()
-        assert pc.grad is not None
-        assert torch.isfinite(pc.grad).all()
+    monkeypatch.setenv("DIFFEQKIT_TORCH_ENGINE", engine)
+    cpu = dk.solve(dk.ODEProblem(lv, u0, (0.0, 5.0), p), alg, saveat=saves, **TOL)
+    pc = p.cuda().requires_grad_()
+    gpu = dk.solve(
+        dk.ODEProblem(lv, u0.cuda(), (0.0, 5.0), pc), alg, saveat=saves, **TOL
+    )
+    torch.testing.assert_close(gpu.u.detach().cpu(), cpu.u, rtol=1e-8, atol=1e-10)
+    gpu.u[-1].sum().backward()
+    assert pc.grad is not None
+    assert torch.isfinite(pc.grad).all()
 
 
 @pytest.mark.gpu
