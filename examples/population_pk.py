@@ -13,9 +13,11 @@ largest relative difference below 1e-6 at rtol=1e-8); the figure
 
 ``--backend scipy`` (default; add ``--workers N`` to run the subjects in chunks
 on a Dask LocalCluster of N worker processes when dask.distributed is
-installed) or ``--backend jax`` (``vmap`` of the compiled solve).
+installed), ``--backend jax`` (``vmap`` of the compiled solve) or ``--backend
+torch`` (one batch; each subject its own step sizes, finished subjects leave
+the batch).
 
-Run: python examples/population_pk.py [--quick] [--backend scipy|jax]
+Run: python examples/population_pk.py [--quick] [--backend scipy|jax|torch]
      [--subjects N] [--workers N]
 """
 

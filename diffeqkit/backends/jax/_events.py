@@ -30,8 +30,9 @@ Under ``jax.jit`` the event outputs have static shapes: ``t_events[i]`` is
 NaN after the events that fired; an eager solve trims them to exact length.
 
 Conventions: a save time equal to an event time holds the state after the jump
-(the next segment's); a terminal event stops the solve without applying its
-affect; when several events cross in one step diffrax locates the first listed,
+(the next segment's); a terminal event applies its affect, if any, and stops
+(as on SciPy and torch: a save time there holds the state after it); when
+several events cross in one step diffrax locates the first listed,
 so a segment in which another enabled event also changed sign before that time
 is solved again up to there with only those events (the earliest fires first);
 two events crossing at the same time fire once (the other is "at zero" at the
@@ -289,7 +290,8 @@ def _jump(
 ) -> tuple[Any, Any, Any]:
     """``(tau, u_ev, u_next)`` of event `which` at `t_star` (see the module's
     docstring): the event time, the state there before its jump, and the start of
-    the next segment (`u_ev` for a terminal event)."""
+    the next segment (for a terminal event: the state after its jump, which a save
+    time at the event holds, as on every backend)."""
 
     def branch(i: int) -> Callable[[], tuple[Any, ...]]:
         e = ev.events[i]
@@ -302,8 +304,6 @@ def _jump(
             moving = tau - jax.lax.stop_gradient(tau)
             fm = jax.lax.stop_gradient(cfg.f(u_minus, p, t_star))
             u_ev = u_minus + fm * moving.astype(u_minus.dtype)
-            if e.terminal:
-                return tau, u_ev, u_ev
             u_plus = u_ev if e.affect is None else ev.bind(e.affect)(u_ev, p, tau)
             fp = jax.lax.stop_gradient(cfg.f(u_plus, p, t_star))
             return tau, u_ev, u_plus - fp * moving.astype(u_plus.dtype)
@@ -373,6 +373,10 @@ def _segment(
         seg.code,
     ).astype(jnp.int32)
     go_on = fired & room & jnp.logical_not(terminal)
+    # A save time on a terminal event holds the state after its jump (after a
+    # continuing one, the next segment starts there with it).
+    at_event = (record & terminal & (ts == t_star)).reshape((-1,) + (1,) * u_next.ndim)
+    ys = jnp.where(at_event, u_next[None], ys)
     # No event: the solve reached t1 (or failed); a terminal event or one too many
     # ends it. Saves past where it stopped stay NaN.
     n = len(ev.events)
@@ -463,8 +467,11 @@ def _loop(
     rows, u_minus = out[:-1], out[-1]
     lo, hi = jnp.minimum(times[0], t_star), jnp.maximum(times[0], t_star)
     ys = _merge(c.ys, rows, ts, lo, hi, jnp.array(True))
-    tau, u_ev, _ = _jump(cfg, ev, c.which, u_minus, p, t_star)
+    tau, u_ev, u_next = _jump(cfg, ev, c.which, u_minus, p, t_star)
     fired = c.code == _TERMINATED
+    # A save time on the terminal event holds the state after its jump.
+    at_event = (fired & (ts == t_star)).reshape((-1,) + (1,) * u_next.ndim)
+    ys = jnp.where(at_event, u_next[None], ys)
     t_ev = c.t_ev.at[c.which, 0].set(jnp.where(fired, tau, c.t_ev[c.which, 0]))
     u_ev_all = c.u_ev.at[c.which, 0].set(jnp.where(fired, u_ev, c.u_ev[c.which, 0]))
     return _Carry(
