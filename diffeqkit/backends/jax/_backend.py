@@ -162,15 +162,7 @@ class JaxBackend:
         if req.throw:
             # Only a successful solve returns at all (diffrax raises at run time).
             return conclude(req, t=t, u=u, stats=stats, status="success")
-        return Solution(
-            t=t,
-            u=u,
-            stats=stats,
-            status=info[0],
-            backend=req.backend,
-            alg=req.alg.name,
-            sensealg=req.sensealg,
-        )
+        return _traced_solution(req, t, u, stats, info[0])
 
     def _solve_events(self, req: SolveRequest, method: Method, dtype: str) -> Solution:
         """`solve` with ``events=[...]`` (`_events`), eagerly or under a JAX
@@ -208,18 +200,7 @@ class JaxBackend:
             # The status is a traced code even with throw=True (a failure then
             # raises when the program runs): "success" and "terminated" are
             # both successes, told apart only at run time.
-            t_events, u_events = list(t_ev), list(u_ev)
-            return Solution(
-                t=t,
-                u=u,
-                stats=stats,
-                status=info[0],
-                backend=req.backend,
-                alg=req.alg.name,
-                sensealg=req.sensealg,
-                t_events=t_events,
-                u_events=u_events,
-            )
+            return _traced_solution(req, t, u, stats, info[0], list(t_ev), list(u_ev))
         host_info = np.asarray(info)
         code, naccept, nreject = (int(v) for v in host_info[:3])
         per_event = [int(v) for v in host_info[3 : 3 + n]]
@@ -635,4 +616,28 @@ def _runtime_failure(err: Exception) -> bool:
     """Whether `err` is a compiled program failing at run time (not a bug of ours)."""
     return isinstance(err, jax.errors.JaxRuntimeError) or str(err).startswith(
         "INTERNAL:"
+    )
+
+
+def _traced_solution(
+    req: SolveRequest,
+    t: Any,
+    u: Any,
+    stats: dict[str, Any],
+    code: Any,
+    t_events: Any = None,
+    u_events: Any = None,
+) -> Solution:
+    """The `Solution` of a solve under a JAX transformation: its status the traced
+    code (`Solution.STATUS_CODES`), known only when the program runs."""
+    return Solution(
+        t=t,
+        u=u,
+        stats=stats,
+        status=code,
+        backend=req.backend,
+        alg=req.alg.name,
+        sensealg=req.sensealg,
+        t_events=t_events,
+        u_events=u_events,
     )

@@ -38,6 +38,7 @@ from . import (
 from ._params import param_view
 from ._solve import (
     check_inputs,
+    grad_input,
     replace_leaves,
     requires_grad,
     solve_device,
@@ -128,14 +129,14 @@ class TorchBackend:
         dtype = state_dtype(req)
         device = solve_device(req)
         check_inputs(req, dtype, device)
-        u0 = _input(req.u0, to_state, dtype, device)
+        u0 = grad_input(req.u0, to_state, dtype, device)
         # A module stays itself: its parameters are the inputs, with their own
         # requires_grad (autograd.grad leaves their .grad alone).
         p = tree_map(
             lambda x: (
                 x
                 if x is None or isinstance(x, torch.nn.Module)
-                else _input(x, to_param, dtype, device)
+                else grad_input(x, to_param, dtype, device)
             ),
             req.p,
         )
@@ -193,24 +194,6 @@ def _empty(u0: Any) -> bool:
         if not isinstance(u0, torch.Tensor)
         else u0.numel() == 0
     )
-
-
-def _input(
-    x: Any,
-    convert: Callable[..., torch.Tensor],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """An input of `dk.vjp` as a fresh tensor that requires grad: a tensor as it
-    is (its dtype and device, so its gradient has them too), anything else
-    converted as `solve` converts it. Integer values cannot require grad."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        t = x.detach()
-    else:
-        t = convert(x, dtype, device)
-    if t.is_floating_point():
-        t.requires_grad_()
-    return t
 
 
 def _cotangent(cotangent: Any, u: torch.Tensor) -> torch.Tensor:

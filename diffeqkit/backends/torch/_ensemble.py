@@ -43,6 +43,7 @@ from ._rk import (
 )
 from ._solve import (
     Setup,
+    grad_input,
     prepare,
     replace_leaves,
     solve_device,
@@ -719,16 +720,16 @@ def vjp_ensemble(
             lambda x: (
                 x
                 if x is None or isinstance(x, torch.nn.Module)
-                else _input(x, convert, dtype, device)
+                else grad_input(x, convert, dtype, device)
             ),
             tree,
         )
 
     if u0 is None:
-        base_u0, ens_u0 = _input(req.u0, to_state, dtype, device), None
+        base_u0, ens_u0 = grad_input(req.u0, to_state, dtype, device), None
         x_u0 = base_u0
     else:
-        base_u0, ens_u0 = req.u0, _input(u0, to_state, dtype, device)
+        base_u0, ens_u0 = req.u0, grad_input(u0, to_state, dtype, device)
         x_u0 = ens_u0
     if p is None:
         base_p, ens_p = tree_input(req.p, to_param), None
@@ -783,20 +784,3 @@ def vjp_ensemble(
         return grads.get(id(x_u0)), replace_leaves(p_struct, dp)
 
     return dataclasses.replace(sol, u=u.detach()), pull
-
-
-def _input(
-    x: Any,
-    convert: Callable[..., torch.Tensor],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """An input of `vjp_ensemble` as a fresh tensor that requires grad (a
-    floating tensor keeps its dtype and device; integers cannot require grad)."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        t = x.detach()
-    else:
-        t = convert(x, dtype, device)
-    if t.is_floating_point():
-        t.requires_grad_()
-    return t

@@ -31,6 +31,7 @@ __all__ = [
     "ALGS",
     "Setup",
     "finish",
+    "grad_input",
     "prepare",
     "run_steps",
     "solve_plain",
@@ -303,3 +304,21 @@ def solve_plain(req: SolveRequest) -> Solution:
     setup = prepare(req, graph=True)
     run = run_steps(req, setup)
     return finish(req, setup, run, run.u)
+
+
+def grad_input(
+    x: Any,
+    convert: Callable[..., torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """An input of `dk.vjp` as a fresh tensor that requires grad: a tensor as it
+    is (its dtype and device, so its gradient has them too), anything else
+    converted as `solve` converts it. Integer values cannot require grad."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        t = x.detach()
+    else:
+        t = convert(x, dtype, device)
+    if t.is_floating_point():
+        t.requires_grad_()
+    return t
