@@ -238,6 +238,15 @@ SHARDED = textwrap.dedent(
         assert g.u0.shape == (size, 2)
         np.testing.assert_allclose(g.u0, r.u0, rtol=1e-10)
         np.testing.assert_allclose(g.p, r.p, rtol=1e-10)
+    # Under jax.jit and jax.grad: the sharding is a constraint in the program.
+    def loss(p, devices):
+        ens = dk.EnsembleProblem(prob, u0=u0, p=p)
+        return jax.numpy.sum(dk.solve(ens, "tsit5", devices=devices, **kw).u ** 2)
+    sharded = jax.jit(jax.value_and_grad(lambda p: loss(p, jax.devices())))
+    single = jax.jit(jax.value_and_grad(lambda p: loss(p, None)))
+    (v, g), (v1, g1) = sharded(p), single(p)
+    np.testing.assert_allclose(v, v1, rtol=1e-12)
+    np.testing.assert_allclose(g, g1, rtol=1e-10)
     print("sharded ok")
     """
 )
