@@ -11,7 +11,9 @@ be vmapped). Members that finish or fail leave the batch: later steps evaluate
 the shared grid. Gradients flow by autograd through the steps (the discrete
 derivative, as ReverseThroughSolver gives for one solve; step sizes held
 fixed); `vjp_ensemble` wraps that as a pullback. ``devices=[...]`` splits the
-members into one chunk per device.
+members into one chunk per device. Implicit algs, and the continuous adjoints
+while autograd records, solve the members one by one instead (`one_by_one`),
+each by the backend's own solve, so every alg and sensealg works on ensembles.
 """
 
 from __future__ import annotations
@@ -527,30 +529,47 @@ def _rebuild(struct: Any, batched: tuple[torch.Tensor, ...]) -> Any:
     return tree_map(lambda x: None if x is None else next(it), struct)
 
 
-def _check_sensealg(req: SolveRequest, u0: Any, p: Any) -> None:
-    """Refuse a continuous sensealg when autograd records: the batched solve is
-    differentiated through its steps, which is what the discrete sensealgs
-    compute (to rounding), not what a continuous adjoint computes."""
+def one_by_one(req: SolveRequest, u0: Any, p: Any) -> bool:
+    """Whether the members are solved one by one (each its own `dk.solve`) rather
+    than in one batch: for an implicit alg, and for a continuous adjoint while
+    autograd records (the batch is differentiated through its steps, which is
+    what the discrete sensealgs compute, not what a continuous adjoint does)."""
     from .. import spec_of
 
+    if req.alg.implicit:
+        return True
     if req.sensealg is None or not torch.is_grad_enabled():
-        return
+        return False
     inputs = [req.u0, u0, *leaves(param_view(req.p)), *leaves(p)]
     if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
-        return
-    table = spec_of(req.backend).capabilities.sensealgs
-    name = type(req.sensealg).__name__
-    support = table.get(name)
-    if support is not None and support.computes == "discrete":
-        return
-    discrete = ", ".join(
-        f"dk.{n}()" for n, s in table.items() if s.computes == "discrete"
-    )
-    raise UnsupportedError(
-        f"backend='torch' differentiates an ensemble through its batched steps "
-        f"(the discrete derivative), not by sensealg=dk.{name!s}(). Pass one of "
-        f"{discrete}, or solve the members one by one with dk.solve for a "
-        "continuous adjoint."
+        return False
+    support = spec_of(req.backend).capabilities.sensealgs.get(req.sensealg.name)
+    return support is None or support.computes != "discrete"
+
+
+def _members(req: SolveRequest, u0: Any, p: Any, size: int) -> Solution:
+    """The ensemble as `size` solves of one member each, by the backend's own
+    `solve` (so every sensealg and alg it offers), stacked."""
+    from ._backend import TorchBackend
+
+    backend = TorchBackend()
+    sols = []
+    for i in range(size):
+        member = dataclasses.replace(
+            req,
+            u0=req.u0 if u0 is None else u0[i],
+            p=req.p if p is None else tree_map(lambda x, i=i: x[i], p),
+            throw=False,
+        )
+        sols.append(backend.solve(member))
+    names = ("nfev", "naccept", "nreject", "njev", "nlu")
+    stats = {k: [s.stats.get(k) for s in sols] for k in names if k in sols[0].stats}
+    return conclude_ensemble(
+        req,
+        t=sols[0].t,
+        u=torch.stack([s.u for s in sols]),
+        stats=stats,
+        status=[s.status for s in sols],
     )
 
 
@@ -559,12 +578,6 @@ def integrate(
 ) -> tuple[Setup, EnsembleRun, BatchRhs]:
     """Integrate the ensemble: its template `Setup`, the run, and the field (for
     its evaluation counts)."""
-    if req.alg.implicit:
-        raise UnsupportedError(
-            f"backend='torch' solves an ensemble with explicit algs; "
-            f"alg='{req.alg.name}' is implicit. Use an explicit alg (tsit5, "
-            "dopri5, dopri8, bosh3, or a fixed-step one), or backend='jax'."
-        )
     if req.events:
         raise UnsupportedError(
             "backend='torch' does not solve an ensemble with events; solve its "
@@ -574,7 +587,6 @@ def integrate(
         raise InvalidProblemError(
             f"the ensemble's size must be a positive int, got {size!r}."
         )
-    _check_sensealg(req, u0, p)
     setup = prepare(req, graph=True)
     y0, rhs, batched = _batch_inputs(req, setup, u0, p, size)
     if setup.y0.numel() == 0:
@@ -626,6 +638,15 @@ def solve_ensemble(
         per-member lists. With ``req.throw``, a `SolveError` naming the failing
         members when any fails (its ``solution`` has every member's result).
     """
+    if one_by_one(req, u0, p):
+        if devices is not None:
+            raise UnsupportedError(
+                f"backend='torch' splits an ensemble over devices when it runs as "
+                f"one batch; alg='{req.alg.name}' with sensealg="
+                f"dk.{req.sensealg.name}() solves the members one by one. Drop "
+                "devices=, or use an explicit alg with a discrete sensealg."
+            )
+        return _members(req, u0, p, size)
     if devices is None:
         setup, run, _ = integrate(req, u0, p, size)
     else:
