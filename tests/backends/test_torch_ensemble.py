@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 import diffeqkit as dk  # noqa: E402
 from diffeqkit._solve import build_request  # noqa: E402
+from diffeqkit.backends.torch._backend import TorchBackend  # noqa: E402
 from diffeqkit.backends.torch._ensemble import (  # noqa: E402
     integrate,
     solve_ensemble,
@@ -255,7 +256,7 @@ def test_continuous_adjoints_and_implicit_algs_solve_the_members_one_by_one(
     us, ps = members(2)
     kw = {"saveat": SAVES, "sensealg": sensealg, "rtol": 1e-8, "atol": 1e-10}
     req = build_request(lv(), alg, **kw)
-    sol, pull = vjp_ensemble(req, us, ps, 2)
+    sol, pull = vjp_ensemble(req, us, ps, 2, solve_one=TorchBackend().solve)
     assert sol.status == ("success", "success")
     cot = torch.ones_like(sol.u)
     du0, dp = pull(cot)
@@ -267,6 +268,8 @@ def test_continuous_adjoints_and_implicit_algs_solve_the_members_one_by_one(
         torch.testing.assert_close(dp[i], g.p, rtol=1e-10, atol=1e-12)
     with pytest.raises(dk.UnsupportedError, match="one by one"):
         solve_ensemble(req, us, ps.clone().requires_grad_(True), 2, devices=["cpu"])
+    with pytest.raises(dk.UnsupportedError, match=r"through dk\.solve"):
+        solve_ensemble(req, us, ps.clone().requires_grad_(True), 2)
 
 
 def test_vjp_ensemble_batched_p_and_shared_u0():

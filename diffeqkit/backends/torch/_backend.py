@@ -107,13 +107,15 @@ class TorchBackend:
     ) -> Solution:
         """`size` members in one batch, each with its own steps (`_ensemble`);
         ``devices=[...]`` splits the batch across them."""
-        return _ensemble.solve_ensemble(req, u0, p, size, **options)
+        return _ensemble.solve_ensemble(
+            req, u0, p, size, solve_one=self.solve, **options
+        )
 
     def vjp_ensemble(
         self, req: SolveRequest, u0: Any, p: Any, size: int, **options: Any
     ) -> tuple[Solution, Pullback]:
         """`solve_ensemble` and its pullback (autograd through the steps)."""
-        return _ensemble.vjp_ensemble(req, u0, p, size, **options)
+        return _ensemble.vjp_ensemble(req, u0, p, size, solve_one=self.solve, **options)
 
     def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
         """Solve, and return the pullback by ``req.sensealg`` (`dk.vjp`).

@@ -547,12 +547,20 @@ def one_by_one(req: SolveRequest, u0: Any, p: Any) -> bool:
     return support is None or support.computes != "discrete"
 
 
-def _members(req: SolveRequest, u0: Any, p: Any, size: int) -> Solution:
-    """The ensemble as `size` solves of one member each, by the backend's own
-    `solve` (so every sensealg and alg it offers), stacked."""
-    from ._backend import TorchBackend
-
-    backend = TorchBackend()
+def _members(
+    req: SolveRequest,
+    u0: Any,
+    p: Any,
+    size: int,
+    solve_one: Callable[[SolveRequest], Solution] | None,
+) -> Solution:
+    """The ensemble as `size` solves of one member each, by `solve_one` (the
+    backend's own `solve`, so every sensealg and alg it offers), stacked."""
+    if solve_one is None:
+        raise UnsupportedError(
+            f"alg='{req.alg.name}' with sensealg=dk.{req.sensealg.name}() solves "
+            "an ensemble's members one by one; call it through dk.solve."
+        )
     sols = []
     for i in range(size):
         member = dataclasses.replace(
@@ -561,7 +569,7 @@ def _members(req: SolveRequest, u0: Any, p: Any, size: int) -> Solution:
             p=req.p if p is None else tree_map(lambda x, i=i: x[i], p),
             throw=False,
         )
-        sols.append(backend.solve(member))
+        sols.append(solve_one(member))
     names = ("nfev", "naccept", "nreject", "njev", "nlu")
     stats = {k: [s.stats.get(k) for s in sols] for k in names if k in sols[0].stats}
     return conclude_ensemble(
@@ -611,6 +619,7 @@ def solve_ensemble(
     size: int,
     *,
     devices: Sequence[str] | None = None,
+    solve_one: Callable[[SolveRequest], Solution] | None = None,
 ) -> Solution:
     """Solve `size` members of the problem of `req` in one batch.
 
@@ -629,6 +638,9 @@ def solve_ensemble(
         Split the members into one contiguous chunk per device (``"cpu"``,
         ``"cuda:0"``, ...), each solved on its device in its own thread; the
         result lands on the first device. None: one batch on ``req.device``.
+    solve_one : callable, optional
+        One member's solve (the backend's `solve`), for what runs the members
+        one by one (`one_by_one`).
 
     Returns
     -------
@@ -646,7 +658,7 @@ def solve_ensemble(
                 f"dk.{req.sensealg.name}() solves the members one by one. Drop "
                 "devices=, or use an explicit alg with a discrete sensealg."
             )
-        return _members(req, u0, p, size)
+        return _members(req, u0, p, size, solve_one)
     if devices is None:
         setup, run, _ = integrate(req, u0, p, size)
     else:
@@ -720,6 +732,7 @@ def vjp_ensemble(
     size: int,
     *,
     devices: Sequence[str] | None = None,
+    solve_one: Callable[[SolveRequest], Solution] | None = None,
 ) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
     """`solve_ensemble` and its pullback ``cotangent -> (dL/du0, dL/dp)``.
 
@@ -768,6 +781,7 @@ def vjp_ensemble(
             ens_p,
             size,
             devices=devices,
+            solve_one=solve_one,
         )
     u = sol.u
     failed = [i for i, s in enumerate(sol.status) if not STATUSES[s].success]
