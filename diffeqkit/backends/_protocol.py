@@ -27,6 +27,7 @@ __all__ = [
     "SolveRequest",
     "conclude",
     "conclude_ensemble",
+    "solution",
 ]
 
 
@@ -223,6 +224,14 @@ class Backend(Protocol):
         ...
 
 
+def solution(req: SolveRequest, **fields: Any) -> Solution:
+    """A `Solution` of `req`: what ran (backend, alg, sensealg) from the request,
+    the rest (t, u, stats, status, ...) from `fields`."""
+    return Solution(
+        backend=req.backend, alg=req.alg.name, sensealg=req.sensealg, **fields
+    )
+
+
 def conclude(
     req: SolveRequest,
     *,
@@ -235,14 +244,12 @@ def conclude(
     u_events: Any = None,
 ) -> Solution:
     """Build the `Solution`; raise `SolveError` for a failure when ``req.throw``."""
-    sol = Solution(
+    sol = solution(
+        req,
         t=t,
         u=u,
         stats=stats,
         status=status,
-        backend=req.backend,
-        alg=req.alg.name,
-        sensealg=req.sensealg,
         t_events=t_events,
         u_events=u_events,
     )
@@ -264,14 +271,12 @@ def conclude(
     if steps is not None and stats.get("nreject") is not None:
         steps += stats["nreject"]
     message = solve_failed(reached, (req.t0, req.t1), status, steps, hint)
-    sol = Solution(
+    sol = solution(
+        req,
         t=t,
         u=u,
         stats=stats,
         status=status,
-        backend=req.backend,
-        alg=req.alg.name,
-        sensealg=req.sensealg,
         message=message,
         t_events=t_events,
         u_events=u_events,
@@ -300,14 +305,12 @@ def conclude_ensemble(
         if not failed
         else ensemble_failed(req, statuses, failed, t_reached)
     )
-    sol = Solution(
+    sol = solution(
+        req,
         t=t,
         u=u,
         stats=stats,
         status=statuses,
-        backend=req.backend,
-        alg=req.alg.name,
-        sensealg=req.sensealg,
         message=message,
     )
     if failed and req.throw:

@@ -35,6 +35,7 @@ from .._protocol import (
     SolveRequest,
     conclude,
     conclude_ensemble,
+    solution,
 )
 from . import _adjoint, _checkpoint, _ensemble, _events, _forward, _interpolating
 from ._inputs import (
@@ -331,15 +332,7 @@ class JaxBackend:
                 return conclude_ensemble(
                     req, t=t, u=u, stats=stats, status=["success"] * size
                 )
-            return Solution(
-                t=t,
-                u=u,
-                stats=stats,
-                status=_ensemble.trim(info, size)[:, 0],
-                backend=req.backend,
-                alg=req.alg.name,
-                sensealg=req.sensealg,
-            )
+            return _traced_solution(req, t, u, stats, _ensemble.trim(info, size)[:, 0])
         info = np.asarray(info)[:size]
         bad = np.flatnonzero(info[:, 3] == 0)
         if bad.size:
@@ -630,14 +623,6 @@ def _traced_solution(
 ) -> Solution:
     """The `Solution` of a solve under a JAX transformation: its status the traced
     code (`Solution.STATUS_CODES`), known only when the program runs."""
-    return Solution(
-        t=t,
-        u=u,
-        stats=stats,
-        status=code,
-        backend=req.backend,
-        alg=req.alg.name,
-        sensealg=req.sensealg,
-        t_events=t_events,
-        u_events=u_events,
+    return solution(
+        req, t=t, u=u, stats=stats, status=code, t_events=t_events, u_events=u_events
     )
