@@ -11,7 +11,7 @@ import scipy.sparse
 
 from ..._solution import Solution
 from ._autodiff import FINITE_DIFFERENCES, Engine, Job, Layout, Pull, engine_label
-from ._events import jump_derivatives
+from ._events import EventDerivatives, jump_derivatives
 from ._solve import (
     Counter,
     Jump,
@@ -54,7 +54,9 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     if problem.autodiff_jacobians:
         jac, label = _jacobian(problem, engine, k), engine_label(engine)
     counter = Counter()
-    jump = _jump(problem, layout, engine.name, k) if problem.req.events else None
+    # per event, per firing: d(event time)/dθ (k,) and d(state before it)/dθ (n, k)
+    fired: list[list[tuple[Any, Any]]] = [[] for _ in problem.req.events]
+    jump = _jump(problem, layout, engine.name, k, fired) if fired else None
     outcome = integrate(
         problem,
         counted(engine.forward, counter),
@@ -65,25 +67,49 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     sol = conclude_outcome(problem, outcome, counter, outcome.out[:, :n], label)
     sens = outcome.out[:, n:].reshape(problem.ts.size, n, k)
 
-    def pull(cot: Any) -> tuple[Any, Any]:
+    def pull(cot: Any, events: Any = None) -> tuple[Any, Any]:
         g = np.einsum("mi,mik->k", cot, sens)
+        if events is not None:
+            for t_cot, u_cot, found in zip(*events, fired, strict=True):
+                for j, (dt, dU) in enumerate(found):
+                    g += t_cot[j] * dt + u_cot[j] @ dU
         return g[:n].reshape(problem.shape), layout.gradient(g[n:])
 
     return sol, pull
 
 
-def _jump(problem: Problem, layout: Layout, engine: str, k: int) -> Jump:
+def _jump(
+    problem: Problem,
+    layout: Layout,
+    engine: str,
+    k: int,
+    fired: list[list[tuple[Any, Any]]],
+) -> Jump:
     """Events on ``[u, S]`` (S = du/d[u0, p], ``(n, k)``): the state jumps by the
-    affect, the sensitivities by `jump_derivatives`: ``M_u S + [0 | M_p]``."""
+    affect, the sensitivities by `jump_derivatives`: ``M_u S + [0 | M_p]``. Each
+    event kept appends the sensitivities of its time and of the state before it
+    (`EventDerivatives.sensitivities`) to ``fired[i]``."""
     n, shape = problem.n, problem.shape
+    last: list[Any] = [None]  # the derivatives of the event just seen
 
     def state(y: Any) -> Any:
         return y[:n].reshape(shape)
 
-    def apply(i: int, t: float, y: Any) -> Any:
-        u_plus, M_u, M_p = jump_derivatives(problem, layout, engine, i, t, y[:n])
-        S = M_u @ y[n:].reshape(n, k)
-        S[:, n:] += M_p
-        return np.concatenate([u_plus, S.reshape(-1)])
+    def derivatives(i: int, t: float, y: Any) -> EventDerivatives:
+        if last[0] is not None and last[0][:2] == (i, t):
+            return last[0][2]
+        return jump_derivatives(problem, layout, engine, i, t, y[:n])
 
-    return Jump(state, apply)
+    def seen(i: int, t: float, y: Any) -> None:
+        d = derivatives(i, t, y)
+        last[0] = (i, t, d)
+        fired[i].append(d.sensitivities(y[n:].reshape(n, k)))
+
+    def apply(i: int, t: float, y: Any) -> Any:
+        d = derivatives(i, t, y)
+        last[0] = None
+        S = d.M_u @ y[n:].reshape(n, k)
+        S[:, n:] += d.M_p
+        return np.concatenate([d.u_plus, S.reshape(-1)])
+
+    return Jump(state, apply, seen)
