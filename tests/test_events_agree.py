@@ -193,3 +193,132 @@ def test_ball_event_times_and_states_differentiate_as_the_closed_form(
         u_events=[np.array([[0.0, -3.0], [0.0, 0.0], [0.0, 0.0]])],
     )
     np.testing.assert_allclose(_grads(both), dh + 2 * dt2 - 3 * dv1, **tol)
+
+
+# u' = -k u stops where u falls to c: t* = ln(u0 / c) / k, so dt*/du0 = 1 / (k u0),
+# dt*/dk = -t*/k, dt*/dc = -1 / (k c); the state there is c whatever the inputs.
+
+
+def decay_kc(u, p, t):
+    return -p["k"] * u
+
+
+def level(u, p, t):
+    return u[0] - p["c"]
+
+
+LEVEL = dk.Event(level, direction=-1)
+
+
+@pytest.mark.parametrize(("backend", "sensealg"), event_sensealg_params())
+def test_decay_threshold_time_differentiates_as_the_closed_form(backend, sensealg):
+    need_gradients(backend)
+    arr = _arrays(backend)
+    u0, k, c = 2.0, 0.7, 0.5
+    prob = dk.ODEProblem(decay_kc, arr([u0]), (0.0, 5.0), {"k": arr(k), "c": arr(c)})
+    sol, pullback = dk.vjp(
+        prob,
+        "tsit5",
+        events=[LEVEL],
+        saveat=[1.0, 5.0],
+        sensealg=getattr(dk, sensealg)(),
+        **TIGHT,
+    )
+    t_star = np.log(u0 / c) / k
+    assert sol.status == "terminated"
+    np.testing.assert_allclose(float(sol.t_events[0][0]), t_star, rtol=1e-11)
+
+    def flat(grads):
+        return [float(grads.u0[0]), float(grads.p["k"]), float(grads.p["c"])]
+
+    grads = pullback(t_events=[np.ones(1)])
+    want = [1 / (k * u0), -t_star / k, -1 / (k * c)]
+    np.testing.assert_allclose(flat(grads), want, rtol=1e-8)
+    grads = pullback(u_events=[np.ones((1, 1))])
+    np.testing.assert_allclose(flat(grads), [0.0, 0.0, 1.0], rtol=1e-8, atol=1e-9)
+    # u(1) = u0 exp(-k) and the event together; the NaN row after the stop
+    # has a zero cotangent
+    cot = np.zeros((2, 1))
+    cot[0, 0] = 1.0
+    grads = pullback(cot, t_events=[np.full(1, 2.0)])
+    u1 = u0 * np.exp(-k)
+    np.testing.assert_allclose(
+        flat(grads), [u1 / u0 + 2 * want[0], -u1 + 2 * want[1], 2 * want[2]], rtol=1e-8
+    )
+
+
+def mixed_loss(sol):
+    """A loss reading sol.u and both event outputs (Array API)."""
+    xp = dk.array_namespace(sol.u)
+    return (
+        xp.sum(sol.u[:, 0] ** 2)
+        + sol.t_events[0][1] ** 2
+        + sol.u_events[0][0, 1] * sol.t_events[0][0]
+        + 0.5 * xp.sum(sol.u_events[0][1:, 1])
+    )
+
+
+@functools.cache
+def mixed_loss_differences() -> np.ndarray:
+    """d mixed_loss / d(h0, v0, e) by central differences of SciPy's solve."""
+    h = 1e-5
+
+    def value(h0, v0, e):
+        sol = dk.solve(ball("scipy", h0, e, v0), "tsit5", backend="scipy", **BALL)
+        return float(mixed_loss(sol))
+
+    x = np.array([H0, 0.0, E])
+    steps = np.eye(3) * h
+    return np.array([(value(*(x + d)) - value(*(x - d))) / (2 * h) for d in steps])
+
+
+@pytest.mark.parametrize(
+    ("backend", "sensealg"),
+    [
+        pytest.param("scipy", dk.ForwardMode(autodiff="jax"), marks=pytest.mark.scipy),
+        pytest.param(
+            "scipy", dk.CheckpointedAdjoint(autodiff="torch"), marks=pytest.mark.scipy
+        ),
+        pytest.param("torch", dk.ReverseThroughSolver(), marks=pytest.mark.torch),
+        pytest.param("torch", dk.InterpolatingAdjoint(), marks=pytest.mark.torch),
+        pytest.param("jax", dk.ForwardMode(), marks=pytest.mark.jax),
+    ],
+    ids=lambda x: x if isinstance(x, str) else type(x).__name__,
+)
+def test_value_and_grad_of_a_loss_mixing_u_and_events_matches_differences(
+    backend, sensealg
+):
+    need_gradients(backend)
+    if backend == "scipy":
+        pytest.importorskip(sensealg.autodiff)
+    value, grads = dk.value_and_grad(
+        mixed_loss, ball(backend), "tsit5", sensealg=sensealg, **BALL
+    )
+    sol = dk.solve(ball("scipy"), "tsit5", backend="scipy", **BALL)
+    np.testing.assert_allclose(float(value), float(mixed_loss(sol)), rtol=1e-10)
+    np.testing.assert_allclose(_grads(grads), mixed_loss_differences(), rtol=1e-6)
+
+
+@pytest.mark.scipy
+def test_bad_event_cotangents_are_refused_naming_the_argument():
+    need_gradients("scipy")
+    sol, pullback = dk.vjp(ball("scipy"), "tsit5", backend="scipy", **BALL)
+    n = len(sol.t_events[0])
+    cot = np.zeros(sol.u.shape)
+    with pytest.raises(dk.InvalidProblemError, match=r"t_events\[0\] must have"):
+        pullback(cot, t_events=[np.zeros(n + 1)])
+    with pytest.raises(dk.InvalidProblemError, match=r"u_events\[0\] must have"):
+        pullback(u_events=[np.zeros((n, 3))])
+    with pytest.raises(dk.InvalidProblemError, match="one entry per event"):
+        pullback(t_events=[np.zeros(n), np.zeros(n)])
+    with pytest.raises(dk.InvalidProblemError, match="one entry per event"):
+        pullback(t_events=np.zeros(n))
+    with pytest.raises(dk.InvalidProblemError, match="cotangent must have"):
+        pullback(np.zeros(3), t_events=[np.zeros(n)])
+    # None entries are zeros; nothing at all is a zero gradient
+    grads = pullback(t_events=[None], u_events=None)
+    np.testing.assert_array_equal(_grads(grads), np.zeros(3))
+    plain, pull = dk.vjp(ball("scipy"), "tsit5", backend="scipy", saveat=[0.2], **TIGHT)
+    assert plain.t_events is None
+    with pytest.raises(dk.InvalidProblemError, match="events="):
+        pull(np.zeros(plain.u.shape), t_events=[np.zeros(1)])

@@ -68,7 +68,10 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     sens = outcome.out[:, n:].reshape(problem.ts.size, n, k)
 
     def pull(cot: Any, events: Any = None) -> tuple[Any, Any]:
-        g = np.einsum("mi,mik->k", cot, sens)
+        # rows with a zero cotangent add nothing, also the NaN ones after a
+        # terminal event
+        rows = np.any(cot != 0.0, axis=1)
+        g = np.einsum("mi,mik->k", cot[rows], sens[rows])
         if events is not None:
             for t_cot, u_cot, found in zip(*events, fired, strict=True):
                 for j, (dt, dU) in enumerate(found):
