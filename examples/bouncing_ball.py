@@ -146,7 +146,7 @@ def fit(backend: str, args: argparse.Namespace) -> None:
         f"fitted e = {e:.4f} (true {TRUE_E}), loss {result.fun:.2e}, "
         f"{result.nfev} gradient evaluations"
     )
-    fit_to_impact_times(backend, found[:2] + rng.normal(scale=1e-3, size=2), args)
+    fit_to_impact_times(backend, found[:2] + rng.normal(scale=1e-3, size=2), kw, args)
 
     import matplotlib
 
@@ -167,11 +167,12 @@ def fit(backend: str, args: argparse.Namespace) -> None:
 
 
 def fit_to_impact_times(
-    backend: str, observed: np.ndarray, args: argparse.Namespace
+    backend: str, observed: np.ndarray, kw: dict, args: argparse.Namespace
 ) -> None:
     """Fit e to the first two impact times (t2 - t1 = 2 e sqrt(2 h0 / g)): the
-    loss reads ``sol.t_events``, whose gradient `dk.value_and_grad` follows."""
-    kw = dict(backend=backend, events=EVENTS, rtol=1e-9, atol=1e-11)
+    loss reads ``sol.t_events``, whose gradient `dk.value_and_grad` follows.
+    `kw` are the solve's options of the first fit (on JAX: its compiled
+    program)."""
 
     def loss(sol):
         times = sol.t_events[0][:2]  # every e in E_BOUNDS bounces twice by T1

@@ -82,21 +82,22 @@ def test_a_save_time_on_an_event_holds_the_state_after_its_jump(backend, termina
 G = 9.81
 H0, E = 1.0, 0.8
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}
-# JAX: each sensealg is a compile of several seconds; the default sensealgs run
-# in the jax session, the rest in tests_all
+# JAX: each sensealg is a compile of several seconds (tens on a busy machine);
+# the jax session runs a forward and a reverse one on the ball, tests_all the rest
 JAX_SLOW = ("ReverseThroughSolver", "InterpolatingAdjoint", "ContinuousAdjoint")
+JAX_ALL = ("ForwardMode", *JAX_SLOW, "CheckpointedAdjoint")
 
 
-def event_sensealg_params() -> list:
+def event_sensealg_params(jax_slow: tuple[str, ...] = JAX_SLOW) -> list:
     """(backend, sensealg class name) for every sensealg that a backend offers
-    with events."""
+    with events; those on JAX in `jax_slow` are marked slow."""
     return [
         pytest.param(
             b,
             name,
             id=f"{b}-{name}",
             marks=[getattr(pytest.mark, b)]
-            + ([pytest.mark.slow] if b == "jax" and name in JAX_SLOW else []),
+            + ([pytest.mark.slow] if b == "jax" and name in jax_slow else []),
         )
         for b, spec in backends.SPECS.items()
         for name in spec.capabilities.events
@@ -210,7 +211,8 @@ def level(u, p, t):
 LEVEL = dk.Event(level, direction=-1)
 
 
-@pytest.mark.parametrize(("backend", "sensealg"), event_sensealg_params())
+# (JAX's own tests check dt*/d(u0, k, c) by jax.grad with every sensealg)
+@pytest.mark.parametrize(("backend", "sensealg"), event_sensealg_params(JAX_ALL))
 def test_decay_threshold_time_differentiates_as_the_closed_form(backend, sensealg):
     need_gradients(backend)
     arr = _arrays(backend)
