@@ -11,7 +11,7 @@ import scipy.sparse
 
 from ..._solution import Solution
 from ._autodiff import FINITE_DIFFERENCES, Engine, Job, Layout, Pull, engine_label
-from ._events import EventDerivatives, jump_derivatives
+from ._events import jump_derivatives
 from ._solve import (
     Counter,
     Jump,
@@ -54,8 +54,8 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     if problem.autodiff_jacobians:
         jac, label = _jacobian(problem, engine, k), engine_label(engine)
     counter = Counter()
-    # per event, per firing: d(event time)/dθ (k,) and d(state before it)/dθ (n, k)
-    fired: list[list[tuple[Any, Any]]] = [[] for _ in problem.req.events]
+    # per event, per firing: its time and [u, S] before its jump
+    fired: list[list[tuple[float, Any]]] = [[] for _ in problem.req.events]
     jump = _jump(problem, layout, engine.name, k, fired) if fired else None
     outcome = integrate(
         problem,
@@ -66,6 +66,9 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     )
     sol = conclude_outcome(problem, outcome, counter, outcome.out[:, :n], label)
     sens = outcome.out[:, n:].reshape(problem.ts.size, n, k)
+    # per event, per firing: d(event time)/dθ (k,) and d(state before it)/dθ
+    # (n, k), computed when a pullback first asks for them
+    event_sens: list[list[tuple[Any, Any]]] = []
 
     def pull(cot: Any, events: Any = None) -> tuple[Any, Any]:
         # rows with a zero cotangent add nothing, also the NaN ones after a
@@ -73,7 +76,17 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
         rows = np.any(cot != 0.0, axis=1)
         g = np.einsum("mi,mik->k", cot[rows], sens[rows])
         if events is not None:
-            for t_cot, u_cot, found in zip(*events, fired, strict=True):
+            if not event_sens:
+                event_sens.extend(
+                    [
+                        jump_derivatives(
+                            problem, layout, engine.name, i, t, y[:n]
+                        ).sensitivities(y[n:].reshape(n, k))
+                        for t, y in found
+                    ]
+                    for i, found in enumerate(fired)
+                )
+            for t_cot, u_cot, found in zip(*events, event_sens, strict=True):
                 for j, (dt, dU) in enumerate(found):
                     g += t_cot[j] * dt + u_cot[j] @ dU
         return g[:n].reshape(problem.shape), layout.gradient(g[n:])
@@ -86,31 +99,23 @@ def _jump(
     layout: Layout,
     engine: str,
     k: int,
-    fired: list[list[tuple[Any, Any]]],
+    fired: list[list[tuple[float, Any]]],
 ) -> Jump:
     """Events on ``[u, S]`` (S = du/d[u0, p], ``(n, k)``): the state jumps by the
     affect, the sensitivities by `jump_derivatives`: ``M_u S + [0 | M_p]``. Each
-    event kept appends the sensitivities of its time and of the state before it
-    (`EventDerivatives.sensitivities`) to ``fired[i]``."""
+    event kept appends its time and ``[u, S]`` before its jump to ``fired[i]``
+    (from which `EventDerivatives.sensitivities` gives those of the event's
+    outputs)."""
     n, shape = problem.n, problem.shape
-    last: list[Any] = [None]  # the derivatives of the event just seen
 
     def state(y: Any) -> Any:
         return y[:n].reshape(shape)
 
-    def derivatives(i: int, t: float, y: Any) -> EventDerivatives:
-        if last[0] is not None and last[0][:2] == (i, t):
-            return last[0][2]
-        return jump_derivatives(problem, layout, engine, i, t, y[:n])
-
     def seen(i: int, t: float, y: Any) -> None:
-        d = derivatives(i, t, y)
-        last[0] = (i, t, d)
-        fired[i].append(d.sensitivities(y[n:].reshape(n, k)))
+        fired[i].append((t, y.copy()))
 
     def apply(i: int, t: float, y: Any) -> Any:
-        d = derivatives(i, t, y)
-        last[0] = None
+        d = jump_derivatives(problem, layout, engine, i, t, y[:n])
         S = d.M_u @ y[n:].reshape(n, k)
         S[:, n:] += d.M_p
         return np.concatenate([d.u_plus, S.reshape(-1)])
