@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ._arrays import dtype_name, is_array, is_real_number
-from ._errors import InvalidProblemError, UnsupportedError, invalid, short
+from ._errors import InvalidProblemError, invalid, short
 
 __all__ = [
     "MAX_EVENTS",
@@ -24,7 +24,6 @@ __all__ = [
     "check_condition_output",
     "crosses",
     "find_root",
-    "without_event_gradients",
 ]
 
 # The most events one solve may fire (all events together) before it stops with
@@ -367,34 +366,3 @@ def _left_zero(
     # bounces of a ball coming to rest): it fires again at t_a, which ends the
     # solve (`Fired.zeno`).
     return t_a, leaves
-
-
-class _NoGradient(list):
-    """Stands for ``t_events`` / ``u_events`` in the Solution a loss of
-    `dk.value_and_grad` sees where they carry no gradient: reading it raises."""
-
-    def __init__(self, name: str, where: str, instead: str) -> None:
-        super().__init__()
-        self.message = (
-            f"dk.value_and_grad on {where} differentiates loss(sol) through sol.u "
-            f"only; sol.{name} has no gradient there. Save the state at the times "
-            f"you need and use sol.u, or {instead}."
-        )
-
-    def _refuse(self, *args: Any) -> Any:
-        raise UnsupportedError(self.message)
-
-    __getitem__ = __iter__ = __len__ = _refuse
-
-
-def without_event_gradients(sol: Any, where: str, instead: str) -> Any:
-    """`sol` for a loss whose gradient is taken with respect to ``sol.u`` only:
-    its ``t_events`` / ``u_events`` (if any) refuse to be read, rather than
-    silently counting as constants."""
-    if sol.t_events is None:
-        return sol
-    return replace(
-        sol,
-        t_events=_NoGradient("t_events", where, instead),
-        u_events=_NoGradient("u_events", where, instead),
-    )

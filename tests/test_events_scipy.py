@@ -390,6 +390,9 @@ def test_events_backward_in_time_and_their_gradient():
         np.testing.assert_allclose(sol.u[-1], [2.0], rtol=1e-9)
         grads = pullback(np.array([[0.0], [1.0]]))
         np.testing.assert_allclose(grads.u0, [2.0 * math.exp(2.0)], rtol=1e-7)
+        # dt*/du(2): u(2) e^(2 - t*) = 0.5, t* = 2 + ln(2 u(2))
+        grads = pullback(t_events=[np.ones(1)])
+        np.testing.assert_allclose(grads.u0, [math.exp(2.0)], rtol=1e-7)
 
 
 @pytest.mark.parametrize("autodiff", ["jax", "torch"])
@@ -443,7 +446,7 @@ def test_event_derivatives_by_differences_with_the_jac_engine():
     np.testing.assert_allclose(grads.u0, [0.8 / 0.5 * math.exp(-1.7)], rtol=1e-7)
 
 
-def test_value_and_grad_refuses_a_loss_reading_event_times():
+def test_value_and_grad_of_a_loss_reading_the_event_time():
     need_gradients("scipy")
     prob, ev = _decay_dose()
     kw = {"backend": "scipy", "saveat": [2.5], "events": [ev]}
@@ -451,5 +454,54 @@ def test_value_and_grad_refuses_a_loss_reading_event_times():
     uT = 0.8 / 0.5 * 2.0 * math.exp(-0.7 * 2.5)
     np.testing.assert_allclose(value, uT**2, rtol=1e-5)
     np.testing.assert_allclose(grads.u0, [2 * uT * uT / 2.0], rtol=1e-5)
-    with pytest.raises(dk.UnsupportedError, match="t_events"):
-        dk.value_and_grad(lambda s: s.t_events[0][0], prob, "tsit5", **kw)
+    # the dose comes at t* = ln(u0 / c) / k
+    k, c, u0 = 0.7, 0.5, 2.0
+    t_star = math.log(u0 / c) / k
+    for sensealg in (dk.ForwardMode(), dk.CheckpointedAdjoint()):
+        value, grads = dk.value_and_grad(
+            lambda s: s.t_events[0][0], prob, "tsit5", sensealg=sensealg, **kw, **TIGHT
+        )
+        np.testing.assert_allclose(value, t_star, rtol=1e-9)
+        np.testing.assert_allclose(grads.u0, [1 / (k * u0)], rtol=1e-7)
+        np.testing.assert_allclose(grads.p["k"], -t_star / k, rtol=1e-7)
+        np.testing.assert_allclose(grads.p["c"], -1 / (k * c), rtol=1e-7)
+        np.testing.assert_allclose(grads.p["D"], 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("sensealg", SENSEALGS)
+def test_cotangents_of_two_events_go_to_their_own_event(sensealg):
+    need_gradients("scipy")
+    # u' = -k u; a dose D at t = 0.5 (a time event), then a stop where u falls to
+    # c: t* = 0.5 + ln(w / c) / k with w = u0 exp(-k / 2) + D, the state before
+    # the dose u0 exp(-k / 2)
+    k, c, D, u0 = 0.7, 0.5, 0.3, 2.0
+    dose = dk.Event(
+        lambda u, p, t: t - 0.5, terminal=False, affect=lambda u, p, t: u + p["D"]
+    )
+    stop = dk.Event(lambda u, p, t: u[0] - c, direction=-1)
+    p = {"k": np.array(k), "D": np.array(D)}
+    prob = dk.ODEProblem(lambda u, p, t: -p["k"] * u, np.array([u0]), (0.0, 5.0), p)
+    sol, pullback = dk.vjp(
+        prob,
+        "tsit5",
+        backend="scipy",
+        events=[dose, stop],
+        saveat=[5.0],
+        sensealg=getattr(dk, sensealg)(),
+        **TIGHT,
+    )
+    before = u0 * math.exp(-k / 2)
+    w = before + D
+    t_star = 0.5 + math.log(w / c) / k
+    np.testing.assert_allclose(sol.t_events[1], [t_star], rtol=1e-10)
+    grads = pullback(t_events=[np.ones(1), np.ones(1)])  # the dose's time is fixed
+    dw_du0, dw_dk = before / u0, -before / 2
+    np.testing.assert_allclose(grads.u0, [dw_du0 / (k * w)], rtol=1e-8)
+    np.testing.assert_allclose(grads.p["D"], 1 / (k * w), rtol=1e-8)
+    np.testing.assert_allclose(
+        grads.p["k"], dw_dk / (k * w) - math.log(w / c) / k**2, rtol=1e-8
+    )
+    grads = pullback(u_events=[np.ones((1, 1)), None])
+    np.testing.assert_allclose(grads.u0, [dw_du0], rtol=1e-8)
+    np.testing.assert_allclose(grads.p["k"], dw_dk, rtol=1e-8)
+    np.testing.assert_allclose(grads.p["D"], 0.0, atol=1e-10)

@@ -317,7 +317,7 @@ def test_events_backward_in_time_and_their_gradient(sensealg):
     np.testing.assert_allclose(dt.numpy(), [math.exp(2.0)], rtol=1e-7)
 
 
-def test_value_and_grad_refuses_a_loss_reading_event_times():
+def test_value_and_grad_of_a_loss_reading_event_times():
     prob = _ball(1.0, _f64(0.8))
     value, grads = dk.value_and_grad(
         lambda s: s.u[-1, 0], prob, "tsit5", events=[_ground()], saveat=[0.9], **TIGHT
@@ -326,5 +326,10 @@ def test_value_and_grad_refuses_a_loss_reading_event_times():
     s, v1 = 0.9 - t1, 0.8 * G * t1
     np.testing.assert_allclose(float(value), v1 * s - G * s**2 / 2, rtol=1e-9)
     np.testing.assert_allclose(grads.p["e"].item(), G * t1 * s, rtol=1e-7)
-    with pytest.raises(dk.UnsupportedError, match=r"loss\.backward"):
-        dk.value_and_grad(lambda s: s.t_events[0][0], prob, "tsit5", events=[_ground()])
+    # t2 = t1 (1 + 2 e): d/de = 2 t1, d/dh0 = (1 + 2 e) / (G t1)
+    value, grads = dk.value_and_grad(
+        lambda s: s.t_events[0][1], prob, "tsit5", events=[_ground()], **TIGHT
+    )
+    np.testing.assert_allclose(value.item(), 2.6 * t1, rtol=1e-9)
+    np.testing.assert_allclose(grads.p["e"].item(), 2 * t1, rtol=1e-8)
+    np.testing.assert_allclose(grads.u0[0].item(), 2.6 / (G * t1), rtol=1e-8)

@@ -175,8 +175,10 @@ SensealgTable = Mapping[type[Any], Callable[[JobT], ResultT]]
 
 # pullback(cotangent) -> (dL/du0, dL/dp): cotangent of shape sol.u's, in any array
 # type the backend accepts; the gradients in the backend's array type, dL/dp with
-# p's structure (None leaves stay None).
-Pullback = Callable[[Any], tuple[Any, Any]]
+# p's structure (None leaves stay None). A solve with events also takes
+# pullback(cotangent, (t_cots, u_cots)): per event, dL/d(sol.t_events[k]) and
+# dL/d(sol.u_events[k]) of those shapes (NumPy or the backend's type).
+Pullback = Callable[..., tuple[Any, Any]]
 
 
 class Backend(Protocol):
@@ -196,8 +198,11 @@ class Backend(Protocol):
 
     def loss_grad(
         self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
-    ) -> tuple[Any, Any]:
-        """``(loss(sol), d loss / d sol.u)``: the value and the cotangent."""
+    ) -> tuple[Any, Any, Any]:
+        """``(loss(sol), d loss / d sol.u, events)``: the value and the cotangents;
+        ``events`` is ``(t_cots, u_cots)``, per event ``d loss / d
+        sol.t_events[k]`` and ``d loss / d sol.u_events[k]``, for a solve with
+        events (else None)."""
         ...
 
     def solve_ensemble(

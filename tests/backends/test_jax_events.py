@@ -375,5 +375,11 @@ def test_dk_vjp_and_value_and_grad_follow_the_event():
     value, g = dk.value_and_grad(lambda s: s.u[1, 0], prob, "tsit5", **kw)
     assert float(value) == pytest.approx(height_after_first(H0, E, 1.0), rel=1e-10)
     assert float(g.p["e"]) == pytest.approx(d_e, rel=1e-7)
-    with pytest.raises(dk.UnsupportedError, match=r"jax\.grad"):
-        dk.value_and_grad(lambda s: s.t_events[0][0], prob, "tsit5", **kw)
+    # the first impact, t1 = sqrt(2 h0 / G), and the velocity there, -sqrt(2 G h0)
+    value, g = dk.value_and_grad(
+        lambda s: s.t_events[0][0] - s.u_events[0][0, 1], prob, "tsit5", **kw
+    )
+    t1 = np.sqrt(2 * H0 / G)
+    assert float(value) == pytest.approx(t1 + G * t1, rel=1e-10)
+    assert float(g.u0[0]) == pytest.approx(1 / (G * t1) + 1 / t1, rel=1e-8)
+    assert float(g.p["e"]) == pytest.approx(0.0, abs=1e-10)

@@ -18,7 +18,6 @@ from ..._errors import (
     UnsupportedError,
     backward_failed,
 )
-from ..._events import without_event_gradients
 from ..._problem import rhs_nonfinite_error
 from ..._saveat import step_grid
 from ..._sensealg import (
@@ -417,8 +416,9 @@ class JaxBackend:
         return sol, pull
 
     def _events_vjp(self, req: SolveRequest, dtype: str) -> tuple[Solution, Pullback]:
-        """`dk.vjp` of a solve with events: `jax.vjp` of the solve (its events'
-        gradients are `_events`'); a failed solve's gradients are NaN."""
+        """`dk.vjp` of a solve with events: `jax.vjp` of the solve's ``u``,
+        ``t_events`` and ``u_events`` (their gradients are `_events'`); a failed
+        solve's gradients are NaN."""
         sol = self.solve(req)
         floating = [
             jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
@@ -433,13 +433,32 @@ class JaxBackend:
         u0 = jnp.asarray(req.u0, dtype=dtype)
         p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), req.p)
 
-        def solve_u(u0: Any, p: Any) -> Any:
-            return self.solve(dataclasses.replace(req, u0=u0, p=p, throw=False)).u
+        def solve_outputs(u0: Any, p: Any) -> Any:
+            # traced: t_events[i] has max_events entries, NaN after the firings
+            traced = self.solve(dataclasses.replace(req, u0=u0, p=p, throw=False))
+            return traced.u, list(traced.t_events), list(traced.u_events)
 
-        _, pull_u = jax.vjp(solve_u, u0, p)
+        (_, t_padded, u_padded), pull_outputs = jax.vjp(solve_outputs, u0, p)
+        zeros = (
+            [jnp.zeros_like(x) for x in t_padded],
+            [jnp.zeros_like(x) for x in u_padded],
+        )
 
-        def pull(cotangent: Any) -> tuple[Any, Any]:
-            du0, dp = pull_u(jnp.asarray(cotangent, dtype=dtype))
+        def padded(cots: Any, like: Any) -> list[Any]:
+            # the firings' cotangents, zeros after them
+            return [
+                z.at[: np.shape(c)[0]].set(jnp.asarray(c, dtype=dtype))
+                for c, z in zip(cots, like, strict=True)
+            ]
+
+        def pull(cotangent: Any, events: Any = None) -> tuple[Any, Any]:
+            t_cots, u_cots = zeros
+            if events is not None:
+                t_cots, u_cots = (
+                    padded(c, z) for c, z in zip(events, zeros, strict=True)
+                )
+            cot = jnp.asarray(cotangent, dtype=dtype)
+            du0, dp = pull_outputs((cot, t_cots, u_cots))
             if not sol.success:
                 du0, dp = jax.tree_util.tree_map(
                     lambda g: jnp.full_like(g, jnp.nan), (du0, dp)
@@ -450,15 +469,25 @@ class JaxBackend:
 
     def loss_grad(
         self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
-    ) -> tuple[Any, Any]:
-        """``loss(sol)`` and its gradient with respect to ``sol.u``, by JAX."""
+    ) -> tuple[Any, Any, Any]:
+        """``loss(sol)`` and its gradients with respect to ``sol.u`` and, with
+        events, ``(sol.t_events, sol.u_events)``, by JAX."""
         del req
-        sol = without_event_gradients(
-            sol,
-            "backend='jax'",
-            "differentiate dk.solve with jax.grad, where they are differentiable",
-        )
-        return jax.value_and_grad(lambda u: loss(dataclasses.replace(sol, u=u)))(sol.u)
+        if sol.t_events is None:
+            value, cot = jax.value_and_grad(
+                lambda u: loss(dataclasses.replace(sol, u=u))
+            )(sol.u)
+            return value, cot, None
+
+        def of_outputs(outputs: Any) -> Any:
+            u, t_events, u_events = outputs
+            return loss(
+                dataclasses.replace(sol, u=u, t_events=t_events, u_events=u_events)
+            )
+
+        outputs = (sol.u, list(sol.t_events), list(sol.u_events))
+        value, (cot, t_cots, u_cots) = jax.value_and_grad(of_outputs)(outputs)
+        return value, cot, (t_cots, u_cots)
 
     @staticmethod
     def _program(

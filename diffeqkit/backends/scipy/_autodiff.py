@@ -616,7 +616,7 @@ class Job:
 
 
 # A gradient method's pullback on NumPy cotangents of shape (m, n).
-Pull = Callable[[Any], tuple[Any, Any]]
+Pull = Callable[..., tuple[Any, Any]]
 
 
 def make_engine(problem: Problem, lay: Layout) -> Engine:
@@ -764,25 +764,56 @@ def _jax_value_and_grad(loss: Callable[[Solution], Any], sol: Solution) -> Any:
     import jax.numpy as jnp
 
     t = jnp.asarray(sol.t)
+    events = sol.t_events is not None
 
-    def of_u(u: Any) -> Any:
-        return loss(dataclasses.replace(sol, u=u, t=t))
+    def of_outputs(outputs: Any) -> Any:
+        u, t_events, u_events = outputs
+        if not events:
+            return loss(dataclasses.replace(sol, u=u, t=t))
+        return loss(
+            dataclasses.replace(sol, u=u, t=t, t_events=t_events, u_events=u_events)
+        )
 
+    outputs = (
+        jnp.asarray(sol.u),
+        [jnp.asarray(x) for x in sol.t_events or ()],
+        [jnp.asarray(x) for x in sol.u_events or ()],
+    )
     # Not jitted: a loss closes over data the user may change between calls.
-    value, grad = jax.value_and_grad(of_u)(jnp.asarray(sol.u))
-    return float(value), np.asarray(grad, dtype=np.float64)
+    value, (cot, t_cots, u_cots) = jax.value_and_grad(of_outputs)(outputs)
+    grads = [[np.asarray(g, dtype=np.float64) for g in c] for c in (t_cots, u_cots)]
+    return (
+        float(value),
+        np.asarray(cot, dtype=np.float64),
+        (tuple(grads) if events else None),
+    )
 
 
 def _torch_value_and_grad(loss: Callable[[Solution], Any], sol: Solution) -> Any:
     import torch
 
-    u = torch.tensor(np.asarray(sol.u), dtype=torch.float64, requires_grad=True)
+    def leaf(x: Any) -> Any:
+        return torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True)
+
+    u = leaf(sol.u)
     t = torch.from_numpy(np.array(sol.t, dtype=np.float64))
+    events = sol.t_events is not None
+    t_events = [leaf(x) for x in sol.t_events or ()]
+    u_events = [leaf(x) for x in sol.u_events or ()]
+    fields: dict[str, Any] = {"u": u, "t": t}
+    if events:
+        fields.update(t_events=t_events, u_events=u_events)
+    inputs = [u, *t_events, *u_events]
     with torch.enable_grad():
-        value = loss(dataclasses.replace(sol, u=u, t=t))
-        (grad,) = torch.autograd.grad(value, u, allow_unused=True)
-    cot = np.zeros(u.shape) if grad is None else grad.detach().numpy()
-    return float(value.detach()), cot
+        value = loss(dataclasses.replace(sol, **fields))
+        found = torch.autograd.grad(value, inputs, allow_unused=True)
+    grads = [
+        np.zeros(tuple(x.shape)) if g is None else g.detach().numpy()
+        for x, g in zip(inputs, found, strict=True)
+    ]
+    n = len(t_events)
+    cot_events = (grads[1 : 1 + n], grads[1 + n :]) if events else None
+    return float(value.detach()), grads[0], cot_events
 
 
 _LOSS_GRADS: Mapping[str, Callable[[Callable[[Solution], Any], Solution], Any]] = {
@@ -793,9 +824,11 @@ _LOSS_GRADS: Mapping[str, Callable[[Callable[[Solution], Any], Solution], Any]] 
 
 def value_and_grad(
     loss: Callable[[Solution], Any], sol: Solution, autodiff: str | None
-) -> tuple[float, Any]:
-    """``loss(sol)`` as a float and ``d loss / d sol.u`` as NumPy, by the
-    sensealg's framework (for "jac", or None, the rule's framework)."""
+) -> tuple[float, Any, Any]:
+    """``loss(sol)`` as a float, ``d loss / d sol.u`` as NumPy, and for a solve
+    with events ``(t_cots, u_cots)``, those of ``sol.t_events`` and
+    ``sol.u_events`` (else None), by the sensealg's framework (for "jac", or
+    None, the rule's framework)."""
     if autodiff is not None and autodiff in _LOSS_GRADS:
         _require(autodiff)
         return _LOSS_GRADS[autodiff](loss, sol)

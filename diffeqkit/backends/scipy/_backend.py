@@ -9,7 +9,6 @@ import numpy as np
 import scipy
 
 from ..._arrays import to_numpy
-from ..._events import without_event_gradients
 from ..._sensealg import (
     CheckpointedAdjoint,
     ContinuousAdjoint,
@@ -77,8 +76,9 @@ class ScipyBackend:
 
         The engine that differentiates ``f`` is chosen (and checked) before the
         solve. The pullback takes a cotangent of ``sol.u``'s shape (NumPy, or any
-        array `to_numpy` reads) and returns ``du0`` (u0's shape) and ``dp`` (p's
-        structure) as NumPy float64 arrays.
+        array `to_numpy` reads), with events also ``(t_cots, u_cots)``, those of
+        ``sol.t_events`` and ``sol.u_events``, and returns ``du0`` (u0's shape)
+        and ``dp`` (p's structure) as NumPy float64 arrays.
 
         Raises
         ------
@@ -104,12 +104,21 @@ class ScipyBackend:
             sol, pull = method(job)
         rows = (problem.ts.size, problem.n)
 
-        def pullback(cotangent: Any) -> tuple[Any, Any]:
+        def pullback(cotangent: Any, events: Any = None) -> tuple[Any, Any]:
             if not sol.success:  # no derivative: NaN, as on every backend
                 nan = np.full(layout.size, np.nan)
                 return np.full(problem.shape, np.nan), layout.gradient(nan)
             cot = np.asarray(to_numpy(cotangent), dtype=np.float64).reshape(rows)
-            return pull(cot)
+            if events is None:
+                return pull(cot)
+            t_cots, u_cots = events
+            return pull(
+                cot,
+                (
+                    [_numpy(c).reshape(-1) for c in t_cots],
+                    [_numpy(c).reshape(-1, problem.n) for c in u_cots],
+                ),
+            )
 
         return sol, pullback
 
@@ -143,15 +152,12 @@ class ScipyBackend:
 
     def loss_grad(
         self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
-    ) -> tuple[Any, Any]:
-        """``loss(sol)`` as a float and its gradient with respect to ``sol.u`` as
-        NumPy, by the sensealg's ``autodiff`` framework (JAX or PyTorch).
-
-        The pullback takes a cotangent of ``sol.u`` only, so a loss may not read
-        ``t_events`` / ``u_events`` (they would count as constants): reading them
-        raises `UnsupportedError`.
-        """
-        sol = without_event_gradients(
-            sol, "backend='scipy'", "use backend='torch', where they are differentiable"
-        )
+    ) -> tuple[Any, Any, Any]:
+        """``loss(sol)`` as a float and its gradients with respect to ``sol.u``
+        and, with events, ``(sol.t_events, sol.u_events)`` as NumPy, by the
+        sensealg's ``autodiff`` framework (JAX or PyTorch)."""
         return value_and_grad(loss, sol, getattr(req.sensealg, "autodiff", None))
+
+
+def _numpy(x: Any) -> Any:
+    return np.asarray(to_numpy(x), dtype=np.float64)

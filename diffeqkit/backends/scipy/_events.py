@@ -16,7 +16,7 @@ from ..._solution import Solution
 from ._autodiff import Job, Layout, Pull
 from ._solve import Problem, solve
 
-__all__ = ["jump_derivatives", "vjp"]
+__all__ = ["EventDerivatives", "jump_derivatives", "vjp"]
 
 # Relative step of the central differences that differentiate conditions and
 # affects (about the cube root of float64's epsilon: truncation and rounding
@@ -66,12 +66,48 @@ def _jacobian(
     return _differences(of_numpy, z)
 
 
+@dataclasses.dataclass(frozen=True)
+class EventDerivatives:
+    """The derivatives of one event (`jump_derivatives`), with respect to the
+    flat state ``u`` before it (at the event's time, held fixed) and to p's
+    floating values ``q``.
+
+    `u_plus` is the state the flow restarts from; `M_u` (``(n, n)``) and `M_p`
+    (``(n, P)``) its derivatives; the event time moves by ``dt = a . du + b .
+    dq``; `f_minus` is ``f(u-)``, at which the state before the jump moves with
+    the time: ``dU = du + f_minus dt``.
+    """
+
+    u_plus: Any
+    M_u: Any
+    M_p: Any
+    a: Any
+    b: Any
+    f_minus: Any
+
+    def sensitivities(self, S: Any) -> tuple[Any, Any]:
+        """Forward: from ``S = du/dθ`` (``(n, k)``, θ = (u0, q), q last) the
+        event time's ``dt/dθ`` (``(k,)``) and the state's ``dU/dθ`` (``(n, k)``)."""
+        n = self.a.size
+        dt = self.a @ S
+        dt[n:] += self.b
+        return dt, S + np.outer(self.f_minus, dt)
+
+    def pull_outputs(self, cot_t: float, cot_u: Any) -> tuple[Any, Any]:
+        """Reverse: the cotangents ``dL/dt*`` and ``dL/dU`` (``(n,)``) of the event
+        time and the state before the jump, as cotangents of the state ``u``
+        before it (at the fixed time) and of ``q``: with ``s = dL/dt* + f_minus .
+        dL/dU``, ``(dL/dU + a s, b s)``."""
+        s = cot_t + self.f_minus @ cot_u
+        return cot_u + self.a * s, self.b * s
+
+
 def jump_derivatives(
     problem: Problem, layout: Layout, engine: str, i: int, t: float, u: Any
-) -> tuple[Any, Any, Any]:
-    """Event `i` at `t` from the flat state `u` (before it): ``(u+, M_u, M_p)``,
-    the state the flow restarts from and its derivatives with respect to the
-    state before the event and to p's floating values (``(n, n)``, ``(n, P)``).
+) -> EventDerivatives:
+    """Event `i` at `t` from the flat state `u` (before it): the state the flow
+    restarts from, its derivatives with respect to the state before the event
+    and to p's floating values, and how the event time moves (`EventDerivatives`).
 
     With g the condition and A the affect (identity without one), the event time
     moves by ``dt = a . du + b . dp``, ``a = -g_u / r``, ``b = -g_p / r``, ``r =
@@ -100,12 +136,19 @@ def jump_derivatives(
     rate = dg[:n] @ f_minus + dg[-1]
     a, b = -dg[:n] / rate, -dg[n : n + size] / rate
     if event.affect is None:
-        return u.copy(), np.eye(n), np.zeros((n, size))
+        return EventDerivatives(u.copy(), np.eye(n), np.zeros((n, size)), a, b, f_minus)
     affect = cast("Callable[..., Any]", event.affect)
     A = _jacobian(affect, z, split, engine)
     u_plus = np.asarray(affect(u.reshape(shape), p, t), dtype=np.float64).reshape(-1)
     c = A[:, :n] @ f_minus + A[:, -1] - rhs(u_plus)
-    return u_plus, A[:, :n] + np.outer(c, a), A[:, n : n + size] + np.outer(c, b)
+    return EventDerivatives(
+        u_plus,
+        A[:, :n] + np.outer(c, a),
+        A[:, n : n + size] + np.outer(c, b),
+        a,
+        b,
+        f_minus,
+    )
 
 
 def _flat(layout: Layout, tree: Any) -> Any:
@@ -125,6 +168,7 @@ class _Segment:
     rows: list[int]  # the rows of the solve's save times it saves
     pull: Pull
     event: int | None  # the event at its end (None: it ends at t1)
+    firing: int  # which firing of that event (its index in sol.t_events[event])
     t_end: float
     u_end: Any  # the state at its end (flat), before the event
 
@@ -151,6 +195,7 @@ def vjp(
     t1 = float(problem.t1)
     direction = 1.0 if problem.t1 > problem.t0 else -1.0
     segments: list[_Segment] = []
+    jumps: list[EventDerivatives | None] = []  # the event at each segment's end
     t_s, u_s = problem.t0, problem.u0.reshape(-1)
     last_event: int | None = None
     for t_e, i, j in [*fired, (t1, None, None)]:
@@ -171,19 +216,14 @@ def vjp(
         else:  # an event where the segment starts: nothing to integrate
             seg_pull = _identity_pull(problem, layout)
         u_end = sol.u_events[i][j].reshape(-1) if i is not None else None
-        segments.append(_Segment(rows, seg_pull, i, t_e, u_end))
+        segments.append(_Segment(rows, seg_pull, i, j or 0, t_e, u_end))
         if i is None:
+            jumps.append(None)
             break
-        u_s = jump_derivatives(problem, layout, job.engine.name, i, t_e, u_end)[0]
+        jump = jump_derivatives(problem, layout, job.engine.name, i, t_e, u_end)
+        jumps.append(jump)
+        u_s = jump.u_plus
         t_s, last_event = t_e, i
-    jumps = [
-        None
-        if seg.event is None
-        else jump_derivatives(
-            problem, layout, job.engine.name, seg.event, seg.t_end, seg.u_end
-        )[1:]
-        for seg in segments
-    ]
     # A save time on a terminal event holds the state after its jump.
     tail = [
         r
@@ -191,7 +231,7 @@ def vjp(
         if segments[-1].event is not None and s == segments[-1].t_end
     ]
 
-    def pull(cot: Any) -> tuple[Any, Any]:
+    def pull(cot: Any, events: Any = None) -> tuple[Any, Any]:
         lam = np.zeros(n)  # the cotangent of the state after the current event
         for r in tail:
             lam = lam + cot[r]
@@ -200,9 +240,16 @@ def vjp(
         for seg, jump in zip(reversed(segments), reversed(jumps), strict=True):
             end = np.zeros(n)
             if jump is not None:
-                M_u, M_p = jump
-                end = M_u.T @ lam
-                dp += M_p.T @ lam
+                end = jump.M_u.T @ lam
+                dp += jump.M_p.T @ lam
+                if events is not None and seg.event is not None:
+                    t_cots, u_cots = events  # (k,) and (k, n) per event
+                    d_end, d_q = jump.pull_outputs(
+                        float(t_cots[seg.event][seg.firing]),
+                        u_cots[seg.event][seg.firing],
+                    )
+                    end += d_end
+                    dp += d_q
             rows = cot[seg.rows] if seg.rows else np.zeros((0, n))
             if not (seg.rows and ts[seg.rows[-1]] == seg.t_end):
                 rows = np.concatenate([rows, end[None]])  # `_segment` added t_end

@@ -409,11 +409,13 @@ class Jump:
     state with more, such as forward sensitivities).
 
     `state(y)` is the state in u0's shape; `apply(i, t, y)` is ``y`` after event
-    ``i``'s affect at `t` (called only for events with an affect).
+    ``i``'s affect at `t` (called only for events with an affect); `seen(i, t,
+    y)`, if given, is told every event kept, with ``y`` before its jump.
     """
 
     state: Callable[[Any], Any]
     apply: Callable[[int, float, Any], Any]
+    seen: Callable[[int, float, Any], None] | None = None
 
 
 def plain_jump(problem: Problem) -> Jump:
@@ -504,6 +506,8 @@ def integrate(
             if not tracker.record(fired, jump.state(y).copy()):
                 status, t_reached = "too_many_events", t
                 break
+            if jump.seen is not None:
+                jump.seen(fired.index, t, y)
             event = req.events[fired.index]
             if event.affect is not None:
                 y = jump.apply(fired.index, t, y)

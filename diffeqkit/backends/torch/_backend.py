@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._events import without_event_gradients
 from ..._pytree import leaves, tree_map
 from ..._sensealg import (
     CheckpointedAdjoint,
@@ -148,16 +147,33 @@ class TorchBackend:
             sol = self.solve(dataclasses.replace(req, u0=u0, p=p))
         u = sol.u
 
-        def pull(cotangent: Any) -> tuple[Any, Any]:
+        def pull(cotangent: Any, events: Any = None) -> tuple[Any, Any]:
             ct = _cotangent(cotangent, u)
             if not sol.success:  # no derivative: NaN, as on every backend
                 nan = {id(x): torch.full_like(x, torch.nan) for x in inputs}
                 dp = [None if x is None else nan.get(id(x)) for x in p_leaves]
                 return nan[id(u0)], replace_leaves(req.p, dp)
+            # the outputs that carry a graph, with their cotangents
+            kept = [(u, ct)] if u.requires_grad else []
+            if events is not None:
+                for found, given in zip(
+                    (sol.t_events, sol.u_events), events, strict=True
+                ):
+                    kept += [
+                        (x, _cotangent(c, x))
+                        for x, c in zip(found, given, strict=True)
+                        if x.requires_grad
+                    ]
             # A failed solve under ContinuousAdjoint has no graph (see _adjoint).
             found = (
-                torch.autograd.grad(u, inputs, ct, retain_graph=True, allow_unused=True)
-                if u.requires_grad
+                torch.autograd.grad(
+                    [x for x, _ in kept],
+                    inputs,
+                    [c for _, c in kept],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                if kept
                 else (None,) * len(inputs)
             )
             grads = {
@@ -167,23 +183,41 @@ class TorchBackend:
             dp = [None if x is None else grads.get(id(x)) for x in p_leaves]
             return grads[id(u0)], replace_leaves(param_view(req.p), dp)
 
-        return dataclasses.replace(sol, u=u.detach()), pull
+        detached = dataclasses.replace(sol, u=u.detach())
+        if sol.t_events is not None:
+            detached = dataclasses.replace(
+                detached,
+                t_events=[x.detach() for x in sol.t_events],
+                u_events=[x.detach() for x in sol.u_events],
+            )
+        return detached, pull
 
     def loss_grad(
         self, loss: Callable[[Solution], Any], sol: Solution, req: SolveRequest
-    ) -> tuple[Any, Any]:
-        """``loss(sol)`` and its gradient with respect to ``sol.u``, by autograd."""
+    ) -> tuple[Any, Any, Any]:
+        """``loss(sol)`` and its gradients with respect to ``sol.u`` and, with
+        events, ``(sol.t_events, sol.u_events)``, by autograd."""
         del req
-        sol = without_event_gradients(
-            sol,
-            "backend='torch'",
-            "call loss.backward() through dk.solve, where they are differentiable",
-        )
         u = sol.u.detach().requires_grad_()
+        if sol.t_events is None:
+            with torch.enable_grad():
+                value = loss(dataclasses.replace(sol, u=u))
+                (cotangent,) = torch.autograd.grad(value, u)
+            return value.detach(), cotangent, None
+        t_events = [x.detach().requires_grad_() for x in sol.t_events]
+        u_events = [x.detach().requires_grad_() for x in sol.u_events]
+        inputs = [u, *t_events, *u_events]
         with torch.enable_grad():
-            value = loss(dataclasses.replace(sol, u=u))
-            (cotangent,) = torch.autograd.grad(value, u)
-        return value.detach(), cotangent
+            value = loss(
+                dataclasses.replace(sol, u=u, t_events=t_events, u_events=u_events)
+            )
+            found = torch.autograd.grad(value, inputs, allow_unused=True)
+        grads = [
+            torch.zeros_like(x) if g is None else g
+            for x, g in zip(inputs, found, strict=True)
+        ]
+        n = len(t_events)
+        return value.detach(), grads[0], (grads[1 : 1 + n], grads[1 + n :])
 
     def describe(self) -> dict[str, Any]:
         """Visible devices and torch's intra-op thread count."""
