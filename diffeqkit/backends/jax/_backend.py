@@ -707,7 +707,9 @@ class JaxBackend:
             None if sensealg is None else SENSEALGS[type(sensealg)],
             throw,
         )
-        ev = _events.EventConfig(req.events, req.max_events, params.bind)
+        ev = _events.EventConfig(
+            req.events, req.max_events, params.bind, batched=batch is not None
+        )
         if batch is not None:
             run = functools.partial(_ensemble.batched_events_program, cfg, ev, batch)
             return PROGRAMS.get(key, run)

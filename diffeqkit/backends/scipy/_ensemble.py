@@ -91,6 +91,9 @@ def vjp_ensemble(
 
     def pullback(cotangent: Any) -> tuple[Any, Any]:
         cot = np.asarray(to_numpy(cotangent), dtype=np.float64)
+        # Rows not reached (after a terminal event, or a failure) carry no
+        # derivative: their cotangent is unused, as on torch and JAX.
+        cot = np.where(np.isnan(sol.u), 0.0, cot)
         if local:
             grads = run(
                 executor,

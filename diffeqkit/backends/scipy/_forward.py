@@ -64,6 +64,10 @@ def vjp(job: Job) -> tuple[Solution, Pull]:
     )
     sol = conclude_outcome(problem, outcome, counter, outcome.out[:, :n], label)
     sens = outcome.out[:, n:].reshape(problem.ts.size, n, k)
+    # Rows not reached (after a terminal event) are NaN and carry no derivative,
+    # as with the adjoints: their cotangent must not turn the gradient into NaN.
+    # (A failed solve's gradient is NaN in the backend's pullback.)
+    sens = np.where(np.isnan(sens), 0.0, sens)
 
     def pull(cot: Any) -> tuple[Any, Any]:
         g = np.einsum("mi,mik->k", cot, sens)
