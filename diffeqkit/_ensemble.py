@@ -232,11 +232,6 @@ def ensemble_request(
     }
     solve_kwargs.pop("devices", None)
     solve_kwargs.pop("executor", None)
-    if solve_kwargs.get("events"):
-        raise UnsupportedError(
-            "events=[...] are not available for an EnsembleProblem yet; solve the "
-            "members one by one (ens.member(i)) to use events."
-        )
     req = build_request(ens.template, alg, **solve_kwargs)
     offered = backends.SPECS[req.backend].capabilities.ensemble
     for name in options:

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._arrays import dtype_name, is_array, is_real_number
+from array_api_compat import device
+
+from ._arrays import array_namespace, dtype_name, is_array, is_real_number
 from ._errors import InvalidProblemError, invalid, short
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "check_condition_output",
     "crosses",
     "find_root",
+    "stack_members",
 ]
 
 # The most events one solve may fire (all events together) before it stops with
@@ -366,3 +369,33 @@ def _left_zero(
     # bounces of a ball coming to rest): it fires again at t_a, which ends the
     # solve (`Fired.zeno`).
     return t_a, leaves
+
+
+def stack_members(
+    t_events: Sequence[Sequence[Any]], u_events: Sequence[Sequence[Any]]
+) -> tuple[list[Any], list[Any]]:
+    """An ensemble's events from its members': per event ``k``, the times of
+    shape ``(B, n_k)`` and the states of shape ``(B, n_k, *u0.shape)``, ``n_k``
+    the most any member fired it, NaN after each member's own (the layout of
+    `dk.solve` of an ensemble, as JAX pads under ``jax.jit``).
+
+    `t_events[i]` / `u_events[i]` are member ``i``'s ``Solution.t_events`` /
+    ``u_events`` (1-D times, states ``(c, *u0.shape)``), in one array type
+    (NumPy or torch; differentiable where the members' are)."""
+    xp = array_namespace(u_events[0][0])
+    times: list[Any] = []
+    states: list[Any] = []
+    for k in range(len(t_events[0])):
+        n = max(int(member[k].shape[0]) for member in t_events)
+        times.append(xp.stack([_pad(xp, member[k], n) for member in t_events]))
+        states.append(xp.stack([_pad(xp, member[k], n) for member in u_events]))
+    return times, states
+
+
+def _pad(xp: Any, x: Any, n: int) -> Any:
+    """`x` grown to `n` rows with rows of NaN."""
+    extra = n - int(x.shape[0])
+    if extra == 0:
+        return x
+    nan = xp.full((extra, *x.shape[1:]), math.nan, dtype=x.dtype, device=device(x))
+    return xp.concat([x, nan], axis=0)

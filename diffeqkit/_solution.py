@@ -144,7 +144,10 @@ class Solution:
         With ``events=[...]``: per event, in the order given, the times where it
         fired (1-D array) and the states there before its jump (shape ``(k,
         *u0.shape)``). None for a solve without events. Saved rows after a
-        terminal event are NaN, as for a failed solve.
+        terminal event are NaN, as for a failed solve. For an ensemble, per
+        event, shapes ``(B, n)`` and ``(B, n, *u0.shape)`` with ``n`` the most
+        any member fired it, each member's row NaN after its own events (``n =
+        max_events`` under ``jax.jit``).
     """
 
     STATUS_CODES: ClassVar[tuple[str, ...]] = STATUS_CODES

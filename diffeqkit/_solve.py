@@ -95,11 +95,14 @@ def solve(
     events : list of dk.Event, optional
         Zero crossings of conditions that stop the solve or apply a jump and
         continue (`dk.Event`); where they fired is in ``Solution.t_events`` and
-        ``Solution.u_events``. Gradients follow the event times.
+        ``Solution.u_events``. Gradients follow the event times. On an
+        ensemble each member has its own events (a terminal one stops only its
+        member); ``t_events[k]`` then has shape ``(B, n_k)``, NaN-padded.
     max_events : int, default 1000
         The most events that may fire in one solve (all events together); one
         more stops it with status ``"too_many_events"`` (a chattering, Zeno,
-        event ends with `SolveError`, never a hang).
+        event ends with `SolveError`, never a hang). On an ensemble: per
+        member.
     devices : list, optional
         Ensembles only: the devices to split the members over (JAX: a list of
         ``jax.Device`` or names such as ``"cuda:0"``; the batch is sharded over a
@@ -120,7 +123,7 @@ def solve(
         ``"torch"`` or ``"finite differences"``).
         For an `EnsembleProblem` with ``B`` members: ``u`` of shape ``(B, m,
         *u0.shape)``, ``status`` a tuple of one status per member, ``success`` a
-        bool array, each ``stats`` entry a list per member.
+        bool array, each ``stats`` entry a list per member (``nevents`` too).
 
     Raises
     ------

@@ -182,15 +182,6 @@ def test_executor_must_be_an_executor():
         dk.solve(ens, backend="scipy", executor=object())
 
 
-@pytest.mark.scipy
-def test_events_are_refused_for_ensembles():
-    need("scipy")
-    ens = dk.EnsembleProblem(lv_problem(), u0=np.ones((2, 2)))
-    event = dk.Event(lambda u, p, t: u[0] - 2.0)
-    with pytest.raises(dk.UnsupportedError, match=r"events=.* EnsembleProblem"):
-        dk.solve(ens, backend="scipy", events=[event])
-
-
 SCIPY_SENSEALGS = list(dk.backends.SPECS["scipy"].capabilities.sensealgs)
 
 

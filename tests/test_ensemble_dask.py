@@ -75,6 +75,35 @@ def test_members_on_the_cluster_equal_the_serial_solve_in_order(client):
     assert len(dk.backends.scipy._ensemble.chunks(50, 2)) > 2
 
 
+def prey_high(u, p, t):  # the prey crossing 1.2 (module-level: pickled by name)
+    return u[0] - 1.2
+
+
+def halve_prey(u, p, t):
+    xp = dk.array_namespace(u)
+    return xp.stack([0.5 * u[0], u[1]])
+
+
+def test_events_on_the_cluster_equal_the_serial_ones(client):
+    need_gradients("scipy")
+    ens = lv_ensemble(12, seed=2)
+    event = dk.Event(prey_high, direction=1, terminal=False, affect=halve_prey)
+    kw = {"backend": "scipy", "saveat": SAVES, "events": [event], **TOL}
+    serial = dk.solve(ens, "dopri5", **kw)
+    remote = dk.solve(ens, "dopri5", executor=client, **kw)
+    np.testing.assert_array_equal(remote.u, serial.u)
+    np.testing.assert_array_equal(remote.t_events[0], serial.t_events[0])
+    np.testing.assert_array_equal(remote.u_events[0], serial.u_events[0])
+    assert remote.stats == serial.stats
+    assert len(set(serial.stats["nevents"])) > 1  # members fire it differently
+    sol, pull = dk.vjp(ens, "dopri5", executor=client, **kw)
+    _, ref_pull = dk.vjp(ens, "dopri5", **kw)
+    cot = np.random.default_rng(3).normal(size=sol.u.shape)
+    got, want = pull(cot), ref_pull(cot)
+    np.testing.assert_allclose(got.u0, want.u0, rtol=1e-12)
+    np.testing.assert_allclose(got.p, want.p, rtol=1e-12)
+
+
 def test_gradients_on_the_cluster_equal_the_serial_ones(client):
     need_gradients("scipy")
     ens = lv_ensemble(20, seed=1)

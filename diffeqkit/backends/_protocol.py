@@ -299,10 +299,13 @@ def conclude_ensemble(
     stats: dict[str, Any],
     status: Sequence[str],
     t_reached: Sequence[float] | None = None,
+    t_events: Any = None,
+    u_events: Any = None,
 ) -> Solution:
     """The `Solution` of an ensemble: ``status`` a tuple of per-member names,
-    ``stats`` per-member lists; raise `SolveError` naming the failed members
-    when ``req.throw`` and any failed."""
+    ``stats`` per-member lists, `t_events` / `u_events` per event with the
+    member axis first (`diffeqkit._events.stack_members`); raise `SolveError`
+    naming the failed members when ``req.throw`` and any failed."""
     statuses = tuple(status)
     failed = [i for i, s in enumerate(statuses) if not STATUSES[s].success]
     message = (
@@ -317,6 +320,8 @@ def conclude_ensemble(
         stats=stats,
         status=statuses,
         message=message,
+        t_events=t_events,
+        u_events=u_events,
     )
     if failed and req.throw:
         raise SolveError(message, sol)

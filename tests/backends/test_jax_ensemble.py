@@ -278,3 +278,100 @@ def test_devices_must_be_a_list_of_devices():
         dk.solve(ens, backend="jax", devices="cpu:0")
     with pytest.raises(dk.UnsupportedError, match="cpu:7"):
         dk.solve(ens, backend="jax", devices=["cpu:7"])
+
+
+# ---------------------------------------------------------------------------------
+# Events (the members' equality with their own solves, every backend, is in
+# tests/test_ensemble_events.py).
+# ---------------------------------------------------------------------------------
+
+G = 9.81
+
+
+def ball(u, p, t):  # u = (height, velocity), p = (g, e)
+    xp = dk.array_namespace(u)
+    return xp.stack([u[1], -p[0] + 0.0 * u[0]])
+
+
+def bounce(u, p, t):
+    xp = dk.array_namespace(u)
+    return xp.stack([u[0], -p[1] * u[1]])
+
+
+GROUND = dk.Event(lambda u, p, t: u[0], direction=-1, terminal=False, affect=bounce)
+EV_KW = {
+    "backend": "jax",
+    "events": [GROUND],
+    "max_events": 4,
+    "rtol": 1e-10,
+    "atol": 1e-12,
+}
+
+
+def drops(calls):
+    """``h0 -> first impact times`` under jax.jit: an ensemble of balls dropped
+    from heights `h0`, counting the traces of f in `calls`."""
+    import jax
+    import jax.numpy as jnp
+
+    def counted(u, p, t):
+        calls["n"] += 1
+        return ball(u, p, t)
+
+    prob = dk.ODEProblem(counted, np.array([1.0, 0.0]), (0.0, 1.0), np.array([G, 0.8]))
+
+    @jax.jit
+    def run(h0):
+        u0 = jnp.stack([h0, jnp.zeros_like(h0)], axis=1)
+        sol = dk.solve(dk.EnsembleProblem(prob, u0=u0), "tsit5", **EV_KW)
+        return sol.t_events[0], sol.u_events[0], sol.stats["nevents"], sol.status
+
+    return run
+
+
+def test_events_under_jit_trace_once_with_static_shapes():
+    need("jax")
+    import jax.numpy as jnp
+
+    calls = {"n": 0}
+    run = drops(calls)
+    t_ev, u_ev, nevents, status = run(jnp.array([1.0, 0.3]))
+    traced = calls["n"]
+    assert traced > 0
+    # (B, max_events) and (B, max_events, 2), NaN after each member's events
+    assert t_ev.shape == (2, 4)
+    assert u_ev.shape == (2, 4, 2)
+    assert np.asarray(nevents).tolist() == [1, 3]  # impacts before t = 1
+    assert np.isnan(np.asarray(t_ev[0, 1:])).all()
+    assert np.isfinite(np.asarray(t_ev[1, :3])).all()
+    assert [dk.Solution.STATUS_CODES[int(c)] for c in status] == ["success"] * 2
+    np.testing.assert_allclose(t_ev[:, 0], np.sqrt(2 * np.array([1.0, 0.3]) / G))
+    t_ev2, *_ = run(jnp.array([0.8, 0.5]))
+    assert calls["n"] == traced  # new values, the same compiled program
+    np.testing.assert_allclose(t_ev2[:, 0], np.sqrt(2 * np.array([0.8, 0.5]) / G))
+
+
+def test_events_on_one_device_equal_the_plain_ensemble():
+    need("jax")
+    import jax
+
+    prob = dk.ODEProblem(ball, np.array([1.0, 0.0]), (0.0, 1.0), np.array([G, 0.8]))
+    ens = dk.EnsembleProblem(prob, u0=np.array([[1.0, 0.0], [0.3, 0.0], [0.6, 0.0]]))
+    plain = dk.solve(ens, "tsit5", **EV_KW)
+    split = dk.solve(ens, "tsit5", devices=jax.devices()[:1], **EV_KW)
+    np.testing.assert_array_equal(split.u, plain.u)
+    np.testing.assert_array_equal(split.t_events[0], plain.t_events[0])
+    assert split.stats == plain.stats
+
+
+@pytest.mark.slow  # the differentiated program: about a minute to compile
+def test_jax_grad_of_member_event_times_matches_the_closed_form():
+    need("jax")
+    import jax
+    import jax.numpy as jnp
+
+    run = drops({"n": 0})
+    h0 = jnp.array([1.0, 0.3])
+    # first impact: t* = sqrt(2 h0 / g), dt*/dh0 = 1 / sqrt(2 g h0)
+    grad = jax.grad(lambda h: jnp.sum(run(h)[0][:, 0]))(h0)
+    np.testing.assert_allclose(grad, 1.0 / np.sqrt(2 * G * np.asarray(h0)), rtol=1e-9)

@@ -169,13 +169,7 @@ class JaxBackend:
         transformation. Under one, ``t_events[i]`` has ``max_events`` entries,
         NaN after the events that fired, ``stats["nevents"]`` counts them, and the
         status is a traced code (`Solution.STATUS_CODES`) whatever `throw`."""
-        if req.fixed_step:
-            raise UnsupportedError(
-                f"events=[...] on backend='jax' need an adaptive alg (they are "
-                f"located on its steps' interpolants); alg='{req.alg.name}' "
-                f"{'with adaptive=False ' if not req.adaptive else ''}steps on a "
-                "fixed grid. Use e.g. alg='tsit5' (adaptive=True)."
-            )
+        _check_adaptive(req)
         mode = "traced" if is_traced(req) else "eager"
         (u0, inputs, scalars, ts, _), params = traced_inputs(req, dtype)
         if mode == "eager":
@@ -300,6 +294,8 @@ class JaxBackend:
         """
         dtype = state_dtype(req)
         method = ALGS[req.alg.name]
+        if req.events:
+            return self._ensemble_events(req, method, dtype, u0, p, size, devices)
         traced = is_traced(req)
         (tu0, tinputs, scalars, ts, grid), params = traced_inputs(req, dtype)
         bu0, inputs, batch = _ensemble.batch_inputs(
@@ -367,6 +363,8 @@ class JaxBackend:
                 "jax.grad or jax.vmap call dk.solve on the ensemble and "
                 "differentiate it with jax.grad or jax.vjp instead."
             )
+        if req.events:
+            return self._events_vjp_ensemble(req, dtype, u0, p, size, devices)
         (tu0, tinputs, scalars, ts, grid), params = traced_inputs(req, dtype)
         bu0, inputs, batch = _ensemble.batch_inputs(
             req, u0, p, dtype, (tu0, tinputs, params)
@@ -412,6 +410,134 @@ class JaxBackend:
                     for x, a in zip(dp, batch.p, strict=True)
                 ]
             return du0, params.grads(dp)
+
+        return sol, pull
+
+    def _ensemble_events(
+        self,
+        req: SolveRequest,
+        method: Method,
+        dtype: str,
+        u0: Any,
+        p: Any,
+        size: int,
+        devices: Any,
+    ) -> Solution:
+        """`solve_ensemble` with events: ``vmap`` of the solve with events
+        (`_ensemble.batched_events_program`). ``t_events[k]`` has shape ``(B,
+        n_k)`` and ``u_events[k]`` ``(B, n_k, *u0.shape)``, NaN after each
+        member's own events: eagerly ``n_k`` is the most any member fired event
+        ``k``, under a transformation ``max_events`` (static shapes), with
+        ``stats["nevents"]`` a traced count per member and the status traced
+        codes whatever `throw` (as for one solve with events)."""
+        _check_adaptive(req)
+        traced = is_traced(req)
+        (tu0, tinputs, scalars, ts, _), params = traced_inputs(req, dtype)
+        bu0, inputs, batch = _ensemble.batch_inputs(
+            req, u0, p, dtype, (tu0, tinputs, params)
+        )
+        args = (bu0, inputs, scalars, ts, None)
+        device = None
+        if devices is not None:
+            args, _total = _ensemble.shard(
+                _ensemble.mesh_of(devices), batch, size, args
+            )
+        elif not traced:
+            device, put = placement(req, [x for x in inputs if x is not None])
+            args = jax.device_put(args, device) if put else args
+        mode = "traced" if traced else "eager"
+        run = self._events_program(
+            req, method, dtype, tu0, tinputs, params, ts, device, mode, batch
+        )
+        t, u, t_ev, u_ev, info, t_end = (
+            x if i == 0 else _ensemble.trim(x, size)
+            for i, x in enumerate(run(*args[:4]))
+        )
+        n = len(req.events)
+        if traced:
+            stats = {
+                "nfev": None,
+                "naccept": None,
+                "nreject": None,
+                "nevents": jnp.sum(info[:, 3 : 3 + n], axis=1),
+            }
+            return _traced_solution(
+                req,
+                t,
+                u,
+                stats,
+                info[:, 0],
+                [t_ev[:, k] for k in range(n)],
+                [u_ev[:, k] for k in range(n)],
+            )
+        info = np.asarray(info)
+        bad = np.flatnonzero(info[:, 3 + n] == 0)
+        if bad.size:
+            raise rhs_nonfinite_members(req.t0, bad)
+        counts = info[:, 3 : 3 + n]
+        stats = _member_stats(method, info)
+        stats["nevents"] = [int(c) for c in counts.sum(axis=1)]
+        most = counts.max(axis=0)
+        return conclude_ensemble(
+            req,
+            t=t,
+            u=u,
+            stats=stats,
+            status=[STATUSES[int(c)] for c in info[:, 0]],
+            t_reached=[float(x) for x in np.asarray(t_end)],
+            t_events=[t_ev[:, k, : int(most[k])] for k in range(n)],
+            u_events=[u_ev[:, k, : int(most[k])] for k in range(n)],
+        )
+
+    def _events_vjp_ensemble(
+        self, req: SolveRequest, dtype: str, u0: Any, p: Any, size: int, devices: Any
+    ) -> tuple[Solution, Pullback]:
+        """`dk.vjp` of an ensemble with events: `jax.vjp` of the batched solve
+        with events (differentiated by the sensealg as one solve is). Batched
+        inputs' gradients keep the member axis, shared ones are summed; a
+        failed member's rows are NaN (a shared input's whole gradient when any
+        member failed)."""
+        sol = self.solve_ensemble(req, u0, p, size, devices=devices)
+        x_u0 = jnp.asarray(req.u0 if u0 is None else u0, dtype=dtype)
+        x_p = req.p if p is None else p
+        if not all(
+            jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+            for x in jax.tree_util.tree_leaves(x_p)
+        ):
+            raise UnsupportedError(
+                "dk.vjp with events=[...] on backend='jax' needs p's leaves all "
+                "floating; differentiate dk.solve with jax.grad instead (static "
+                "leaves as equinox does: eqx.filter_grad)."
+            )
+        x_p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), x_p)
+        first = functools.partial(jax.tree_util.tree_map, lambda x: x[0])
+
+        def solve_u(xu0: Any, xp: Any) -> Any:
+            member = dataclasses.replace(
+                req,
+                u0=xu0 if u0 is None else xu0[0],
+                p=xp if p is None else first(xp),
+                throw=False,
+            )
+            return self.solve_ensemble(
+                member,
+                None if u0 is None else xu0,
+                None if p is None else xp,
+                size,
+                devices=devices,
+            ).u
+
+        _, pull_u = jax.vjp(solve_u, x_u0, x_p)
+        failed = np.flatnonzero(~np.asarray(sol.success))
+
+        def pull(cotangent: Any) -> tuple[Any, Any]:
+            du0, dp = pull_u(jnp.asarray(cotangent, dtype=dtype))
+            if failed.size:
+                du0 = _nan_failed(du0, failed, u0 is not None)
+                dp = jax.tree_util.tree_map(
+                    lambda g: _nan_failed(g, failed, p is not None), dp
+                )
+            return du0, dp
 
         return sol, pull
 
@@ -569,8 +695,10 @@ class JaxBackend:
         ts: Any,
         device: Any,
         mode: str,
+        batch: _ensemble.Batch | None = None,
     ) -> Callable[..., Any]:
-        """The cached compiled program of a solve with events (`_events`)."""
+        """The cached compiled program of a solve with events (`_events`); for
+        an ensemble, `batch` says which inputs carry the member axis."""
         sensealg = None if mode == "eager" else req.sensealg
         throw = req.throw if mode == "traced" else True
         adaptive_dt0 = req.dt0 is not None
@@ -593,6 +721,7 @@ class JaxBackend:
             sensealg,
             dtype,
             throw,
+            batch,
         )
         cfg = Config(
             params.bind(req.f),
@@ -607,7 +736,12 @@ class JaxBackend:
             None if sensealg is None else SENSEALGS[type(sensealg)],
             throw,
         )
-        ev = _events.EventConfig(req.events, req.max_events, params.bind)
+        ev = _events.EventConfig(
+            req.events, req.max_events, params.bind, batched=batch is not None
+        )
+        if batch is not None:
+            run = functools.partial(_ensemble.batched_events_program, cfg, ev, batch)
+            return PROGRAMS.get(key, run)
         return PROGRAMS.get(key, functools.partial(_events.program, cfg, ev))
 
     def describe(self) -> dict[str, Any]:
@@ -617,6 +751,17 @@ class JaxBackend:
             "default_backend": jax.default_backend(),
             "x64": x64(),
         }
+
+
+def _check_adaptive(req: SolveRequest) -> None:
+    """Refuse events with a fixed-step solve."""
+    if req.fixed_step:
+        raise UnsupportedError(
+            f"events=[...] on backend='jax' need an adaptive alg (they are "
+            f"located on its steps' interpolants); alg='{req.alg.name}' "
+            f"{'with adaptive=False ' if not req.adaptive else ''}steps on a "
+            "fixed grid. Use e.g. alg='tsit5' (adaptive=True)."
+        )
 
 
 def _member_stats(method: Method, info: Any) -> dict[str, Any]:
@@ -632,6 +777,14 @@ def rhs_nonfinite_members(t0: Any, members: Any) -> InvalidProblemError:
         f"f(u0, p, t0) is not finite at t0={t0!r} (NaN or inf) for members "
         f"[{ids}{more}]. Check their u0 and p, and f near the initial time."
     )
+
+
+def _nan_failed(grad: Any, failed: Any, batched: bool) -> Any:
+    """NaN for failed members: their rows of a batched input's gradient, the
+    whole gradient of a shared one (no derivative, as for one failed solve)."""
+    if batched:
+        return grad.at[failed].set(jnp.nan)
+    return jnp.full_like(grad, jnp.nan)
 
 
 def _runtime_failure(err: Exception) -> bool:

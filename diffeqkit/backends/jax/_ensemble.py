@@ -3,11 +3,14 @@
 Every member runs the same compiled program as a single solve, vectorised by
 ``vmap``: each keeps its own time, step size, accepted and rejected steps and
 status (diffrax's loop runs until the last member is done; finished members
-stop changing). The batched program is cached like a single one, by problem
-structure and which inputs are batched; ``jax.jit`` compiles it once per batch
-size. With ``devices=[...]`` the members are sharded over a 1-D mesh of them
-(`jax.sharding.NamedSharding`), padded to a multiple of the device count by
-repeating the last member; the padding is cut off before anything is returned.
+stop changing). With events, each member runs its own loop of segments
+(`_events`; the batched loop runs until the last member is done), its events
+padded with NaN to ``max_events``. The batched program is cached like a single
+one, by problem structure and which inputs are batched; ``jax.jit`` compiles it
+once per batch size. With ``devices=[...]`` the members are sharded over a 1-D
+mesh of them (`jax.sharding.NamedSharding`), padded to a multiple of the device
+count by repeating the last member; the padding is cut off before anything is
+returned.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..._errors import InvalidProblemError, invalid
 from .._protocol import SolveRequest
+from ._events import EventConfig
+from ._events import program as events_program
 from ._inputs import Params, _named_device, convert_leaves, host, split_p
 from ._solve import Config, program
 
 __all__ = [
     "Batch",
     "batch_inputs",
+    "batched_events_program",
     "batched_program",
     "batched_vjp_program",
     "mesh_of",
@@ -80,6 +86,18 @@ def batched_program(
     return jax.vmap(solve, in_axes=batch.in_axes, out_axes=(None, 0, 0))(
         u0, p, scalars, ts, grid
     )
+
+
+def batched_events_program(
+    cfg: Config, ev: EventConfig, batch: Batch, u0: Any, p: Any, scalars: Any, ts: Any
+) -> Any:
+    """`_events.program` over the members: ``(ts, ys (B, m, ...), t_events (B,
+    n, max_events), u_events (B, n, max_events, ...), info (B, k), t_end (B,))``,
+    each member with its own segments, its events padded with NaN."""
+    solve = functools.partial(events_program, cfg, ev)
+    return jax.vmap(
+        solve, in_axes=(batch.u0, list(batch.p), None, None), out_axes=(None, *[0] * 5)
+    )(u0, p, scalars, ts)
 
 
 def batched_vjp_program(

@@ -109,6 +109,8 @@ class EventConfig:
     max_events: int
     # p's inputs -> p, to call the user's conditions and affects.
     bind: Callable[[Callable[..., Any]], Callable[..., Any]]
+    # Whether the solve runs under the vmap of an ensemble.
+    batched: bool = False
 
     @property
     def all_terminal(self) -> bool:
@@ -607,6 +609,25 @@ def _check_stored_steps(cfg: Config, ev: EventConfig) -> None:
     )
 
 
+def _check_batched(cfg: Config, ev: EventConfig) -> None:
+    """Refuse diffrax's checkpointed reverse pass through the scan of segments
+    under an ensemble's vmap: its checkpointed loop, batched over members whose
+    segments differ, fails at run time (equinox: "Nonconstant batch")."""
+    from ..._sensealg import CheckpointedAdjoint, ReverseThroughSolver
+
+    checkpointed = isinstance(cfg.sensealg, ReverseThroughSolver | CheckpointedAdjoint)
+    if not (ev.batched and checkpointed and not ev.all_terminal):
+        return
+    raise UnsupportedError(
+        f"sensealg=dk.{type(cfg.sensealg).__name__}() on backend='jax' cannot "
+        "differentiate an ensemble whose events continue (diffrax's checkpointed "
+        "reverse pass does not batch over members with different segments). Use "
+        "sensealg=dk.ForwardMode() (the default for small problems), "
+        "dk.InterpolatingAdjoint() or dk.ContinuousAdjoint(); or solve the "
+        "members one by one (ens.member(i))."
+    )
+
+
 def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
     """The reverse sensealgs: a custom VJP whose primal is the plain loop (a
     jitted solve that is not differentiated pays nothing more) and whose forward
@@ -625,6 +646,7 @@ def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
 
     def fwd(y0: Any, p: Any, times: Any, ts: Any) -> Any:
         _check_stored_steps(cfg, ev)
+        _check_batched(cfg, ev)
         times, ts = fixed_inputs((times, ts), _TIMES_REVERSE)
         y0, p = jax.tree_util.tree_map(lambda x: x.value, (y0, p))
         outs, pull, (info, t_end) = jax.vjp(

@@ -637,8 +637,10 @@ def failure_masked(ys: Any, success: Any, inputs: Any) -> Any:
 @jax.custom_jvp
 def _zero_derivative_unless(ok: Any, inputs: Any) -> Any:
     """0, whose derivative with respect to `inputs` is 0 if `ok` and NaN if not."""
-    del ok, inputs
-    return jnp.zeros(())
+    del inputs
+    # Computed from `ok` so that under jax.vmap it is batched as its tangent is
+    # (a constant would be unbatched while the tangent is not).
+    return jnp.where(ok, 0.0, 0.0)
 
 
 @_zero_derivative_unless.defjvp

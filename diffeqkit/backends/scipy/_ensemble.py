@@ -31,6 +31,7 @@ import numpy as np
 
 from ..._arrays import to_numpy
 from ..._errors import invalid
+from ..._events import stack_members
 from ..._pytree import leaves, tree_map
 from ..._solution import Solution
 from .._protocol import Pullback, SolveRequest, conclude_ensemble
@@ -50,8 +51,9 @@ MIN_CHUNK = 8
 # by Dask itself, up to its `allowed-failures`).
 RETRIES = 3
 
-# One member's result: (u of shape (m, *u0.shape), status, stats).
-Member = tuple[Any, str, dict[str, Any]]
+# One member's result: (u of shape (m, *u0.shape), status, stats, t_events,
+# u_events) (the last two None without events).
+Member = tuple[Any, str, dict[str, Any], Any, Any]
 
 
 def solve_ensemble(
@@ -89,6 +91,9 @@ def vjp_ensemble(
 
     def pullback(cotangent: Any) -> tuple[Any, Any]:
         cot = np.asarray(to_numpy(cotangent), dtype=np.float64)
+        # Rows not reached (after a terminal event, or a failure) carry no
+        # derivative: their cotangent is unused, as on torch and JAX.
+        cot = np.where(np.isnan(sol.u), 0.0, cot)
         if local:
             grads = run(
                 executor,
@@ -130,7 +135,7 @@ def _member(req: SolveRequest, u0: Any, p: Any, i: int) -> SolveRequest:
 
 
 def _result(sol: Solution) -> Member:
-    return np.asarray(sol.u), sol.status, dict(sol.stats)
+    return np.asarray(sol.u), sol.status, dict(sol.stats), sol.t_events, sol.u_events
 
 
 def _solve_chunk(req: SolveRequest, u0: Any, p: Any, n: int) -> list[Member]:
@@ -249,12 +254,19 @@ def _rows(tree: Any, a: int, b: int) -> Any:
 def _gather(req: SolveRequest, members: list[Member]) -> Solution:
     keys = list(members[0][2])
     stats = {k: [m[2].get(k) for m in members] for k in keys}
+    t_events = u_events = None
+    if req.events:
+        t_events, u_events = stack_members(
+            [m[3] for m in members], [m[4] for m in members]
+        )
     return conclude_ensemble(
         req,
         t=np.asarray(req.saveat, dtype=np.float64),
         u=np.stack([m[0] for m in members]),
         stats=stats,
         status=[m[1] for m in members],
+        t_events=t_events,
+        u_events=u_events,
     )
 
 

@@ -11,9 +11,11 @@ be vmapped). Members that finish or fail leave the batch: later steps evaluate
 the shared grid. Gradients flow by autograd through the steps (the discrete
 derivative, as ReverseThroughSolver gives for one solve; step sizes held
 fixed); `vjp_ensemble` wraps that as a pullback. ``devices=[...]`` splits the
-members into one chunk per device. Implicit algs, and the continuous adjoints
+members into one chunk per device. Implicit algs, events (a batched event
+solver is not needed: each member locates its own), and the continuous adjoints
 while autograd records, solve the members one by one instead (`one_by_one`),
-each by the backend's own solve, so every alg and sensealg works on ensembles.
+each by the backend's own solve, so every alg, sensealg and event works on
+ensembles.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from ..._errors import InvalidProblemError, UnsupportedError
+from ..._events import stack_members
 from ..._pytree import leaves, tree_map
 from ..._solution import STATUSES, Solution
 from .._protocol import SolveRequest, conclude_ensemble
@@ -531,12 +534,13 @@ def _rebuild(struct: Any, batched: tuple[torch.Tensor, ...]) -> Any:
 
 def one_by_one(req: SolveRequest, u0: Any, p: Any) -> bool:
     """Whether the members are solved one by one (each its own `dk.solve`) rather
-    than in one batch: for an implicit alg, and for a continuous adjoint while
-    autograd records (the batch is differentiated through its steps, which is
-    what the discrete sensealgs compute, not what a continuous adjoint does)."""
+    than in one batch: with events (each member's located on its own steps), for
+    an implicit alg, and for a continuous adjoint while autograd records (the
+    batch is differentiated through its steps, which is what the discrete
+    sensealgs compute, not what a continuous adjoint does)."""
     from .. import spec_of
 
-    if req.alg.implicit:
+    if req.alg.implicit or req.events:
         return True
     if req.sensealg is None or not torch.is_grad_enabled():
         return False
@@ -570,14 +574,21 @@ def _members(
             throw=False,
         )
         sols.append(solve_one(member))
-    names = ("nfev", "naccept", "nreject", "njev", "nlu")
+    names = ("nfev", "naccept", "nreject", "njev", "nlu", "nevents")
     stats = {k: [s.stats.get(k) for s in sols] for k in names if k in sols[0].stats}
+    t_events = u_events = None
+    if req.events:
+        t_events, u_events = stack_members(
+            [s.t_events for s in sols], [s.u_events for s in sols]
+        )
     return conclude_ensemble(
         req,
         t=sols[0].t,
         u=torch.stack([s.u for s in sols]),
         stats=stats,
         status=[s.status for s in sols],
+        t_events=t_events,
+        u_events=u_events,
     )
 
 
@@ -652,11 +663,21 @@ def solve_ensemble(
     """
     if one_by_one(req, u0, p):
         if devices is not None:
+            why = (
+                "events=[...] solve"
+                if req.events
+                else f"alg='{req.alg.name}' with sensealg=dk.{req.sensealg.name}() "
+                "solves"
+            )
             raise UnsupportedError(
                 f"backend='torch' splits an ensemble over devices when it runs as "
-                f"one batch; alg='{req.alg.name}' with sensealg="
-                f"dk.{req.sensealg.name}() solves the members one by one. Drop "
-                "devices=, or use an explicit alg with a discrete sensealg."
+                f"one batch; {why} the members one by one. Drop devices= (or pass "
+                "device= for the one device to solve on)"
+                + (
+                    "."
+                    if req.events
+                    else ", or use an explicit alg with a discrete sensealg."
+                )
             )
         return _members(req, u0, p, size, solve_one)
     if devices is None:
@@ -818,4 +839,15 @@ def vjp_ensemble(
         dp = [None if x is None else grads.get(id(x)) for x in p_leaves]
         return grads.get(id(x_u0)), replace_leaves(p_struct, dp)
 
-    return dataclasses.replace(sol, u=u.detach()), pull
+    return _detached(sol), pull
+
+
+def _detached(sol: Solution) -> Solution:
+    """`sol` without autograd history (the pullback keeps it)."""
+
+    def off(xs: Any) -> Any:
+        return None if xs is None else [x.detach() for x in xs]
+
+    return dataclasses.replace(
+        sol, u=sol.u.detach(), t_events=off(sol.t_events), u_events=off(sol.u_events)
+    )
