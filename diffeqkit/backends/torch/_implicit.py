@@ -64,16 +64,23 @@ def _linearise(
 
     if ni == n and getattr(func, "jac", None) is not None:
         jac = func.jacobian(t0, y0)
-        with warnings.catch_warnings():
-            # torch loads its forward-AD decompositions on the first jvp of a
-            # process by torch.jit.script, which warns that it is deprecated
-            # (torch's business; see `_forward._quiet_jit`).
-            warnings.filterwarnings(
-                "ignore", "`torch.jit.script` is deprecated", DeprecationWarning
-            )
-            T = torch.func.jvp(lambda t: field(t, head), (t0,), (torch.ones_like(t0),))[
-                1
-            ]
+
+        def time_derivative() -> torch.Tensor:
+            return torch.func.jvp(
+                lambda t: field(t, head), (t0,), (torch.ones_like(t0),)
+            )[1]
+
+        if torch.compiler.is_compiling():  # the engine filters the warning itself
+            T = time_derivative()
+        else:
+            with warnings.catch_warnings():
+                # torch loads its forward-AD decompositions on the first jvp of a
+                # process by torch.jit.script, which warns that it is deprecated
+                # (torch's business; see `_forward._quiet_jit`).
+                warnings.filterwarnings(
+                    "ignore", "`torch.jit.script` is deprecated", DeprecationWarning
+                )
+                T = time_derivative()
     else:
         T, jac = torch.func.jacrev(field, argnums=(0, 1))(t0, head)
     T = T.to(y0.dtype).reshape(shape)

@@ -214,8 +214,9 @@ class Replayer:
             return y
         steps = self.steps[:, start:stop]
         found = _engine.replay(
-            self.req, func.f, func.p, y, None, steps, self.backward, self.stats
-        )
+            self.req, func.f, func.p, y, None, steps, self.backward, self.stats,
+            func.jac,
+        )  # fmt: skip
         if found is None:
             return None
         first, dense = found

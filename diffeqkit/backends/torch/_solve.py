@@ -281,7 +281,7 @@ def run_steps(req: SolveRequest, setup: Setup, recorder: Recorder | None = None)
     ):
         out = _engine.run(
             req, setup.f, setup.p, setup.y0, setup.du0, setup.times,
-            setup.backward, recorder,
+            setup.backward, recorder, setup.jac,
         )  # fmt: skip
         if out is not None:
             return out.run._replace(compile_s=out.stats["compile_s"])
