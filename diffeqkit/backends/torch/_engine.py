@@ -92,7 +92,7 @@ class EngineFallbackWarning(UserWarning):
 
 def enabled(req: SolveRequest) -> bool:
     """Whether `req` runs on the engine: asked for by `ENV`, and an explicit alg
-    from a shared tableau."""
+    from a shared tableau or a Rosenbrock alg (`_engine_rosenbrock`)."""
     mode = os.environ.get(ENV, "eager").strip().lower()
     if mode not in ("compiled", "eager"):
         raise ValueError(f"{ENV} must be 'compiled' or 'eager', not {mode!r}")
