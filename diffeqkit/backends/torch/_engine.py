@@ -426,23 +426,15 @@ def run(
     times: torch.Tensor,
     backward: bool,
     recorder: Recorder | None = None,
-    jac: Callable[..., Any] | None = None,
 ) -> EngineRun | None:
     """Integrate on the engine under ``no_grad``; None where compilation failed
-    (the caller then runs the reference driver). `jac`: ``prob.jac`` in solver
-    time, for the Rosenbrock algs."""
+    (the caller then runs the reference driver)."""
     stats: dict[str, float] = {"compile_s": 0.0}
     # Detached: the compiled code is guarded on requires_grad.
     y0, du0, p = y0.detach(), du0.detach(), _detached(p)
     try:
         with torch.no_grad():
-            if req.alg.name in _ROSENBROCK:
-                from . import _engine_rosenbrock
-
-                out = _engine_rosenbrock.run(
-                    req, f, p, y0, du0, times, backward, recorder, stats, jac
-                )
-            elif req.fixed_step:
+            if req.fixed_step:
                 out = _run_fixed(req, f, p, y0, times, backward, recorder, stats)
             else:
                 out = _run_adaptive(
@@ -647,23 +639,12 @@ def replay(
     steps: torch.Tensor,
     backward: bool,
     stats: dict[str, float],
-    jac: Callable[..., Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Replay the steps ``(3, n)`` (start, size, end) from `y` in compiled blocks,
     in the caller's grad mode: ``(state at the end, dense outputs (n, q + 1,
     *shape))`` for an adaptive alg, ``(states at the step ends (n, *shape),
     None)`` for a fixed-step one; None where compilation failed. `fy` is
-    ``f(start, y)`` (evaluated here if None; adaptive algs only). `jac`:
-    ``prob.jac`` in solver time, for the Rosenbrock algs."""
-    if req.alg.name in _ROSENBROCK:
-        from . import _engine_rosenbrock
-
-        try:
-            return _engine_rosenbrock.replay(
-                req, f, p, y, fy, steps, backward, stats, jac
-            )
-        except _FallbackError:
-            return None
+    ``f(start, y)`` (evaluated here if None; adaptive algs only)."""
     n = steps.shape[1]
     padded = _padded(steps)
     # One trace for every block: the compiled code is guarded on requires_grad

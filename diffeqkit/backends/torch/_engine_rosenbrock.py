@@ -215,11 +215,34 @@ def run(
     times: torch.Tensor,
     backward: bool,
     recorder: Recorder | None,
+    jac: Any,
+) -> _engine.EngineRun | None:
+    """`_engine.run` for a Rosenbrock alg (`jac`: ``prob.jac`` in solver time, or
+    None); None where compilation failed (the caller then runs the eager
+    driver)."""
+    stats: dict[str, float] = {"compile_s": 0.0}
+    y0, du0, p = y0.detach(), du0.detach(), _engine._detached(p)
+    try:
+        with torch.no_grad():
+            out = _run(req, f, p, y0, du0, times, backward, recorder, stats, jac)
+    except _engine._FallbackError:
+        return None
+    return _engine.EngineRun(out, stats)
+
+
+def _run(
+    req: SolveRequest,
+    f: Callable[..., Any],
+    p: Any,
+    y0: torch.Tensor,
+    du0: torch.Tensor,
+    times: torch.Tensor,
+    backward: bool,
+    recorder: Recorder | None,
     stats: dict[str, float],
     jac: Any,
 ) -> Run:
-    """`_Rosenbrock.run` on compiled blocks: the same steps, saves and stops
-    (called by `_engine.run`, under ``no_grad``)."""
+    """`_Rosenbrock.run` on compiled blocks: the same steps, saves and stops."""
     alg = req.alg.name
     entry = _entry(_ADAPTIVE, alg, f, jac, _engine._key(req, backward))
     solver = IMPLICIT_SOLVERS[alg]
@@ -316,9 +339,26 @@ def replay(
     backward: bool,
     stats: dict[str, float],
     jac: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`_engine.replay` for a Rosenbrock alg (`jac` as in `run`): ``(state at
+    the end, dense outputs (n, 4, *shape))``; None where compilation failed."""
+    try:
+        return _replay(req, f, p, y, fy, steps, backward, stats, jac)
+    except _engine._FallbackError:
+        return None
+
+
+def _replay(
+    req: SolveRequest,
+    f: Callable[..., Any],
+    p: Any,
+    y: torch.Tensor,
+    fy: torch.Tensor | None,
+    steps: torch.Tensor,
+    backward: bool,
+    stats: dict[str, float],
+    jac: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`_engine.replay` for a Rosenbrock alg: ``(state at the end, dense outputs
-    (n, 4, *shape))``; raises `_engine._FallbackError` where compilation failed."""
     alg = req.alg.name
     n = steps.shape[1]
     if n == 0:
