@@ -60,6 +60,10 @@ class RosenbrockTableau:
         Stage times ``c_i`` and the ``f_t`` weights ``d_i``.
     m, m_hat : tuple of float
         Weights of ``y1`` and of ``y1_hat``.
+    dense : tuple of tuple of float, optional
+        A continuous extension ``y(t0 + x h) = (1 - x) y0 + x (y1 + (1 - x)
+        (D_2 + x D_3))`` with ``D_k = sum_j dense[k - 2][j] u_j`` (the form of
+        Hairer & Wanner's RODAS code), or None (then a cubic Hermite one).
     """
 
     name: str
@@ -72,6 +76,7 @@ class RosenbrockTableau:
     d: tuple[float, ...]
     m: tuple[float, ...]
     m_hat: tuple[float, ...]
+    dense: Rows | None = None
 
     @property
     def n_stages(self) -> int:
@@ -146,6 +151,24 @@ RODAS4 = RosenbrockTableau(
     d=(0.25, -0.1043, 0.1035, -0.3620000000000023e-01, 0.0, 0.0),
     m=(_A51, _A52, _A53, _A54, 1.0, 1.0),
     m_hat=(_A51, _A52, _A53, _A54, 1.0, 0.0),
+    # The continuous extension of order 3 of the same code (its D21..D35),
+    # over the first five stages.
+    dense=(
+        (
+            0.1012623508344586e02,
+            -0.7487995877610167e01,
+            -0.3480091861555747e02,
+            -0.7992771707568823e01,
+            0.1025137723295662e01,
+        ),
+        (
+            -0.6762803392801253e00,
+            0.6087714651680015e01,
+            0.1643084320892478e02,
+            0.2476722511418386e02,
+            -0.6594389125716872e01,
+        ),
+    ),
 )
 
 ROSENBROCK_TABLEAUX: Mapping[str, RosenbrockTableau] = MappingProxyType(

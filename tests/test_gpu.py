@@ -102,7 +102,8 @@ def test_torch_ensemble_on_cuda_matches_the_cpu():
 @pytest.mark.gpu
 @pytest.mark.torch
 @pytest.mark.parametrize(
-    ("alg", "engine"), [("rodas4", "eager"), ("tsit5", "compiled")]
+    ("alg", "engine"),
+    [("rodas4", "eager"), ("tsit5", "compiled"), ("rodas4", "compiled")],
 )
 def test_torch_rodas4_and_compiled_engine_on_cuda(monkeypatch, alg, engine):
     torch = _torch_cuda()

@@ -10,6 +10,7 @@ the ``h d_i T`` terms right).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -75,12 +76,74 @@ def _fixed_steps(n: int, what: str) -> float:
     ("what", "order"), [("solution", 4), ("embedded", 3), ("dense", 4)]
 )
 def test_rodas4_converges_at_its_orders_on_a_nonautonomous_problem(what, order):
-    # h = 1/10 ... 1/80. Measured log2 ratios: solution 4.02, 4.01, 4.00;
-    # embedded 3.04, 3.02, 3.01; dense output (cubic Hermite, local error
-    # O(h^4)) 3.78, 3.89, 3.94. Allow 0.25: still tells 4 from 3 and 3 from 2.
-    errors = [_fixed_steps(n, what) for n in (10, 20, 40, 80)]
+    # h = 1/10 ... 1/80 (dense: 1/40 ... 1/320). Measured log2 ratios: solution
+    # 4.02, 4.01, 4.00; embedded 3.04, 3.02, 3.01; dense output (RODAS's
+    # continuous extension of order 3, local error O(h^4)) 3.86, 3.92, 3.96.
+    # Allow 0.25: still tells 4 from 3 and 3 from 2.
+    ns = (40, 80, 160, 320) if what == "dense" else (10, 20, 40, 80)
+    errors = [_fixed_steps(n, what) for n in ns]
     rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
     np.testing.assert_allclose(rates, order, atol=0.25)
+
+
+def _dense_error_from_exact(n: int, lam: float, hermite: bool) -> float:
+    """Largest error of one step's dense output at x = 1/4, 1/2, 3/4, the step of
+    size 1/n from the exact value at t = 0.5 of u' = -lam (u - sin t) + cos t
+    (u = sin t there, to rounding): the interpolant's own error."""
+    tab = ROSENBROCK_TABLEAUX[ALG]
+    if hermite:
+        tab = dataclasses.replace(tab, dense=None)
+    consts = _implicit._rodas_constants(tab, F64, torch.device("cpu"), no_lift)
+
+    def f(t, y):
+        return -lam * (y - torch.sin(t)) + torch.cos(t)
+
+    h = torch.tensor(1.0 / n, dtype=F64)
+    t0 = torch.tensor(0.5, dtype=F64)
+    y0 = torch.sin(t0).reshape(1)
+    _, _, _, coeffs = _implicit._rodas_step(f, y0, f(t0, y0), t0, h, t0 + h, consts)
+    return max(
+        abs(float(interpolate(coeffs, t0, t0 + h, t0 + x * h)[0]) - math.sin(t))
+        for x in (0.25, 0.5, 0.75)
+        for t in [0.5 + x / n]
+    )
+
+
+@pytest.mark.parametrize(
+    ("lam", "hermite", "order"),
+    [(5.0, False, 4), (1e6, False, 3), (1e6, True, 2)],
+)
+def test_dense_output_has_its_order_at_mid_step(lam, hermite, order):
+    # h = 1/10 ... 1/160 from the exact value. Measured log2 ratios: lam = 5
+    # (nonstiff), RODAS's extension 3.74, 3.85, 3.92, 3.96 (local error O(h^4);
+    # a cubic Hermite one too). lam = 1e6 (stiff, lam h >> 1): RODAS's 2.99,
+    # 2.99, 3.00, 3.01, its order 3; cubic Hermite 2.37, 2.23, 2.13, 2.07,
+    # errors 2.2 to 20 times larger: its f1 amplifies y1's error by lam h.
+    errors = [_dense_error_from_exact(n, lam, hermite) for n in (10, 20, 40, 80, 160)]
+    rates = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    np.testing.assert_allclose(rates[1:], order, atol=0.25)
+
+
+def test_saves_between_steps_meet_a_tight_reference_on_van_der_pol():
+    # VDPOL (mu = 1000) at rtol = atol = 1e-5, 201 saves on [0, 2] read off the
+    # dense output (537 steps), against SciPy's Radau at rtol = atol = 1e-13.
+    # Error relative to |u_ref| + 1e-3 max|u_ref|: measured 2.2e-4 (a cubic
+    # Hermite dense output: 0.10, in the fast transitions). Allow 1e-3.
+    from scipy.integrate import solve_ivp
+
+    vdp = problems.van_der_pol(1000.0).prob
+    ts = np.linspace(0.0, 2.0, 201)
+
+    def rhs(t, u):
+        return [u[1], ((1.0 - u[0] ** 2) * u[1] - u[0]) * 1e6]
+
+    ref = solve_ivp(
+        rhs, (0.0, 2.0), [2.0, 0.0], method="Radau", rtol=1e-13, atol=1e-13, t_eval=ts
+    ).y.T
+    prob = vdp.remake(u0=torch.tensor(vdp.u0), p=torch.tensor(vdp.p))
+    sol = dk.solve(prob, ALG, rtol=1e-5, atol=1e-5, saveat=ts)
+    scale = np.abs(ref) + 1e-3 * np.abs(ref).max(axis=0)
+    assert float(np.max(np.abs(to_numpy(sol.u) - ref) / scale)) < 1e-3
 
 
 def _rober(t1: float = 1e11) -> dk.ODEProblem:
@@ -259,7 +322,7 @@ def test_dtype_is_kept(dtype):
 @pytest.mark.slow
 def test_interpolating_adjoint_over_rober_onset_and_decay_matches_discrete():
     # ROBER over [0, 1], the loss weighting u[1] by 1e4: the interpolating
-    # adjoint reads the state off rodas4's Hermite dense output. Measured at
+    # adjoint reads the state off rodas4's dense output. Measured at
     # rtol=1e-6: dL/dp agree with ReverseThroughSolver's to 1.6e-7 relative,
     # dL/du0 to 6.8e-8 absolute (dL/du0[1:] ~ 3.5e-3). Allow 1e-5 for both.
     weights = torch.tensor([1.0, 1e4, 1.0], dtype=F64)

@@ -77,8 +77,13 @@ _STATUS = {
 
 
 # Warnings torch's compiler itself raises while compiling (it imports its own
-# deprecated parts; it reads .grad of the non-leaf tensors it traces).
-_COMPILER_NOISE = (r"`torch\.jit\.", r"The \.grad attribute of a Tensor that is not")
+# deprecated parts, and calls them lowering linear algebra; it reads .grad of
+# the non-leaf tensors it traces).
+_COMPILER_NOISE = (
+    r"`torch\.jit\.",
+    r"The \.grad attribute of a Tensor that is not",
+    r"`torch\._prims_common\.check` is deprecated",
+)
 
 
 class EngineFallbackWarning(UserWarning):
@@ -87,16 +92,20 @@ class EngineFallbackWarning(UserWarning):
 
 def enabled(req: SolveRequest) -> bool:
     """Whether `req` runs on the engine: asked for by `ENV`, and an explicit alg
-    from a shared tableau."""
+    from a shared tableau or a Rosenbrock alg (`_engine_rosenbrock`)."""
     mode = os.environ.get(ENV, "eager").strip().lower()
     if mode not in ("compiled", "eager"):
         raise ValueError(f"{ENV} must be 'compiled' or 'eager', not {mode!r}")
-    return mode == "compiled" and not req.alg.implicit and req.alg.name in _EXPLICIT
+    return mode == "compiled" and (
+        req.alg.name in _EXPLICIT or req.alg.name in _ROSENBROCK
+    )
 
 
 _EXPLICIT = frozenset(
     ("euler", "midpoint", "heun", "rk4", "bosh3", "dopri5", "tsit5", "dopri8")
 )
+# The linearly implicit algs (`_engine_rosenbrock`).
+_ROSENBROCK = frozenset(("rosenbrock23", "rodas4"))
 
 
 # ---------------------------------------------------------------------------------

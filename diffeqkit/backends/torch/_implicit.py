@@ -3,7 +3,9 @@
 ``rosenbrock23`` is Shampine & Reichelt's method (MATLAB's ``ode23s``): order 2,
 an embedded order-3 error estimate, its own order-2 dense output. ``rodas4`` is
 Hairer & Wanner's RODAS (`diffeqkit._rosenbrock`): order 4, an embedded order-3
-estimate, stiffly accurate, with a cubic Hermite dense output. Each takes one
+estimate, stiffly accurate, with RODAS's own continuous extension of order 3
+(built from the stages, so it stays accurate on stiff components, where a
+Hermite interpolant through ``f`` does not). Each takes one
 Jacobian (``torch.func.jacrev``, or ``prob.jac``) and one LU factorisation per
 step. The driver is `_rk.AdaptiveRK`'s; only the trial step is Rosenbrock's.
 """
@@ -62,16 +64,23 @@ def _linearise(
 
     if ni == n and getattr(func, "jac", None) is not None:
         jac = func.jacobian(t0, y0)
-        with warnings.catch_warnings():
-            # torch loads its forward-AD decompositions on the first jvp of a
-            # process by torch.jit.script, which warns that it is deprecated
-            # (torch's business; see `_forward._quiet_jit`).
-            warnings.filterwarnings(
-                "ignore", "`torch.jit.script` is deprecated", DeprecationWarning
-            )
-            T = torch.func.jvp(lambda t: field(t, head), (t0,), (torch.ones_like(t0),))[
-                1
-            ]
+
+        def time_derivative() -> torch.Tensor:
+            return torch.func.jvp(
+                lambda t: field(t, head), (t0,), (torch.ones_like(t0),)
+            )[1]
+
+        if torch.compiler.is_compiling():  # the engine filters the warning itself
+            T = time_derivative()
+        else:
+            with warnings.catch_warnings():
+                # torch loads its forward-AD decompositions on the first jvp of a
+                # process by torch.jit.script, which warns that it is deprecated
+                # (torch's business; see `_forward._quiet_jit`).
+                warnings.filterwarnings(
+                    "ignore", "`torch.jit.script` is deprecated", DeprecationWarning
+                )
+                T = time_derivative()
     else:
         T, jac = torch.func.jacrev(field, argnums=(0, 1))(t0, head)
     T = T.to(y0.dtype).reshape(shape)
@@ -166,8 +175,12 @@ class _RodasConstants(NamedTuple):
     # The stage whose argument is the embedded solution, if one is (then y1 is
     # that argument plus the last u and the error estimate is that u).
     embedded_stage: int | None
-    # Cubic Hermite dense output: y0 + x h f0 + x^2 (3 dy - h (2 f0 + f1))
-    # + x^3 (h (f0 + f1) - 2 dy), dy = y1 - y0.
+    # The tableau's continuous extension (`RosenbrockTableau.dense`): the
+    # nonzero terms of D_2 and D_3, or None. Written as a polynomial in x,
+    # y0 + x (dy + D_2) + x^2 (D_3 - D_2) - x^3 D_3 (dy = y1 - y0).
+    dense: tuple[list[tuple[int, Any]], list[tuple[int, Any]]] | None
+    # Else cubic Hermite: y0 + x h f0 + x^2 (3 dy - h (2 f0 + f1))
+    # + x^3 (h (f0 + f1) - 2 dy).
     two: Any
     three: Any
 
@@ -200,9 +213,44 @@ def _rodas_constants(
         and tuple(tab.m[: s - 1]) == tuple(last)
         else None
     )
+    dense = None if tab.dense is None else (terms(tab.dense[0]), terms(tab.dense[1]))
     return _RodasConstants(
-        value(tab.gamma), stages, terms(tab.m), embedded, value(2.0), value(3.0)
+        value(tab.gamma),
+        stages,
+        terms(tab.m),
+        embedded,
+        dense,
+        value(2.0),
+        value(3.0),
     )
+
+
+def _combination(terms: list[tuple[int, Any]], us: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_j w_j us[j]`` over `terms` ``[(j, w_j), ...]`` (at least one)."""
+    total = terms[0][1] * us[terms[0][0]]
+    for j, w in terms[1:]:
+        total = total + w * us[j]
+    return total
+
+
+def rodas_dense(
+    c: _RodasConstants,
+    y0: torch.Tensor,
+    y1: torch.Tensor,
+    f0: torch.Tensor,
+    f1: torch.Tensor,
+    h: torch.Tensor,
+    us: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """The dense-output coefficients ``[y0, c_1, c_2, c_3]`` of a step (powers of
+    ``x = (t - t0) / h``): the tableau's continuous extension, or cubic Hermite."""
+    dy = y1 - y0
+    if c.dense is not None:
+        d2 = _combination(c.dense[0], us)
+        d3 = _combination(c.dense[1], us)
+        return [y0, dy + d2, d3 - d2, -d3]
+    hf0, hf1 = h * f0, h * f1
+    return [y0, hf0, c.three * dy - c.two * hf0 - hf1, hf0 + hf1 - c.two * dy]
 
 
 def _rodas_step(
@@ -250,15 +298,7 @@ def _rodas_step(
             y1 = y1 + mj * us[j]
     f1 = func(t1, y1)
     error = us[-1] if estimate else None
-    dy = y1 - y0
-    hf0, hf1 = h * f0, h * f1
-    coeffs = [
-        y0,
-        hf0,
-        c.three * dy - c.two * hf0 - hf1,
-        hf0 + hf1 - c.two * dy,
-    ]
-    return y1, f1, error, coeffs
+    return y1, f1, error, rodas_dense(c, y0, y1, f0, f1, h, us)
 
 
 # ---------------------------------------------------------------------------------

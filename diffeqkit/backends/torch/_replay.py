@@ -19,7 +19,7 @@ import torch
 from ..._saveat import step_grid
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from . import _engine
+from . import _engine, _engine_rosenbrock
 from ._rk import Lift, Rhs, Run, _nan_rows, no_lift
 from ._solve import Setup, finish, prepare, run_steps, solve_plain, solver_for
 
@@ -213,9 +213,17 @@ class Replayer:
         if stop <= start:
             return y
         steps = self.steps[:, start:stop]
-        found = _engine.replay(
-            self.req, func.f, func.p, y, None, steps, self.backward, self.stats
-        )
+        found = (
+            _engine_rosenbrock.replay(
+                self.req, func.f, func.p, y, None, steps, self.backward,
+                self.stats, func.jac,
+            )
+            if self.req.alg.implicit
+            else _engine.replay(
+                self.req, func.f, func.p, y, None, steps, self.backward,
+                self.stats,
+            )
+        )  # fmt: skip
         if found is None:
             return None
         first, dense = found

@@ -22,7 +22,7 @@ from ..._problem import check_rhs_output
 from ..._pytree import leaves, tree_map
 from ..._solution import Solution
 from .._protocol import SolveRequest, conclude
-from . import _engine
+from . import _engine, _engine_rosenbrock
 from ._implicit import IMPLICIT_SOLVERS
 from ._params import bind, check_params, has_modules, param_view
 from ._rk import Recorder, Rhs, Run, Solver, adaptive_solver, fixed_solver, tensor
@@ -279,9 +279,17 @@ def run_steps(req: SolveRequest, setup: Setup, recorder: Recorder | None = None)
         and not records_graph(setup)
         and (recorder is None or not hasattr(recorder, "accepted"))
     ):
-        out = _engine.run(
-            req, setup.f, setup.p, setup.y0, setup.du0, setup.times,
-            setup.backward, recorder,
+        # Rosenbrock algs take prob.jac too.
+        out = (
+            _engine_rosenbrock.run(
+                req, setup.f, setup.p, setup.y0, setup.du0, setup.times,
+                setup.backward, recorder, setup.jac,
+            )
+            if req.alg.implicit
+            else _engine.run(
+                req, setup.f, setup.p, setup.y0, setup.du0, setup.times,
+                setup.backward, recorder,
+            )
         )  # fmt: skip
         if out is not None:
             return out.run._replace(compile_s=out.stats["compile_s"])

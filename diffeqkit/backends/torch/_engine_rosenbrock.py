@@ -1,0 +1,401 @@
+"""The Rosenbrock methods (``rosenbrock23``, ``rodas4``) on the compiled engine.
+
+As `_engine` does for the explicit tableaux: a block of `_engine.BLOCK` step
+attempts is one compiled function, with `_implicit`'s own trial step inside it
+(the Jacobian by one ``torch.func.jacrev`` call or ``prob.jac``, ``W``
+factorised by ``torch.linalg.lu_factor`` and solved by ``lu_solve``) and
+`AdaptiveRK`'s controller in tensors; a rejected or idle attempt (size 0) is
+masked out by ``torch.where``. The steps, counts (``nfev``, ``njev``, ``nlu``)
+and values are the eager driver's, to rounding.
+
+Replays of recorded steps (ReverseThroughSolver, CheckpointedAdjoint) run whole
+blocks compiled under autograd, and the steps after the last whole block
+eagerly with the same step function: a padded step of size 0 divides by ``h``
+(the ``C_ij / h`` terms), and its NaNs would reach the gradient.
+
+Compiled blocks share `_engine`'s cache, keyed by ``f``, ``prob.jac``, the alg
+and the direction; compilation failures fall back as there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..._pytree import leaves, tree_map
+from .._protocol import SolveRequest
+from . import _engine
+from ._implicit import IMPLICIT_SOLVERS
+from ._rk import (
+    _DFACTOR,
+    _IFACTOR,
+    _SAFETY,
+    Recorder,
+    Rhs,
+    Run,
+    initial_step,
+    no_lift,
+    rms_norm,
+)
+
+__all__ = ["ROSENBROCK", "replay", "run"]
+
+# The algs run here.
+ROSENBROCK = frozenset(IMPLICIT_SOLVERS)
+
+_ADAPTIVE, _REPLAY = "rosenbrock", "rosenbrock_replay"
+for _kind in (_ADAPTIVE, _REPLAY):
+    _engine.TRACES.setdefault(_kind, 0)
+
+
+def _calls_per_step(alg: str) -> int:
+    """Evaluations of ``f`` in one trial step (``f`` at its start is known)."""
+    constants = IMPLICIT_SOLVERS[alg]._constants(
+        torch.float64, torch.device("cpu"), no_lift
+    )
+    stages = getattr(constants, "stages", None)
+    # rosenbrock23: f at the midpoint and at the end; a tableau: f at each stage
+    # after the first, and at the end.
+    return 2 if stages is None else len(stages)
+
+
+class _Field:
+    """The vector field as `_implicit`'s steps call it, ``func(t, y)``, over the
+    user's ``f(u, p, t)`` (and ``prob.jac``), counting nothing (the driver
+    counts per attempt)."""
+
+    def __init__(
+        self, f: Callable[..., Any], p: Any, dtype: torch.dtype, jac: Any
+    ) -> None:
+        self.f, self.p, self.dtype, self.jac = f, p, dtype, jac
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> Any:
+        return self.f(y, self.p, t.to(self.dtype))
+
+    raw = __call__
+
+    def jacobian(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = y.numel()
+        return self.jac(y, self.p, t.to(self.dtype)).reshape(n, n).to(y.dtype)
+
+
+def _adaptive_block(alg: str, f: Callable[..., Any], jac: Any) -> Callable[..., Any]:
+    """`_engine.BLOCK` Rosenbrock step attempts (see `AdaptiveRK._attempt`)."""
+    solver = IMPLICIT_SOLVERS[alg]
+    step_fn = solver._step_fn
+    exponent = 1.0 / solver.order
+    size = _engine.BLOCK
+
+    def block(
+        y: torch.Tensor,
+        fy: torch.Tensor,
+        t: torch.Tensor,
+        dt: torch.Tensor,
+        target: torch.Tensor,
+        rtol: torch.Tensor,
+        atol: torch.Tensor,
+        nsteps: torch.Tensor,
+        max_steps: torch.Tensor,
+        nonfinite: torch.Tensor,
+        p: Any,
+    ) -> tuple[Any, ...]:
+        _engine._traced(_ADAPTIVE)
+        constants = solver._constants(y.dtype, y.device, no_lift)
+        func = _Field(f, p, y.dtype, jac)
+        status = torch.zeros_like(nsteps)
+        inf = torch.full_like(t, math.inf)
+        starts, ends, sizes, accepted, dense = [], [], [], [], []
+        for _ in range(size):
+            running = status == _engine._RUNNING
+            ulp = torch.nextafter(t, inf) - t
+            tiny = running & ~(dt >= 10 * ulp)
+            over = running & (nsteps >= max_steps)
+            stop = torch.where(
+                nonfinite,
+                torch.full_like(status, _engine._NONFINITE),
+                _engine._TOO_SMALL,
+            )
+            status = torch.where(
+                over, _engine._MAX_STEPS, torch.where(tiny, stop, status)
+            )
+            active = status == _engine._RUNNING
+            nsteps = nsteps + active.to(nsteps.dtype)
+            t1 = t + dt
+            land = (t < target) & (target < t1)
+            t1 = torch.where(land, target, t1)
+            h = torch.where(land, target - t, dt)
+            h = torch.where(active, h, torch.zeros_like(h))
+            t1 = torch.where(active, t1, t)
+            y1, f1, error, coeffs = step_fn(func, y, fy, t, h, t1, constants)
+            scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
+            ratio = rms_norm(error / scale).abs().to(torch.float64)
+            finite = torch.isfinite(ratio) & torch.isfinite(y1).all()
+            ratio = torch.where(finite, ratio, inf)
+            lowest = torch.where(ratio < 1, 1.0, _DFACTOR)
+            factor = torch.clamp(
+                torch.maximum(_SAFETY / ratio**exponent, lowest), max=_IFACTOR
+            )
+            ok = active & (ratio <= 1)
+            starts.append(t)
+            ends.append(t1)
+            sizes.append(h)
+            accepted.append(ok)
+            dense.append(torch.stack(coeffs))
+            nonfinite = torch.where(active, ~finite, nonfinite)
+            y = torch.where(ok, y1, y)
+            fy = torch.where(ok, f1, fy)
+            t = torch.where(ok, t1, t)
+            dt = torch.where(active, h * factor, dt)
+            status = torch.where(ok & (t >= target), _engine._DONE, status)
+        return (
+            y,
+            fy,
+            t,
+            dt,
+            nsteps,
+            nonfinite,
+            status,
+            torch.stack(accepted),
+            torch.stack([torch.stack(starts), torch.stack(sizes), torch.stack(ends)]),
+            torch.stack(dense),
+        )
+
+    return block
+
+
+def _replay_block(alg: str, f: Callable[..., Any], jac: Any) -> Callable[..., Any]:
+    """`_engine.BLOCK` Rosenbrock steps of given times: ``(y, f(t, y), dense)``."""
+    step_fn = IMPLICIT_SOLVERS[alg]._step_fn
+    size = _engine.BLOCK
+
+    def block(
+        y: torch.Tensor, fy: torch.Tensor, steps: torch.Tensor, p: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _engine._traced(_REPLAY)
+        constants = IMPLICIT_SOLVERS[alg]._constants(y.dtype, y.device, no_lift)
+        func = _Field(f, p, y.dtype, jac)
+        dense = []
+        for n in range(size):
+            t0, h, t1 = steps[0, n], steps[1, n], steps[2, n]
+            y1, fy, _, coeffs = step_fn(
+                func, y, fy, t0, h, t1, constants, estimate=False
+            )
+            dense.append(torch.stack(coeffs))
+            y = y1
+        return y, fy, torch.stack(dense)
+
+    return block
+
+
+_MAKERS = {_ADAPTIVE: _adaptive_block, _REPLAY: _replay_block}
+
+
+def _entry(
+    kind: str, alg: str, f: Callable[..., Any], jac: Any, key: Any
+) -> _engine._Compiled:
+    full = (kind, alg, _engine.BLOCK, jac, key)
+    entry = _engine._CACHE.entries.get(full)
+    if entry is None:
+        fn = _engine._own_code(_MAKERS[kind](alg, f, jac), len(_engine._CACHE.entries))
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        entry = _engine._Compiled(kind, fn, compiled)
+        _engine._CACHE.entries[full] = entry
+    return entry
+
+
+def run(
+    req: SolveRequest,
+    f: Callable[..., Any],
+    p: Any,
+    y0: torch.Tensor,
+    du0: torch.Tensor,
+    times: torch.Tensor,
+    backward: bool,
+    recorder: Recorder | None,
+    jac: Any,
+) -> _engine.EngineRun | None:
+    """`_engine.run` for a Rosenbrock alg (`jac`: ``prob.jac`` in solver time, or
+    None); None where compilation failed (the caller then runs the eager
+    driver)."""
+    stats: dict[str, float] = {"compile_s": 0.0}
+    y0, du0, p = y0.detach(), du0.detach(), _engine._detached(p)
+    try:
+        with torch.no_grad():
+            out = _run(req, f, p, y0, du0, times, backward, recorder, stats, jac)
+    except _engine._FallbackError:
+        return None
+    return _engine.EngineRun(out, stats)
+
+
+def _run(
+    req: SolveRequest,
+    f: Callable[..., Any],
+    p: Any,
+    y0: torch.Tensor,
+    du0: torch.Tensor,
+    times: torch.Tensor,
+    backward: bool,
+    recorder: Recorder | None,
+    stats: dict[str, float],
+    jac: Any,
+) -> Run:
+    """`_Rosenbrock.run` on compiled blocks: the same steps, saves and stops."""
+    alg = req.alg.name
+    entry = _entry(_ADAPTIVE, alg, f, jac, _engine._key(req, backward))
+    solver = IMPLICIT_SOLVERS[alg]
+    device = y0.device
+
+    def scalar(x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=dtype, device=device)
+
+    rtol, atol = scalar(req.rtol), scalar(req.atol)
+    t = times[0]
+    rhs = Rhs(f, p, y0.dtype, du0)
+    fy = rhs(t, y0)
+    if req.dt0 is None:
+        dt = initial_step(rhs, t, y0, fy, solver.order - 1, rtol, atol, rms_norm)
+    else:
+        dt = scalar(req.dt0)
+    nfev = rhs.nfev
+    targets = times[1:] if req.land_on_saves else times[-1:]
+    save_times = times.tolist()
+    y, dt = y0, dt.to(torch.float64)
+    nsteps = scalar(0, torch.int64)
+    max_steps = scalar(min(req.max_steps, 2**62), torch.int64)
+    nonfinite = scalar(False, torch.bool)
+    read_from: list[int] = []
+    blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    which, naccept, attempt = 0, 0, 0
+    status, t_reached, t_end = "success", None, save_times[0]
+    while True:
+        out = _engine._call(
+            entry, stats, y, fy, t, dt, targets[which], rtol, atol, nsteps,
+            max_steps, nonfinite, p,
+        )  # fmt: skip
+        y, fy, t, dt, nsteps, nonfinite, code, acc, steps, dense = out
+        blocks.append((steps, dense))
+        ends = steps[2].tolist()
+        for n, ok in enumerate(acc.tolist()):
+            if not ok:
+                continue
+            naccept += 1
+            t_end = ends[n]
+            if recorder is not None:
+                recorder.step(steps[0, n], dense[n, 0], steps[1, n])
+            while (
+                len(read_from) + 1 < len(save_times)
+                and save_times[len(read_from) + 1] <= t_end
+            ):
+                read_from.append(attempt + n)
+        attempt += len(ends)
+        code_value = int(code)
+        if code_value == _engine._DONE:
+            if which + 1 < targets.shape[0]:
+                which += 1
+                continue
+            break
+        if code_value != _engine._RUNNING:
+            status, t_reached = _engine._STATUS[code_value], float(t)
+            break
+    rows = [y0.unsqueeze(0)]
+    if read_from:
+        all_steps = torch.cat([b[0] for b in blocks], dim=1)
+        all_dense = torch.cat([b[1] for b in blocks])
+        index = torch.as_tensor(read_from, device=device)
+        at = all_steps[:, index]
+        reached = times[1 : len(read_from) + 1]
+        rows.append(_engine.interpolate_many(all_dense[index], at[0], at[2], reached))
+    u = torch.cat(rows)
+    if u.shape[0] < len(save_times):
+        nan = torch.full_like(y0, math.nan).expand(
+            len(save_times) - u.shape[0], *y0.shape
+        )
+        u = torch.cat([u, nan])
+    total = int(nsteps)
+    return Run(
+        u,
+        status,
+        t_reached,
+        naccept,
+        total - naccept,
+        nfev + _calls_per_step(alg) * total,
+        len(read_from) + 1,
+        t_end,
+        total,
+        total,
+    )
+
+
+def replay(
+    req: SolveRequest,
+    f: Callable[..., Any],
+    p: Any,
+    y: torch.Tensor,
+    fy: torch.Tensor | None,
+    steps: torch.Tensor,
+    backward: bool,
+    stats: dict[str, float],
+    jac: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`_engine.replay` for a Rosenbrock alg (`jac` as in `run`): ``(state at
+    the end, dense outputs (n, 4, *shape))``; None where compilation failed."""
+    try:
+        return _replay(req, f, p, y, fy, steps, backward, stats, jac)
+    except _engine._FallbackError:
+        return None
+
+
+def _replay(
+    req: SolveRequest,
+    f: Callable[..., Any],
+    p: Any,
+    y: torch.Tensor,
+    fy: torch.Tensor | None,
+    steps: torch.Tensor,
+    backward: bool,
+    stats: dict[str, float],
+    jac: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    alg = req.alg.name
+    n = steps.shape[1]
+    if n == 0:
+        return y, None
+    whole = n - n % _engine.BLOCK
+    p = tree_map(lambda x: x.view_as(x) if isinstance(x, torch.nn.Parameter) else x, p)
+    if (
+        torch.is_grad_enabled()
+        and not y.requires_grad
+        and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves(p))
+    ):
+        y = y.detach().requires_grad_()
+    first: torch.Tensor = f(y, p, steps[0, 0].to(y.dtype)) if fy is None else fy
+    if torch.is_grad_enabled() and not first.requires_grad and y.requires_grad:
+        first = first.detach().requires_grad_()
+    fy = first
+    chunks = []
+    if whole:
+        entry = _entry(_REPLAY, alg, f, jac, _engine._key(req, backward))
+        for start in range(0, whole, _engine.BLOCK):
+            y, fy, dense = _engine._call(
+                entry,
+                stats,
+                y,
+                fy,
+                steps[:, start : start + _engine.BLOCK].contiguous(),
+                p,
+            )
+            chunks.append(dense)
+    if whole < n:
+        solver = IMPLICIT_SOLVERS[alg]
+        constants = solver._constants(y.dtype, y.device, no_lift)
+        func = _Field(f, p, y.dtype, jac)
+        for k in range(whole, n):
+            y, fy, _, coeffs = solver._step_fn(
+                func, y, fy, steps[0, k], steps[1, k], steps[2, k], constants,
+                estimate=False,
+            )  # fmt: skip
+            chunks.append(torch.stack(coeffs).unsqueeze(0))
+    return y, torch.cat(chunks)
