@@ -102,6 +102,14 @@ def test_events_on_the_cluster_equal_the_serial_ones(client):
     got, want = pull(cot), ref_pull(cot)
     np.testing.assert_allclose(got.u0, want.u0, rtol=1e-12)
     np.testing.assert_allclose(got.p, want.p, rtol=1e-12)
+    # the events' cotangents travel to the workers, cut per member
+    t_cot = np.where(np.isnan(sol.t_events[0]), np.nan, 1.0)
+    u_cot = np.where(np.isnan(sol.u_events[0]), np.nan, 0.5)
+    got = pull(cot, t_events=[t_cot], u_events=[u_cot])
+    want = ref_pull(cot, t_events=[t_cot], u_events=[u_cot])
+    np.testing.assert_allclose(got.u0, want.u0, rtol=1e-12)
+    np.testing.assert_allclose(got.p, want.p, rtol=1e-12)
+    assert np.isfinite(got.p).all()
 
 
 def test_gradients_on_the_cluster_equal_the_serial_ones(client):

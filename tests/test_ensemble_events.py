@@ -209,11 +209,26 @@ def test_shared_p_gets_gradients_summed_and_value_and_grad_agrees(backend):
     )
     np.testing.assert_allclose(host(grads.p), total, rtol=1e-10)
 
+    # a loss reading the event times: the pullback of their cotangent
     def reads_events(sol):
-        return sol.t_events[0][0, 0]
+        return sol.t_events[0][0, 0] + 2.0 * sol.t_events[1][1, 0]
 
-    with pytest.raises(dk.UnsupportedError, match="t_events has no gradient"):
-        dk.value_and_grad(reads_events, ens, "tsit5", **kw)
+    value, vg = dk.value_and_grad(reads_events, ens, "tsit5", **kw)
+    np.testing.assert_allclose(
+        float(value),
+        host(sol.t_events[0])[0, 0] + 2.0 * host(sol.t_events[1])[1, 0],
+        rtol=1e-12,
+    )
+    t_cots = [np.zeros(tuple(x.shape)) for x in sol.t_events]
+    t_cots[0][0, 0], t_cots[1][1, 0] = 1.0, 2.0
+    grads = pullback(t_events=[as_backend(backend, c) for c in t_cots])
+    np.testing.assert_allclose(host(vg.p), host(grads.p), rtol=1e-12)
+    np.testing.assert_allclose(host(vg.u0), host(grads.u0), rtol=1e-12)
+    # member 0's first impact sqrt(2 h0 / g) and member 1's crossing of 2.5,
+    # sqrt(2 (h0 - 2.5) / g): d/dg of 1 * the one + 2 * the other
+    exact = -0.5 * np.sqrt(2 * H0[0] / G) / G - np.sqrt(2 * (H0[1] - 2.5) / G) / G
+    np.testing.assert_allclose(host(grads.p)[0], exact, rtol=1e-8)
+    assert host(grads.p)[1] == 0.0  # e plays no part before the first impact
 
 
 @pytest.mark.torch
@@ -250,3 +265,104 @@ def test_bad_events_on_an_ensemble_are_refused(backend):
         dk.solve(ens, "tsit5", events=EVENTS, max_events=0)
     with pytest.raises(dk.InvalidProblemError, match=r"events\[1\]"):
         dk.solve(ens, "tsit5", events=[GROUND, "ground"])
+
+
+# Event cotangents of an ensemble: one or two sensealgs per backend (JAX: its
+# default only; its programs compile for a minute).
+EVENT_COTANGENTS = {
+    "scipy": ("ForwardMode", "InterpolatingAdjoint"),
+    "torch": ("ReverseThroughSolver", "ContinuousAdjoint"),
+    "jax": ("ForwardMode",),
+}
+
+
+@pytest.mark.parametrize(
+    ("backend", "name"),
+    [
+        pytest.param(b, name, id=f"{b}-{name}", marks=getattr(pytest.mark, b))
+        for b, names in EVENT_COTANGENTS.items()
+        for name in names
+    ],
+)
+def test_event_cotangents_reach_each_member_as_its_own(backend, name):
+    need_gradients(backend)
+    ens = ensemble(backend)
+    kw = kwargs(sensealg=BY_NAME[name], max_events=4)
+    sol, pullback = dk.vjp(ens, "tsit5", **kw)
+    rng = np.random.default_rng(1)
+    cot = rng.normal(size=tuple(sol.u.shape))
+    cot[np.isnan(host(sol.u))] = 0.0
+    t_cots = [rng.normal(size=tuple(x.shape)) for x in sol.t_events]
+    u_cots = [rng.normal(size=tuple(x.shape)) for x in sol.u_events]
+    # Cotangents on the NaN padding are ignored (no member has an output there),
+    # whatever they hold, NaN included.
+    padded = [np.isnan(host(x)) for x in (*sol.t_events, *sol.u_events)]
+    assert any(m.any() for m in padded)  # member 0 bounces twice, member 2 three
+    for c, m in zip((*t_cots, *u_cots), padded, strict=True):
+        c[m] = np.nan
+    grads = pullback(
+        as_backend(backend, cot),
+        t_events=[as_backend(backend, c) for c in t_cots],
+        u_events=[as_backend(backend, c) for c in u_cots],
+    )
+    assert np.isfinite(host(grads.u0)).all()
+    assert np.isfinite(host(grads.p)).all()
+    for i in range(3):
+        one, pull = dk.vjp(ens.member(i), "tsit5", **kw)
+        n = [len(t) for t in one.t_events]
+        g = pull(
+            as_backend(backend, cot[i]),
+            t_events=[
+                as_backend(backend, c[i, :k]) for c, k in zip(t_cots, n, strict=True)
+            ],
+            u_events=[
+                as_backend(backend, c[i, :k]) for c, k in zip(u_cots, n, strict=True)
+            ],
+        )
+        np.testing.assert_allclose(host(grads.u0[i]), host(g.u0), rtol=1e-10)
+        np.testing.assert_allclose(host(grads.p[i]), host(g.p), rtol=1e-10)
+    # the event cotangents do reach the gradients
+    assert not np.allclose(host(grads.p), host(pullback(as_backend(backend, cot)).p))
+
+
+def bounces(h0: float, g: float, e: float, t1: float) -> float:
+    """Closed form of the loss below: the impact times before `t1` plus the
+    squared velocities just before them (``2 g h0 e^(2j)`` at impact ``j``)."""
+    times = impacts(h0, g, e, t1)
+    return sum(times) + sum(2 * g * h0 * e ** (2 * j) for j in range(len(times)))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_value_and_grad_of_event_outputs_against_finite_differences(backend):
+    need_gradients(backend)
+    ens = ensemble(backend)
+    kw = kwargs(max_events=4)  # the backends' default sensealgs
+
+    def loss(sol):  # every member's impact times and squared impact velocities
+        xp = dk.array_namespace(sol.u)
+        t, v = sol.t_events[0], sol.u_events[0][..., 1]
+        return xp.sum(xp.where(xp.isnan(t), 0.0, t)) + xp.sum(
+            xp.where(xp.isnan(v), 0.0, v**2)
+        )
+
+    value, grads = dk.value_and_grad(loss, ens, "tsit5", **kw)
+    # member 1 stops at 2.5 (its terminal event) before any impact
+    h0, ps = np.array(H0), [[G, E], [G * 1.1, E], [G, 0.9]]
+    closed = [bounces(h0[i], *ps[i], 1.5) if i != 1 else 0.0 for i in range(3)]
+    np.testing.assert_allclose(float(value), sum(closed), rtol=1e-8)
+    d = 1e-5  # central differences of the closed form: 1e-10 off
+    for i in (0, 2):
+        dh = (bounces(h0[i] + d, *ps[i], 1.5) - bounces(h0[i] - d, *ps[i], 1.5)) / 2 / d
+        dg = (
+            bounces(h0[i], ps[i][0] + d, ps[i][1], 1.5)
+            - bounces(h0[i], ps[i][0] - d, ps[i][1], 1.5)
+        ) / (2 * d)
+        de = (
+            bounces(h0[i], ps[i][0], ps[i][1] + d, 1.5)
+            - bounces(h0[i], ps[i][0], ps[i][1] - d, 1.5)
+        ) / (2 * d)
+        np.testing.assert_allclose(host(grads.u0)[i, 0], dh, rtol=1e-8)
+        np.testing.assert_allclose(host(grads.p)[i], [dg, de], rtol=1e-8)
+    # member 1 has no impact: the loss does not depend on it
+    np.testing.assert_allclose(host(grads.u0)[1], 0.0, atol=1e-12)
+    np.testing.assert_allclose(host(grads.p)[1], 0.0, atol=1e-12)

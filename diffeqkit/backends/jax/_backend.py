@@ -492,8 +492,9 @@ class JaxBackend:
     def _events_vjp_ensemble(
         self, req: SolveRequest, dtype: str, u0: Any, p: Any, size: int, devices: Any
     ) -> tuple[Solution, Pullback]:
-        """`dk.vjp` of an ensemble with events: `jax.vjp` of the batched solve
-        with events (differentiated by the sensealg as one solve is). Batched
+        """`dk.vjp` of an ensemble with events: `jax.vjp` of the batched solve's
+        ``u``, ``t_events`` and ``u_events`` (differentiated by the sensealg as
+        one solve is; event cotangents on the NaN padding are unused). Batched
         inputs' gradients keep the member axis, shared ones are summed; a
         failed member's rows are NaN (a shared input's whole gradient when any
         member failed)."""
@@ -512,26 +513,51 @@ class JaxBackend:
         x_p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), x_p)
         first = functools.partial(jax.tree_util.tree_map, lambda x: x[0])
 
-        def solve_u(xu0: Any, xp: Any) -> Any:
+        def solve_outputs(xu0: Any, xp: Any) -> Any:
             member = dataclasses.replace(
                 req,
                 u0=xu0 if u0 is None else xu0[0],
                 p=xp if p is None else first(xp),
                 throw=False,
             )
-            return self.solve_ensemble(
+            # traced: t_events[k] of shape (B, max_events), NaN after the firings
+            traced = self.solve_ensemble(
                 member,
                 None if u0 is None else xu0,
                 None if p is None else xp,
                 size,
                 devices=devices,
-            ).u
+            )
+            return traced.u, list(traced.t_events), list(traced.u_events)
 
-        _, pull_u = jax.vjp(solve_u, x_u0, x_p)
+        (_, t_padded, u_padded), pull_outputs = jax.vjp(solve_outputs, x_u0, x_p)
+        zeros = (
+            [jnp.zeros_like(x) for x in t_padded],
+            [jnp.zeros_like(x) for x in u_padded],
+        )
         failed = np.flatnonzero(~np.asarray(sol.success))
 
-        def pull(cotangent: Any) -> tuple[Any, Any]:
-            du0, dp = pull_u(jnp.asarray(cotangent, dtype=dtype))
+        def padded(cots: Any, found: Any, like: Any) -> list[Any]:
+            # each member's firings' cotangents; zeros on the NaN padding (no
+            # output there), and after the n_k columns eager `sol` shows
+            return [
+                z.at[:, : np.shape(c)[1]].set(
+                    jnp.where(jnp.isnan(x), 0.0, jnp.asarray(c, dtype=dtype))
+                )
+                for c, x, z in zip(cots, found, like, strict=True)
+            ]
+
+        def pull(cotangent: Any, events: Any = None) -> tuple[Any, Any]:
+            t_cots, u_cots = zeros
+            if events is not None:
+                t_cots, u_cots = (
+                    padded(c, x, z)
+                    for c, x, z in zip(
+                        events, (sol.t_events, sol.u_events), zeros, strict=True
+                    )
+                )
+            cot = jnp.asarray(cotangent, dtype=dtype)
+            du0, dp = pull_outputs((cot, t_cots, u_cots))
             if failed.size:
                 du0 = _nan_failed(du0, failed, u0 is not None)
                 dp = jax.tree_util.tree_map(

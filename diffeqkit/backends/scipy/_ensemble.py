@@ -14,7 +14,9 @@ a few milliseconds a task on Dask, stays small next to the solves).
 Gradients: in-process (None, a `ThreadPoolExecutor`) each member's `vjp` keeps
 its pullback; on other executors the member's pullback cannot travel back, so the
 ensemble's pullback runs each chunk's member `vjp` again on the workers with its
-cotangent (one more forward solve per member).
+cotangent (one more forward solve per member). With events, the cotangents of the
+padded ``(B, n_k)`` event outputs are cut per member to its own ``n_k`` firings;
+those on the NaN padding are dropped (padding is no output of any member).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "MIN_CHUNK",
     "RETRIES",
     "chunks",
+    "member_events",
     "solve_ensemble",
     "vjp_ensemble",
 ]
@@ -88,23 +91,29 @@ def vjp_ensemble(
         members = [m for chunk in run(executor, _vjp_solve_chunk, tasks) for m in chunk]
         pulls = []
     sol = _gather(req, members)
+    # how many times each member fired each event (its rows before the padding)
+    fired = [[len(t) for t in m[3]] if req.events else [] for m in members]
 
-    def pullback(cotangent: Any) -> tuple[Any, Any]:
+    def pullback(cotangent: Any, events: Any = None) -> tuple[Any, Any]:
         cot = np.asarray(to_numpy(cotangent), dtype=np.float64)
         # Rows not reached (after a terminal event, or a failure) carry no
         # derivative: their cotangent is unused, as on torch and JAX.
         cot = np.where(np.isnan(sol.u), 0.0, cot)
+        ev = [None] * size if events is None else member_events(events, fired)
         if local:
             grads = run(
                 executor,
                 _pull_chunk,
-                [(pulls[a:b], cot[a:b]) for a, b in parts],
+                [(pulls[a:b], cot[a:b], ev[a:b]) for a, b in parts],
             )
         else:
             grads = run(
                 executor,
                 _vjp_pull_chunk,
-                [(*task, cot[a:b]) for task, (a, b) in zip(tasks, parts, strict=True)],
+                [
+                    (*task, cot[a:b], ev[a:b])
+                    for task, (a, b) in zip(tasks, parts, strict=True)
+                ],
             )
         flat = [g for chunk in grads for g in chunk]
         du0 = np.stack([g[0] for g in flat])
@@ -162,15 +171,35 @@ def _vjp_solve_chunk(req: SolveRequest, u0: Any, p: Any, n: int) -> list[Member]
     return [m for m, _ in _vjp_chunk(req, u0, p, n)]
 
 
-def _pull_chunk(pulls: Sequence[Pullback], cot: Any) -> list[tuple[Any, Any]]:
-    return [pull(c) for pull, c in zip(pulls, cot, strict=True)]
+def _pull_chunk(
+    pulls: Sequence[Pullback], cot: Any, events: Sequence[Any]
+) -> list[tuple[Any, Any]]:
+    return [
+        pull(c) if e is None else pull(c, e)
+        for pull, c, e in zip(pulls, cot, events, strict=True)
+    ]
 
 
 def _vjp_pull_chunk(
-    req: SolveRequest, u0: Any, p: Any, n: int, cot: Any
+    req: SolveRequest, u0: Any, p: Any, n: int, cot: Any, events: Sequence[Any]
 ) -> list[tuple[Any, Any]]:
+    return _pull_chunk([pull for _, pull in _vjp_chunk(req, u0, p, n)], cot, events)
+
+
+def member_events(events: Any, fired: Sequence[Sequence[int]]) -> list[Any]:
+    """The ensemble's event cotangents ``(t_cots, u_cots)`` (per event ``k`` of
+    shapes ``(B, n_k)`` and ``(B, n_k, *u0.shape)``) as each member's own: member
+    ``i``'s first ``fired[i][k]`` rows of event ``k``. The rows after them are
+    the NaN padding, no output of the member: their cotangents are dropped."""
+    t_cots, u_cots = (
+        [np.asarray(to_numpy(c), dtype=np.float64) for c in cots] for cots in events
+    )
     return [
-        pull(c) for (_, pull), c in zip(_vjp_chunk(req, u0, p, n), cot, strict=True)
+        (
+            [c[i, :n] for c, n in zip(t_cots, counts, strict=True)],
+            [c[i, :n] for c, n in zip(u_cots, counts, strict=True)],
+        )
+        for i, counts in enumerate(fired)
     ]
 
 

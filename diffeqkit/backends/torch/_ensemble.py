@@ -754,10 +754,13 @@ def vjp_ensemble(
     *,
     devices: Sequence[str] | None = None,
     solve_one: Callable[[SolveRequest], Solution] | None = None,
-) -> tuple[Solution, Callable[[Any], tuple[Any, Any]]]:
+) -> tuple[Solution, Callable[..., tuple[Any, Any]]]:
     """`solve_ensemble` and its pullback ``cotangent -> (dL/du0, dL/dp)``.
 
-    The cotangent has ``sol.u``'s shape ``(size, m, *u0.shape)``. Batched inputs
+    The cotangent has ``sol.u``'s shape ``(size, m, *u0.shape)``; with events the
+    pullback also takes ``(t_cots, u_cots)``, those of ``sol.t_events[k]`` ``(size,
+    n_k)`` and ``sol.u_events[k]`` (autograd through the stacked members'
+    events; the cotangent on their NaN padding is unused). Batched inputs
     (`u0`, `p` given) get gradients with the member axis; shared ones (None:
     ``req.u0``, ``req.p``) the sum over members. Gradients come from autograd
     through the batched steps (the discrete derivative); the pullback may be
@@ -808,23 +811,36 @@ def vjp_ensemble(
     failed = [i for i, s in enumerate(sol.status) if not STATUSES[s].success]
     batched = {id(x) for x in (ens_u0, *(leaves(ens_p) if p is not None else ()))}
 
-    def pull(cotangent: Any) -> tuple[Any, Any]:
-        ct = (
-            cotangent.to(dtype=u.dtype, device=u.device)
-            if isinstance(cotangent, torch.Tensor)
-            else torch.as_tensor(np.asarray(cotangent), dtype=u.dtype, device=u.device)
-        )
+    def pull(cotangent: Any, events: Any = None) -> tuple[Any, Any]:
+        ct = _like(cotangent, u)
         if tuple(ct.shape) != tuple(u.shape):
             raise InvalidProblemError(
                 f"cotangent must have the shape of sol.u, {tuple(u.shape)}; got "
                 f"shape {tuple(ct.shape)}. Pass dL/d(sol.u): one entry per member, "
                 "saved time and state component."
             )
-        # NaN rows (not reached) carry no derivative; their cotangent is unused.
-        ct = torch.where(torch.isnan(u), torch.zeros_like(ct), ct)
+        # The outputs that carry a graph, with their cotangents. NaN entries (rows
+        # not reached, events' padding) carry no derivative: their cotangent is
+        # unused.
+        kept = [(u, _unless_nan(ct, u))] if u.requires_grad else []
+        if events is not None:
+            for found_k, given_k in zip(
+                (sol.t_events, sol.u_events), events, strict=True
+            ):
+                kept += [
+                    (x, _unless_nan(_like(c, x), x))
+                    for x, c in zip(found_k, given_k, strict=True)
+                    if x.requires_grad
+                ]
         found = (
-            torch.autograd.grad(u, inputs, ct, retain_graph=True, allow_unused=True)
-            if u.requires_grad
+            torch.autograd.grad(
+                [x for x, _ in kept],
+                inputs,
+                [c for _, c in kept],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            if kept
             else (None,) * len(inputs)
         )
         grads = {}
@@ -840,6 +856,18 @@ def vjp_ensemble(
         return grads.get(id(x_u0)), replace_leaves(p_struct, dp)
 
     return _detached(sol), pull
+
+
+def _like(x: Any, like: torch.Tensor) -> torch.Tensor:
+    """`x` (a tensor or NumPy-readable) as a tensor of `like`'s dtype and device."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype=like.dtype, device=like.device)
+    return torch.as_tensor(np.asarray(x), dtype=like.dtype, device=like.device)
+
+
+def _unless_nan(cot: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`cot` with zeros where the output `out` is NaN (no value there)."""
+    return torch.where(torch.isnan(out), torch.zeros_like(cot), cot)
 
 
 def _detached(sol: Solution) -> Solution:
