@@ -21,14 +21,16 @@ accepted step and stops at the first step where one crossed: when none does
 (events that never fire), that is the solve, at the cost of the sign tests.
 Only after a crossing do the segments run, from t0, in a ``lax.while_loop``
 (at most ``max_events + 1`` of them, under a ``lax.cond``); forward-mode AD
-goes through both, which is how `ForwardMode` differentiates any
-events (a custom VJP computing the Jacobian by forward mode, as without events).
-Reverse-mode AD cannot go through a while loop: with only terminal events the
+goes through both, which is how `ForwardMode` differentiates any events (a
+custom VJP computing the Jacobian by forward mode, as without events).
+Reverse-mode AD cannot go through `lax.while_loop`: with only terminal events the
 loop locates without gradients and one differentiable solve of ``[t0, t*]``
-follows; with events that continue, the reverse sensealgs run a ``lax.scan`` of
-``max_events + 1`` segments (its memory grows with `max_events`: pass a small
-one). Either way the reverse path is a custom VJP whose primal is the plain
-loop, so a jitted solve that is not differentiated costs no more than that.
+follows; with events that continue, the reverse sensealgs run equinox's
+checkpointed while loop over the segments (its backward pass recomputes them
+from a few checkpoints, one segment's residuals at a time, so its cost follows
+the events that fired, not `max_events`). Either way the reverse path is a
+custom VJP whose primal is the plain loop, so a jitted solve that is not
+differentiated costs no more than that.
 
 Under ``jax.jit`` the event outputs have static shapes: ``t_events[i]`` is
 ``(max_events,)`` and ``u_events[i]`` ``(max_events, *u0.shape)``, padded with
@@ -53,13 +55,13 @@ from typing import Any, cast
 
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from ..._errors import UnsupportedError
 from ..._events import Event, check_affect_output, check_condition_output
 from ..._problem import check_rhs_output
 from ._solve import (
@@ -533,22 +535,27 @@ def _loop(
     With `entry` and only terminal events (so no jump: every segment starts at
     t0), the loop only locates, without gradients, and one differentiable solve
     of ``[t0, t*]`` follows: reverse-mode AD needs no loop then. With events that
-    continue and a `reverse` sensealg, a ``lax.scan`` of ``max_events + 1``
-    segments (those after the end skipped by ``lax.cond``) replaces the while
-    loop, which reverse-mode AD cannot go through; a solve that needs more
-    segments (several events crossing in one step each take one more) stops with
+    continue and a `reverse` sensealg, equinox's checkpointed while loop of at
+    most ``max_events + 1`` segments replaces `lax.while_loop`, which
+    reverse-mode AD cannot go through; a solve that needs more segments (several
+    events crossing in one step each take one more) stops with
     "too_many_events".
     """
     body = lambda c: _segment(cfg, ev, entry, p, times, ts, c)  # noqa: E731
     if entry is None or not ev.all_terminal:
         if not (reverse and entry is not None):
             return _watched(cfg, ev, entry, y0, p, times, ts)
-        start = _start(ev, y0, ts, times)
-
-        def step(c: _Carry, _: Any) -> tuple[_Carry, None]:
-            return jax.lax.cond(c.done, lambda c: c, body, c), None
-
-        c, _ = jax.lax.scan(step, start, None, length=ev.max_events + 1)
+        # Reverse-mode AD through equinox's checkpointed while loop: its
+        # backward pass runs over the segments solved (recomputing from a few
+        # checkpoints of the carry), not over max_events + 1 of them, and keeps
+        # one segment's residuals at a time.
+        c = eqxi.while_loop(
+            lambda c: jnp.logical_not(c.done),
+            body,
+            _start(ev, y0, ts, times),
+            max_steps=ev.max_events + 1,
+            kind="checkpointed",
+        )
         code = jnp.where(c.done, c.code, _TOO_MANY).astype(jnp.int32)
         return _Carry(**{**{k: getattr(c, k) for k in _FIELDS}, "code": code})
     y0_fixed, p_fixed = jax.lax.stop_gradient((y0, p))
@@ -773,29 +780,6 @@ def solve_events(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
     return _reverse(cfg, ev, job)
 
 
-# The most steps the bounded scan may keep for the backward pass with a sensealg
-# that stores every step (ReverseThroughSolver's checkpoints, InterpolatingAdjoint's
-# dense output): (max_events + 1) * max_steps of them, allocated up front.
-_MAX_STORED_STEPS = 2_000_000
-
-
-def _check_stored_steps(cfg: Config, ev: EventConfig) -> None:
-    from ..._sensealg import InterpolatingAdjoint, ReverseThroughSolver
-
-    stored = (ev.max_events + 1) * cfg.max_steps
-    every_step = isinstance(cfg.sensealg, ReverseThroughSolver | InterpolatingAdjoint)
-    if ev.all_terminal or not every_step or stored <= _MAX_STORED_STEPS:
-        return
-    raise UnsupportedError(
-        f"sensealg=dk.{type(cfg.sensealg).__name__}() keeps every step of each "
-        f"of the max_events + 1 = {ev.max_events + 1} segments of a solve with "
-        f"events that continue, up to max_steps = {cfg.max_steps} each: "
-        f"{stored:,} steps in memory (more than {_MAX_STORED_STEPS:,}). Pass a "
-        "smaller max_events (the events you expect, plus a margin) or max_steps, "
-        "or use sensealg=dk.CheckpointedAdjoint() or dk.ForwardMode()."
-    )
-
-
 def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
     """The reverse sensealgs: a custom VJP whose primal is the plain loop (a
     jitted solve that is not differentiated pays nothing more) and whose forward
@@ -813,7 +797,6 @@ def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
         return _outputs(_loop(cfg, ev, None, y0, p, times, ts))
 
     def fwd(y0: Any, p: Any, times: Any, ts: Any) -> Any:
-        _check_stored_steps(cfg, ev)
         times, ts = fixed_inputs((times, ts), _TIMES_REVERSE)
         y0, p = jax.tree_util.tree_map(lambda x: x.value, (y0, p))
         outs, pull, (info, t_end) = jax.vjp(
