@@ -280,8 +280,14 @@ def _locate(
         start = jnp.where(on, start / scale, 1.0).astype(y0.dtype)
 
         def cond(t: Any, y: Any, args: Any, **_: Any) -> Any:
-            # A disabled event is a constant: it never crosses.
-            value = jnp.where(t == t_s, start, g(y, args, t) / scale)
+            # A disabled event is a constant: it never crosses. At t_s the value
+            # is `start` but the slope is the condition's: Newton's iterates may
+            # be clipped to the step's start, where a zero slope would give NaN
+            # (a crossing within rounding of t_s, as right after another event).
+            value = g(y, args, t) / scale
+            value = value + jnp.where(
+                t == t_s, start - jax.lax.stop_gradient(value), 0.0
+            )
             return jnp.where(on, value, 1.0).astype(y0.dtype)
 
         return cond, start
