@@ -20,6 +20,11 @@ as ``warmup_s``. Every call gets a new p (cycled through 8 pre-drawn values).
   ForwardMode (the event terminal=False: the loop of segments) and with
   CheckpointedAdjoint (terminal: one located segment, then the differentiable
   solve of [t0, t*], so about two solves' work: reported, no target).
+- reverse cost against max_events: a ball dropped from h0 ~ 2 bouncing
+  (restitution 0.8, two bounces in [0, 2]), ``jax.jit(jax.grad)`` in h0 with
+  CheckpointedAdjoint at max_events=4 (the "plain" column) and 1000 (the
+  "events" column): the cost should follow the events that fired, not
+  max_events.
 
 Run: python benchmarks/events_overhead_jax.py [--quick]
 Writes benchmarks/results/events_overhead_jax.md.
@@ -105,6 +110,45 @@ def groups() -> dict[str, dict[str, Any]]:
 
         return jax.jit(solve)
 
+    hs = [jnp.asarray(2.0 + 0.05 * rng.standard_normal()) for _ in range(8)]
+
+    def fall(u: Any, p: Any, t: Any) -> Any:
+        return jnp.stack([u[1], -9.81 + 0.0 * u[0]])
+
+    ground = dk.Event(
+        lambda u, p, t: u[0],
+        direction=-1,
+        terminal=False,
+        affect=lambda u, p, t: jnp.stack([u[0], -p * u[1]]),
+    )
+
+    def ball_grad(max_events: int) -> Any:
+        def loss(h0: Any) -> Any:
+            prob = dk.ODEProblem(fall, jnp.stack([h0, 0.0 * h0]), (0.0, 2.0), 0.8)
+            sol = dk.solve(
+                prob,
+                "tsit5",
+                backend="jax",
+                events=[ground],
+                max_events=max_events,
+                saveat=[0.5, 1.0, 1.5, 2.0],
+                rtol=1e-8,
+                atol=1e-8,
+                sensealg=dk.CheckpointedAdjoint(),
+            )
+            return jnp.sum(sol.u[:, 0])
+
+        return jax.jit(jax.grad(loss))
+
+    def cycling_ball(fn: Any) -> Any:
+        state = {"i": 0}
+
+        def call() -> Any:
+            state["i"] += 1
+            return jax.block_until_ready(fn(hs[state["i"] % len(hs)]))
+
+        return call
+
     def cycling_big(fn: Any) -> Any:
         state = {"i": 0}
 
@@ -143,12 +187,20 @@ def groups() -> dict[str, dict[str, Any]]:
             "plain": cycling(grad_of(None, dk.CheckpointedAdjoint())),
             "events": cycling(grad_of(stopping, dk.CheckpointedAdjoint())),
         },
+        "ball (2 bounces), gradient CheckpointedAdjoint, jitted: max_events "
+        "4 (plain column) vs 1000 (events column)": {
+            "plain": cycling_ball(ball_grad(4)),
+            "events": cycling_ball(ball_grad(1000)),
+        },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few rounds only")
+    parser.add_argument(
+        "--only", default="", help="run only the groups whose name contains this"
+    )
     args = parser.parse_args(argv)
     lines = [
         "# Events overhead on JAX: an event that never fires",
@@ -162,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
     ]
     for name, variants in groups().items():
+        if args.only not in name:
+            continue
         res = interleaved(variants, 5 if args.quick else 0, budget_s=15.0)
         a, b = res["plain"], res["events"]
         ratio = b["median_s"] / a["median_s"]
@@ -171,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    if not args.quick:
+    if not args.quick and not args.only:
         OUT.write_text(text)
     print(text)
     return 0

@@ -81,8 +81,9 @@ def vjp(
         shape of ``sol.t_events[k]`` (``(n_k,)``) or ``sol.u_events[k]``
         (``(n_k, *u0.shape)``), or None for zero (the list itself, or an entry
         of it); for an ensemble ``(B, n_k)`` and ``(B, n_k, *u0.shape)``, where
-        entries on a member's NaN padding are ignored. Returns `Grads` with ``u0 = ∂L/∂u0`` and ``p = ∂L/∂p``. It may
-        be called several times (e.g. one row of a Jacobian at a time).
+        entries on a member's NaN padding are ignored. Returns `Grads` with
+        ``u0 = ∂L/∂u0`` and ``p = ∂L/∂p``. It may be called several times (e.g.
+        one row of a Jacobian at a time).
 
     Raises
     ------

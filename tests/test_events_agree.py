@@ -333,3 +333,28 @@ def test_bad_event_cotangents_are_refused_naming_the_argument():
     assert plain.t_events is None
     with pytest.raises(dk.InvalidProblemError, match="events="):
         pull(np.zeros(plain.u.shape), t_events=[np.zeros(1)])
+
+
+def _at_ln2(u, p, t):
+    return t - 0.6931471805599453
+
+
+def _half(u, p, t):
+    return u[0] - 0.5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_two_events_crossing_within_the_solve_error_both_fire_once(backend):
+    # u = exp(-t): t = ln 2 and u = 0.5 cross at the same time, but the
+    # computed u crosses 0.5 a few 1e-11 after it. Each fires once, in that
+    # order (on JAX the second used to be located at NaN and chatter).
+    arr = _arrays(backend)
+    prob = dk.ODEProblem(lambda u, p, t: -u, arr([1.0]), (0.0, 1.0))
+    events = [dk.Event(_at_ln2, terminal=False), dk.Event(_half, terminal=False)]
+    sol = dk.solve(prob, "tsit5", events=events, rtol=1e-10, atol=1e-10)
+    assert sol.status == "success"
+    times = [np.asarray(t.tolist(), dtype=float) for t in sol.t_events]
+    assert [len(t) for t in times] == [1, 1]
+    np.testing.assert_allclose(times[0], [np.log(2.0)], rtol=1e-15)
+    np.testing.assert_allclose(times[1], [np.log(2.0)], rtol=1e-9)
+    assert times[1][0] >= times[0][0]

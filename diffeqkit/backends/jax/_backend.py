@@ -209,8 +209,8 @@ class JaxBackend:
             stats=stats,
             status=STATUSES[code],
             t_reached=float(t_end),
-            t_events=[t_ev[i, :k] for i, k in enumerate(per_event)],
-            u_events=[u_ev[i, :k] for i, k in enumerate(per_event)],
+            t_events=[_first(t_ev, i, k) for i, k in enumerate(per_event)],
+            u_events=[_first(u_ev, i, k) for i, k in enumerate(per_event)],
         )
 
     def vjp(self, req: SolveRequest) -> tuple[Solution, Pullback]:
@@ -788,6 +788,21 @@ def _check_adaptive(req: SolveRequest) -> None:
             f"{'with adaptive=False ' if not req.adaptive else ''}steps on a "
             "fixed grid. Use e.g. alg='tsit5' (adaptive=True)."
         )
+
+
+# Empty event outputs, per shape, dtype and device: an event that did not fire
+# costs no dispatch of a slice (a shared JAX array: they are immutable).
+_EMPTY: dict[tuple[Any, ...], Any] = {}
+
+
+def _first(padded: Any, i: int, k: int) -> Any:
+    """``padded[i, :k]``, the `k` entries of event `i` in the padded buffer."""
+    if k:
+        return padded[i, :k]
+    key = (padded.shape[2:], padded.dtype, padded.sharding)
+    if key not in _EMPTY:
+        _EMPTY[key] = padded[i, :0]
+    return _EMPTY[key]
 
 
 def _member_stats(method: Method, info: Any) -> dict[str, Any]:

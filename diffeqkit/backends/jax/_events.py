@@ -15,15 +15,22 @@ corrections of the implicit-function theorem (docs/events.md):
     u_ev = u- + sg(f(u-)) (tau - sg(tau))     the state at a moving time
     u_start = affect(u_ev) - sg(f(u+)) (tau - sg(tau))
 
-The segments run in a ``lax.while_loop`` (at most ``max_events + 1`` of them);
-forward-mode AD goes through it, which is how `ForwardMode` differentiates any
-events (a custom VJP computing the Jacobian by forward mode, as without events).
-Reverse-mode AD cannot go through a while loop: with only terminal events the
+A solve first runs as the plain solve of ``[t0, t1]`` with a step-size
+controller (`_Watch`) that only tests the conditions' signs at the end of each
+accepted step and stops at the first step where one crossed: when none does
+(events that never fire), that is the solve, at the cost of the sign tests.
+Only after a crossing do the segments run, from t0, in a ``lax.while_loop``
+(at most ``max_events + 1`` of them, under a ``lax.cond``); forward-mode AD
+goes through both, which is how `ForwardMode` differentiates any events (a
+custom VJP computing the Jacobian by forward mode, as without events).
+Reverse-mode AD cannot go through `lax.while_loop`: with only terminal events the
 loop locates without gradients and one differentiable solve of ``[t0, t*]``
-follows; with events that continue, the reverse sensealgs run a ``lax.scan`` of
-``max_events + 1`` segments (its memory grows with `max_events`: pass a small
-one). Either way the reverse path is a custom VJP whose primal is the plain
-loop, so a jitted solve that is not differentiated costs no more than that.
+follows; with events that continue, the reverse sensealgs run equinox's
+checkpointed while loop over the segments (its backward pass recomputes them
+from a few checkpoints, one segment's residuals at a time, so its cost follows
+the events that fired, not `max_events`). Either way the reverse path is a
+custom VJP whose primal is the plain loop, so a jitted solve that is not
+differentiated costs no more than that.
 
 Under ``jax.jit`` the event outputs have static shapes: ``t_events[i]`` is
 ``(max_events,)`` and ``u_events[i]`` ``(max_events, *u0.shape)``, padded with
@@ -48,6 +55,7 @@ from typing import Any, cast
 
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +139,95 @@ def _rate(g: Callable[..., Any], f: Callable[..., Any], u: Any, p: Any, t: Any) 
     return dg
 
 
+def _maybe_crossed(direction: int, before: Any, after: Any) -> Any:
+    """Whether a condition going from `before` to `after` may have crossed zero in
+    `direction`: true whenever diffrax's test is (and also when it only reached
+    zero), in one or two operations, for a test on every step."""
+    if direction == 0:
+        return before * after <= 0
+    if direction == 1:
+        return jnp.minimum(after, -before) >= 0
+    return jnp.minimum(before, -after) >= 0
+
+
+class _Watch(diffrax.AbstractAdaptiveStepSizeController):
+    """A step-size controller around `controller` that watches the events'
+    conditions at the end of every accepted step and stops the solve (diffrax's
+    ``event_occurred``) at the end of the first step where one crossed zero.
+
+    Only a sign test per step, no root finding and no copy of the step's dense
+    output: the cheap first try of a solve whose events may never fire. Its
+    steps are the plain solve's.
+    """
+
+    controller: Any
+    start: tuple[Any, ...]  # per event, its value at t0 (at zero: the sign it
+    # moves to)
+    conditions: tuple[Callable[..., Any], ...] = eqx.field(static=True)
+    directions: tuple[int, ...] = eqx.field(static=True)
+    sign: Any = 1  # of the direction of integration (diffrax's time is its own)
+
+    @property
+    def rtol(self) -> Any:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.controller.rtol
+
+    @property
+    def atol(self) -> Any:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.controller.atol
+
+    @property
+    def norm(self) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return self.controller.norm
+
+    def wrap(self, direction: Any) -> Any:
+        return eqx.tree_at(
+            lambda s: (s.controller, s.sign),
+            self,
+            (self.controller.wrap(direction), direction),
+        )
+
+    def init(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self,
+        terms: Any,
+        t0: Any,
+        t1: Any,
+        y0: Any,
+        dt0: Any,
+        args: Any,
+        func: Any,
+        error_order: Any,
+    ) -> tuple[Any, Any]:
+        t1, inner = self.controller.init(
+            terms, t0, t1, y0, dt0, args, func, error_order
+        )
+        return t1, (inner, self.start)
+
+    def adapt_step_size(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self,
+        t0: Any,
+        t1: Any,
+        y0: Any,
+        y1_candidate: Any,
+        args: Any,
+        y_error: Any,
+        error_order: Any,
+        controller_state: Any,
+    ) -> tuple[Any, Any, Any, Any, Any, Any]:
+        inner, before = controller_state
+        keep, next_t0, next_t1, jump, inner, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner
+        )
+        y, p, t = jax.lax.stop_gradient((y1_candidate, args, t1 * self.sign))
+        after = tuple(g(y, p, t) for g in self.conditions)
+        crossed = None
+        for d, b, a in zip(self.directions, before, after, strict=True):
+            this = _maybe_crossed(d, b, a)
+            crossed = this if crossed is None else crossed | this
+        result = RESULTS.where(keep & crossed, RESULTS.event_occurred, result)
+        now = tuple(jnp.where(keep, a, b) for b, a in zip(before, after, strict=True))
+        return keep, next_t0, next_t1, jump, (inner, now), result
+
+
 @dataclass(frozen=True)
 class _Segment:
     """What locating one segment found (no gradients)."""
@@ -186,8 +283,14 @@ def _locate(
         start = jnp.where(on, start / scale, 1.0).astype(y0.dtype)
 
         def cond(t: Any, y: Any, args: Any, **_: Any) -> Any:
-            # A disabled event is a constant: it never crosses.
-            value = jnp.where(t == t_s, start, g(y, args, t) / scale)
+            # A disabled event is a constant: it never crosses. At t_s the value
+            # is `start` but the slope is the condition's: Newton's iterates may
+            # be clipped to the step's start, where a zero slope would give NaN
+            # (a crossing within rounding of t_s, as right after another event).
+            value = g(y, args, t) / scale
+            value = value + jnp.where(
+                t == t_s, start - jax.lax.stop_gradient(value), 0.0
+            )
             return jnp.where(on, value, 1.0).astype(y0.dtype)
 
         return cond, start
@@ -441,28 +544,31 @@ def _loop(
     With `entry` and only terminal events (so no jump: every segment starts at
     t0), the loop only locates, without gradients, and one differentiable solve
     of ``[t0, t*]`` follows: reverse-mode AD needs no loop then. With events that
-    continue and a `reverse` sensealg, a ``lax.scan`` of ``max_events + 1``
-    segments (those after the end skipped by ``lax.cond``) replaces the while
-    loop, which reverse-mode AD cannot go through; a solve that needs more
-    segments (several events crossing in one step each take one more) stops with
+    continue and a `reverse` sensealg, equinox's checkpointed while loop of at
+    most ``max_events + 1`` segments replaces `lax.while_loop`, which
+    reverse-mode AD cannot go through; a solve that needs more segments (several
+    events crossing in one step each take one more) stops with
     "too_many_events".
     """
     body = lambda c: _segment(cfg, ev, entry, p, times, ts, c)  # noqa: E731
-    go = lambda c: jnp.logical_not(c.done)  # noqa: E731
     if entry is None or not ev.all_terminal:
-        start = _start(ev, y0, ts, times)
         if not (reverse and entry is not None):
-            return jax.lax.while_loop(go, body, start)
-
-        def step(c: _Carry, _: Any) -> tuple[_Carry, None]:
-            return jax.lax.cond(c.done, lambda c: c, body, c), None
-
-        c, _ = jax.lax.scan(step, start, None, length=ev.max_events + 1)
+            return _watched(cfg, ev, entry, y0, p, times, ts)
+        # Reverse-mode AD through equinox's checkpointed while loop: its
+        # backward pass runs over the segments solved (recomputing from a few
+        # checkpoints of the carry), not over max_events + 1 of them, and keeps
+        # one segment's residuals at a time.
+        c = eqxi.while_loop(
+            lambda c: jnp.logical_not(c.done),
+            body,
+            _start(ev, y0, ts, times),
+            max_steps=ev.max_events + 1,
+            kind="checkpointed",
+        )
         code = jnp.where(c.done, c.code, _TOO_MANY).astype(jnp.int32)
         return _Carry(**{**{k: getattr(c, k) for k in _FIELDS}, "code": code})
     y0_fixed, p_fixed = jax.lax.stop_gradient((y0, p))
-    locate = lambda c: _segment(cfg, ev, None, p_fixed, times, ts, c)  # noqa: E731
-    c = jax.lax.while_loop(go, locate, _start(ev, y0_fixed, ts, times))
+    c = _watched(cfg, ev, None, y0_fixed, p_fixed, times, ts)
     t_star = c.t_end
     seg_ts = jnp.concatenate([jnp.clip(ts, times[0], t_star), t_star[None]])
     out, _ = entry(Job(cfg, y0, p, (times[0], t_star, *times[2:]), seg_ts, None))
@@ -484,6 +590,103 @@ def _loop(
             "u_ev": u_ev_all,
         }
     )
+
+
+def _first_try(
+    cfg: Config,
+    ev: EventConfig,
+    y0: Any,
+    p: Any,
+    times: Any,
+    ts: Any,
+    adjoint: Any,
+) -> tuple[Any, _Carry]:
+    """The plain solve of ``[t0, t1]`` with the conditions watched (`_Watch`):
+    whether an event crossed, and the outcome as if none fired (what the solve
+    is when none does). `adjoint` is diffrax's (None: not differentiated)."""
+    t0, t1, rtol, atol, dt0 = times
+    method = cfg.method
+    conditions = tuple(ev.bind(e.condition) for e in ev.events)
+    y_fixed, p_fixed = jax.lax.stop_gradient((y0, p))
+    ulp = jnp.finfo(y0.dtype).eps * jnp.maximum(jnp.abs(t0), jnp.finfo(y0.dtype).tiny)
+    start = []
+    for g in conditions:
+        g0 = g(y_fixed, p_fixed, t0)
+        rate = _rate(g, cfg.f, y_fixed, p_fixed, t0)
+        at_zero = jnp.abs(g0) <= _AT_ZERO_ULPS * ulp * jnp.abs(rate)
+        start.append(jnp.where(at_zero, jnp.where(rate >= 0, 1.0, -1.0), g0))
+    pid = method.controller(rtol, atol)
+    inner: Any = diffrax.ClipStepSizeController(pid, step_ts=ts) if cfg.land else pid
+    # (pyright takes the base's abstract tolerances for fields; they are
+    # properties of the wrapped controller.)
+    controller = _Watch(  # pyright: ignore[reportCallIssue]
+        controller=inner,
+        start=tuple(jnp.asarray(x) for x in start),
+        conditions=conditions,
+        directions=tuple(e.direction for e in ev.events),
+    )
+    sol = diffrax.diffeqsolve(
+        method.term(cfg.f),
+        method.build(),
+        t0,
+        t1,
+        jnp.where(t1 > t0, dt0, -dt0) if cfg.adaptive_dt0 else None,
+        y0,
+        args=p,
+        saveat=diffrax.SaveAt(
+            subs=[
+                diffrax.SubSaveAt(ts=ts),
+                diffrax.SubSaveAt(t1=True, fn=lambda t, y, args: t),
+            ]
+        ),
+        stepsize_controller=controller,
+        max_steps=cfg.max_steps,
+        throw=False,
+        adjoint=diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
+    )
+    fired = sol.result == RESULTS.event_occurred
+    saved_ts, saved_ys = cast("list[Any]", sol.ts), cast("list[Any]", sol.ys)
+    # Rows not reached (a failed solve) keep diffrax's fill value inf: NaN.
+    reached = jnp.isfinite(saved_ts[0]).reshape((-1,) + (1,) * y0.ndim)
+    stats: Any = sol.stats
+    c = _start(ev, y0, ts, times)
+    t_end = saved_ts[1][0]
+    quiet = _Carry(
+        **{
+            **{k: getattr(c, k) for k in _FIELDS},
+            "ys": jnp.where(reached, saved_ys[0], jnp.nan),
+            "code": _status_code(sol.result),
+            "done": jnp.array(True),
+            "naccept": jnp.asarray(stats["num_accepted_steps"]).astype(jnp.int32),
+            "nreject": jnp.asarray(stats["num_rejected_steps"]).astype(jnp.int32),
+            "t_end": t_end,
+        }
+    )
+    return fired, quiet
+
+
+def _watched(
+    cfg: Config,
+    ev: EventConfig,
+    entry: Callable[[Job], tuple[Any, Any]] | None,
+    y0: Any,
+    p: Any,
+    times: Any,
+    ts: Any,
+) -> _Carry:
+    """All segments in a while loop, entered only when the first try
+    (`_first_try`) saw a crossing: a solve whose events never fire costs that
+    one plain solve with a sign test per step. (With `entry`, ForwardMode's:
+    the first try is differentiated by forward mode too.)"""
+    adjoint = None if entry is None else diffrax.ForwardMode()
+    fired, quiet = _first_try(cfg, ev, y0, p, times, ts, adjoint)
+    body = lambda c: _segment(cfg, ev, entry, p, times, ts, c)  # noqa: E731
+    go = lambda c: jnp.logical_not(c.done)  # noqa: E731
+
+    def all_segments() -> _Carry:
+        return jax.lax.while_loop(go, body, _start(ev, y0, ts, times))
+
+    return jax.lax.cond(fired, all_segments, lambda: quiet)
 
 
 def _outputs(c: _Carry) -> tuple[Any, Any, Any, Any, Any]:
@@ -586,29 +789,6 @@ def solve_events(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
     return _reverse(cfg, ev, job)
 
 
-# The most steps the bounded scan may keep for the backward pass with a sensealg
-# that stores every step (ReverseThroughSolver's checkpoints, InterpolatingAdjoint's
-# dense output): (max_events + 1) * max_steps of them, allocated up front.
-_MAX_STORED_STEPS = 2_000_000
-
-
-def _check_stored_steps(cfg: Config, ev: EventConfig) -> None:
-    from ..._sensealg import InterpolatingAdjoint, ReverseThroughSolver
-
-    stored = (ev.max_events + 1) * cfg.max_steps
-    every_step = isinstance(cfg.sensealg, ReverseThroughSolver | InterpolatingAdjoint)
-    if ev.all_terminal or not every_step or stored <= _MAX_STORED_STEPS:
-        return
-    raise UnsupportedError(
-        f"sensealg=dk.{type(cfg.sensealg).__name__}() keeps every step of each "
-        f"of the max_events + 1 = {ev.max_events + 1} segments of a solve with "
-        f"events that continue, up to max_steps = {cfg.max_steps} each: "
-        f"{stored:,} steps in memory (more than {_MAX_STORED_STEPS:,}). Pass a "
-        "smaller max_events (the events you expect, plus a margin) or max_steps, "
-        "or use sensealg=dk.CheckpointedAdjoint() or dk.ForwardMode()."
-    )
-
-
 def _check_batched(cfg: Config, ev: EventConfig) -> None:
     """Refuse diffrax's checkpointed reverse pass through the scan of segments
     under an ensemble's vmap: its checkpointed loop, batched over members whose
@@ -645,7 +825,6 @@ def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
         return _outputs(_loop(cfg, ev, None, y0, p, times, ts))
 
     def fwd(y0: Any, p: Any, times: Any, ts: Any) -> Any:
-        _check_stored_steps(cfg, ev)
         _check_batched(cfg, ev)
         times, ts = fixed_inputs((times, ts), _TIMES_REVERSE)
         y0, p = jax.tree_util.tree_map(lambda x: x.value, (y0, p))
