@@ -100,10 +100,14 @@ def test_plain_solve_equals_reference_and_never_recompiles():
 
 
 def test_plain_solve_matches_torchdiffeq():
-    """The same tableau as torchdiffeq's dopri5 (landing on t1): the same
-    solution within its error (100 rtol) at a similar cost. (The reference
-    driver does not take torchdiffeq's steps exactly here: 266 evaluations of f
-    against 248; values between steps differ by the interpolants too.)"""
+    """torchdiffeq's dopri5 (landing on t1): the same solution within its error
+    (100 rtol) at a similar cost. Not the same steps: torchdiffeq's dopri5
+    estimates its error with another embedded formula than the shared tableau
+    (SciPy's RK45), 248 evaluations of f against 266; with the shared tableau on
+    torchdiffeq's solver class the eager driver takes its steps bit for bit
+    (test_torch_solve.py::test_eager_driver_takes_torchdiffeqs_steps), and the
+    engine the eager driver's (above). Values between steps differ by the
+    interpolants too."""
     sol, _, _ = solve("compiled")
     p = torch.tensor([1.5, 1.0, 3.0, 1.0], dtype=torch.float64)
     calls = []
