@@ -232,6 +232,7 @@ def test_fixed_step_stats_count_every_stage(alg):
         "nfev": get_tableau(alg).n_stages * (grid.size - 1),
         "naccept": grid.size - 1,
         "nreject": 0,
+        "engine": "eager",
     }
 
 
