@@ -13,6 +13,7 @@ differ by rounding, measured below 1e-12 relative; we allow 1e-10.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -358,3 +359,26 @@ def test_auto_falls_back_once_with_a_warning(fresh_auto):
     torch.testing.assert_close(second.u, first.u, rtol=0, atol=0)
     # Eager from then on, quietly (warnings are errors in the test suite).
     assert auto_solve(f=decay, u0=(1.0,), p=(0.5,)).stats["engine"] == "eager"
+
+
+def test_a_bound_method_is_one_structure(fresh_auto):
+    """Each ``obj.method`` is a new bound method: the structure is its function
+    and object (an unhashable object too), so it compiles once."""
+
+    @dataclasses.dataclass
+    class Model:  # eq=True: unhashable
+        scale: float = 1.0
+
+        def rhs(self, u, p, t):
+            return self.scale * lotka_volterra(u, p, t)
+
+    model = Model()
+    fresh_auto.threshold_s = 1e-9
+    assert auto_solve(f=model.rhs).stats["engine"] == "eager"
+    first = auto_solve(f=model.rhs)
+    assert first.stats["engine"] == "compiled"
+    traces = dict(_engine.TRACES)
+    again = auto_solve(f=model.rhs, u0=(0.7, 1.1))
+    assert again.stats["engine"] == "compiled"
+    assert again.stats["compile_s"] == 0.0
+    assert traces == _engine.TRACES

@@ -402,9 +402,10 @@ def _call(entry: _Compiled, stats: dict[str, float], *args: Any) -> Any:
 
 def _key(req: SolveRequest, backward: bool) -> tuple[Any, ...]:
     """The problem structure: f, the direction, and the modules in p (a bound f
-    calls them; `_params.bind`), by identity."""
+    calls them; `_params.bind`), by identity (a bound method f by its function
+    and object: `_policy.identity`; the entry's code keeps them alive)."""
     modules = tuple(x for x in leaves(req.p) if isinstance(x, torch.nn.Module))
-    return (req.f, backward, *modules)
+    return (*map(id, _policy.identity(req.f)), backward, *modules)
 
 
 # ---------------------------------------------------------------------------------

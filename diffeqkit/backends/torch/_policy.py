@@ -115,7 +115,7 @@ def current() -> str:
 class _Auto:
     """Eager seconds per structure and the compile seconds measured so far."""
 
-    spent: OrderedDict[tuple[int, ...], tuple[float, tuple[Any, ...]]] = field(
+    spent: OrderedDict[tuple[Any, ...], tuple[float, tuple[Any, ...]]] = field(
         default_factory=OrderedDict
     )
     compiles: list[float] = field(default_factory=list)
@@ -130,14 +130,14 @@ class _Auto:
             return sum(self.compiles) / len(self.compiles)
         return PRIOR_COMPILE_S
 
-    def ready(self, key: tuple[int, ...]) -> bool:
+    def ready(self, key: tuple[Any, ...]) -> bool:
         """Whether the structure has spent its expected compile time eagerly."""
         with self.lock:
             found = self.spent.get(key)
         spent = 0.0 if found is None else found[0]
         return spent > 0.0 and spent >= self.expected_compile_s()
 
-    def add(self, key: tuple[int, ...], refs: tuple[Any, ...], seconds: float) -> None:
+    def add(self, key: tuple[Any, ...], refs: tuple[Any, ...], seconds: float) -> None:
         with self.lock:
             found = self.spent.pop(key, None)
             self.spent[key] = ((0.0 if found is None else found[0]) + seconds, refs)
@@ -153,24 +153,24 @@ class _Auto:
 AUTO = _Auto()
 
 
-def _identity(f: Any) -> tuple[Any, ...]:
-    """`f` as identities: a bound method is its function and its object (each
-    attribute access makes a new bound method)."""
+def identity(f: Any) -> tuple[Any, ...]:
+    """`f` as objects to compare by identity: a bound method is its function and
+    its object (each attribute access makes a new bound method)."""
     func, owner = getattr(f, "__func__", None), getattr(f, "__self__", None)
     if func is not None and owner is not None:
         return (func, owner)
     return (f,)
 
 
-def structure(req: SolveRequest) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+def structure(req: SolveRequest) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """The problem structure of `req` as a key of identities, and the objects
     (kept alive while the key is remembered, so that no identity is reused)."""
     import torch
 
     modules = tuple(x for x in leaves(req.p) if isinstance(x, torch.nn.Module))
-    refs = (*_identity(req.f), *modules)
+    refs = (*identity(req.f), *modules)
     backward = bool(req.t1 < req.t0)
-    return (hash(req.alg.name), int(backward), *map(id, refs)), refs
+    return (req.alg.name, backward, *map(id, refs)), refs
 
 
 # A solve's choice, kept per request object (its backward pass asks again).
