@@ -38,8 +38,8 @@ def lotka_volterra(u, p, t):
 
 @pytest.fixture(scope="module", autouse=True)
 def small_blocks():
-    """Blocks of 2 steps (cheaper to compile); the engine is off by default and
-    each test turns it on or off itself."""
+    """Blocks of 2 steps (cheaper to compile); the engine variable unset (the
+    suite sets it to eager, tests/conftest.py): each test chooses its engine."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_engine, "BLOCK", 2)
         mp.delenv(_engine.ENV, raising=False)
