@@ -319,10 +319,12 @@ def test_auto_runs_eagerly_until_the_threshold_then_compiles(fresh_auto):
     assert again.stats["engine"] == "compiled"
     assert again.stats["compile_s"] == 0.0
     assert traces == _engine.TRACES
-    # Other problem structures keep their own account: still eager.
-    assert (
-        auto_solve(f=lambda u, p, t: lotka_volterra(u, p, t)).stats["engine"] == "eager"
-    )
+    # Other problem structures keep their own account: still eager (another f;
+    # another shape of the state, which torch would compile anew).
+    other_f = auto_solve(f=lambda u, p, t: lotka_volterra(u, p, t))
+    assert other_f.stats["engine"] == "eager"
+    batch = auto_solve(u0=((1.0, 1.0), (0.9, 1.1)))
+    assert batch.stats["engine"] == "eager"
 
 
 def test_auto_backward_pass_replays_on_the_forward_pass_engine(fresh_auto):

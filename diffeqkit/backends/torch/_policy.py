@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..._errors import invalid
 from ..._pytree import leaves
 from .._protocol import SolveRequest
@@ -163,14 +165,23 @@ def identity(f: Any) -> tuple[Any, ...]:
 
 
 def structure(req: SolveRequest) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """The problem structure of `req` as a key of identities, and the objects
-    (kept alive while the key is remembered, so that no identity is reused)."""
+    """The problem structure of `req` as a key, and the objects it names by
+    identity (kept alive while the key is remembered, so that no identity is
+    reused). The state's shape, dtype and device are part of it: compiled code
+    is specialised to them (a new batch size compiles anew, so it pays its own
+    rent)."""
     import torch
 
     modules = tuple(x for x in leaves(req.p) if isinstance(x, torch.nn.Module))
     refs = (*identity(req.f), *modules)
     backward = bool(req.t1 < req.t0)
-    return (req.alg.name, backward, *map(id, refs)), refs
+    u0 = req.u0
+    state = (
+        tuple(np.shape(u0)),
+        str(getattr(u0, "dtype", req.dtype)),
+        str(getattr(u0, "device", req.device)),
+    )
+    return (req.alg.name, backward, *state, *map(id, refs)), refs
 
 
 # A solve's choice, kept per request object (its backward pass asks again).
