@@ -1,4 +1,5 @@
-"""PyTorch integration: `NeuralODE`, a neural ODE as a `torch.nn.Module`.
+"""PyTorch integration: `NeuralODE`, a neural ODE as a `torch.nn.Module`, and the
+choice of the torch engine (`set_engine`, `engine`, `get_engine`).
 
 Imported on demand (``import diffeqkit.torch``), never by ``import diffeqkit``.
 Any `torch.nn.Module` can also be passed as `p` of an `ODEProblem` directly; this
@@ -7,6 +8,8 @@ module only packages the common case ``du/dt = vector_field(u)`` as a layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,8 +21,9 @@ from ._saveat import save_times
 from ._sensealg import check_sensealg
 from ._solution import Solution
 from ._solve import solve
+from .backends.torch import _policy
 
-__all__ = ["NeuralODE"]
+__all__ = ["NeuralODE", "engine", "get_engine", "set_engine"]
 
 # Arguments NeuralODE sets itself.
 _OWN = ("prob", "alg", "saveat", "sensealg", "backend")
@@ -162,3 +166,63 @@ def _short_saveat(saveat: Any) -> str:
     except TypeError:
         return f"every {saveat!r}"
     return f"{n} times"
+
+
+def set_engine(mode: str | None) -> None:
+    """Choose how backend='torch' runs its explicit Runge-Kutta solves, for this
+    process.
+
+    Parameters
+    ----------
+    mode : {"auto", "eager", "compiled"} or None
+        ``"eager"``: the reference drivers, one Python-level step at a time
+        (dopri5, bosh3 and dopri8 take torchdiffeq's steps). ``"compiled"``: the
+        compiled engine, blocks of steps per call of ``torch.compile``-d code, compiled
+        once per problem structure (``f``, alg, direction, the modules in ``p``)
+        at a cost of seconds to a minute; new ``u0``, ``p``, ``tspan``, save
+        times and tolerances reuse it. ``"auto"`` (the default): a structure
+        runs eagerly until its solves have taken as long as a compile is
+        expected to take (the mean of this process's compiles, else 10 s), then
+        compiled; a single solve never compiles. None: back to the environment
+        variable ``DIFFEQKIT_TORCH_ENGINE``, else ``"auto"``.
+
+    Notes
+    -----
+    Precedence: the `engine` context manager, then `set_engine`, then the
+    environment variable. ``sol.stats["engine"]`` says which ran, and
+    ``sol.stats["compile_s"]`` the seconds a solve spent compiling. Where
+    compilation fails the solve runs eagerly, with one
+    ``EngineFallbackWarning``. Algs the engine does not have (see
+    docs/design.md) always run on the reference drivers.
+
+    Examples
+    --------
+    >>> import diffeqkit.torch as dkt
+    >>> dkt.set_engine("eager")
+    >>> dkt.get_engine()
+    'eager'
+    >>> dkt.set_engine(None)
+    """
+    _policy.set_engine(mode)
+
+
+def get_engine() -> str:
+    """The engine option in effect here: ``"auto"``, ``"eager"`` or
+    ``"compiled"`` (see `set_engine`)."""
+    return _policy.current()
+
+
+@contextmanager
+def engine(mode: str) -> Iterator[None]:
+    """Choose the torch engine inside a ``with`` block (this thread or asyncio
+    task only); `mode` as in `set_engine`.
+
+    Examples
+    --------
+    >>> import diffeqkit.torch as dkt
+    >>> with dkt.engine("compiled"):
+    ...     dkt.get_engine()
+    'compiled'
+    """
+    with _policy.engine(mode):
+        yield

@@ -5,7 +5,8 @@
 its pip line, unless ``DIFFEQKIT_REQUIRE_BACKENDS`` (comma-separated) names it:
 then the skip becomes a failure, so a CI job cannot go green by losing its backend.
 Correctness tests run in float64: JAX's x64 flag is turned on here, in the test
-setup, never by the library.
+setup, never by the library. The torch engine is "eager" unless the environment
+says otherwise (``DIFFEQKIT_TORCH_ENGINE``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import pytest
 
 from diffeqkit import backends
 from diffeqkit._sensealg import SENSEALGS as CLASSES
+
+# The torch engine's default, "auto", compiles a problem once its eager solves
+# have taken as long as a compile (seconds to minutes here): in a suite that
+# would land compiles in the middle of unrelated tests. The suite runs eagerly;
+# tests of the engine choose their engine themselves. Set the variable to run
+# the suite on another engine.
+os.environ.setdefault("DIFFEQKIT_TORCH_ENGINE", "eager")
 
 if importlib.util.find_spec("jax") is not None:
     import jax

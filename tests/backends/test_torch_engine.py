@@ -13,6 +13,7 @@ differ by rounding, measured below 1e-12 relative; we allow 1e-10.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -22,7 +23,8 @@ import diffeqkit as dk
 
 torch = pytest.importorskip("torch")
 torchdiffeq = pytest.importorskip("torchdiffeq")
-from diffeqkit.backends.torch import _engine  # noqa: E402
+import diffeqkit.torch as dkt  # noqa: E402
+from diffeqkit.backends.torch import _engine, _policy  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -36,8 +38,8 @@ def lotka_volterra(u, p, t):
 
 @pytest.fixture(scope="module", autouse=True)
 def small_blocks():
-    """Blocks of 2 steps (cheaper to compile); the engine is off by default and
-    each test turns it on or off itself."""
+    """Blocks of 2 steps (cheaper to compile); the engine variable unset (the
+    suite sets it to eager, tests/conftest.py): each test chooses its engine."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_engine, "BLOCK", 2)
         mp.delenv(_engine.ENV, raising=False)
@@ -68,9 +70,10 @@ def close(a, b, rel=1e-10):
     np.testing.assert_allclose(a, b, rtol=rel, atol=rel * np.abs(b).max())
 
 
-def test_off_by_default():
+def test_eager_runs_the_reference_driver():
     sol, _, _ = solve("eager")
     assert "compile_s" not in sol.stats
+    assert sol.stats["engine"] == "eager"
 
 
 def test_plain_solve_equals_reference_and_never_recompiles():
@@ -98,10 +101,14 @@ def test_plain_solve_equals_reference_and_never_recompiles():
 
 
 def test_plain_solve_matches_torchdiffeq():
-    """The same tableau as torchdiffeq's dopri5 (landing on t1): the same
-    solution within its error (100 rtol) at a similar cost. (The reference
-    driver does not take torchdiffeq's steps exactly here: 266 evaluations of f
-    against 248; values between steps differ by the interpolants too.)"""
+    """torchdiffeq's dopri5 (landing on t1): the same solution within its error
+    (100 rtol) at a similar cost. Not the same steps: torchdiffeq's dopri5
+    estimates its error with another embedded formula than the shared tableau
+    (SciPy's RK45), 248 evaluations of f against 266; with the shared tableau on
+    torchdiffeq's solver class the eager driver takes its steps bit for bit
+    (test_torch_solve.py::test_eager_driver_takes_torchdiffeqs_steps), and the
+    engine the eager driver's (above). Values between steps differ by the
+    interpolants too."""
     sol, _, _ = solve("compiled")
     p = torch.tensor([1.5, 1.0, 3.0, 1.0], dtype=torch.float64)
     calls = []
@@ -228,3 +235,152 @@ def test_failed_compilation_falls_back_once_with_a_warning():
 def test_unknown_engine_name_is_refused():
     with pytest.raises(ValueError, match=_engine.ENV):
         solve("fast")
+
+
+# --- the engine option and the auto policy -----------------------------------------
+
+
+@pytest.fixture
+def fresh_auto(monkeypatch):
+    """A fresh auto policy (no eager seconds, no compiles measured), with the
+    option and the environment variable unset."""
+    auto = _policy._Auto()
+    monkeypatch.setattr(_policy, "AUTO", auto)
+    monkeypatch.delenv(_engine.ENV, raising=False)
+    dkt.set_engine(None)
+    yield auto
+    dkt.set_engine(None)
+
+
+def auto_solve(f=lotka_volterra, u0=(1.0, 1.0), p=(1.5, 1.0, 3.0, 1.0), **kw):
+    prob = dk.ODEProblem(
+        f,
+        torch.tensor(u0, dtype=torch.float64),
+        (0.0, 2.0),
+        torch.tensor(p, dtype=torch.float64),
+    )
+    kw = {"saveat": SAVES, "rtol": 1e-8, "atol": 1e-10, **kw}
+    return dk.solve(prob, "dopri5", backend="torch", **kw)
+
+
+def test_option_precedence_and_bad_names(fresh_auto, monkeypatch):
+    assert dkt.get_engine() == "auto"
+    monkeypatch.setenv(_engine.ENV, "compiled")
+    assert dkt.get_engine() == "compiled"
+    dkt.set_engine("eager")
+    assert dkt.get_engine() == "eager"
+    with dkt.engine("compiled"):
+        assert dkt.get_engine() == "compiled"
+        with dkt.engine(" Auto "):
+            assert dkt.get_engine() == "auto"
+    assert dkt.get_engine() == "eager"
+    dkt.set_engine(None)
+    assert dkt.get_engine() == "compiled"
+    with pytest.raises(dk.InvalidProblemError, match=r"mode must be one of 'auto'"):
+        dkt.set_engine("fast")
+    with pytest.raises(dk.InvalidProblemError, match="mode"), dkt.engine("jit"):
+        pass
+
+
+def test_auto_threshold_is_the_mean_compile_time():
+    auto = _policy._Auto()
+    key = (1, 2)
+    assert auto.expected_compile_s() == _policy.PRIOR_COMPILE_S
+    assert not auto.ready(key)
+    auto.compiles += [2.0, 4.0]
+    auto.add(key, (), 2.9)
+    assert auto.expected_compile_s() == 3.0
+    assert not auto.ready(key)
+    auto.add(key, (), 0.1)
+    assert auto.ready(key)
+    # A fixed threshold of 0 still never compiles a structure's first solve.
+    auto.threshold_s = 0.0
+    assert not auto.ready((3,))
+
+
+def test_auto_runs_eagerly_until_the_threshold_then_compiles(fresh_auto):
+    """Eager while the eager seconds are below the expected compile time (a
+    tiny solve takes milliseconds), compiled from the first solve after it is
+    reached: the same values, and new u0, p and tolerances never recompile."""
+
+    ref = auto_solve()
+    assert ref.stats["engine"] == "eager"
+    assert "compile_s" not in ref.stats
+    fresh_auto.threshold_s = 60.0
+    for _ in range(2):
+        assert auto_solve().stats["engine"] == "eager"
+    fresh_auto.threshold_s = 1e-9
+    sol = auto_solve()
+    assert sol.stats["engine"] == "compiled"
+    close(sol.u, ref.u)
+    assert sol.stats["naccept"] == ref.stats["naccept"]
+    traces = dict(_engine.TRACES)
+    again = auto_solve(u0=(0.8, 1.3), p=(1.2, 0.9, 2.5, 1.1), rtol=1e-6)
+    assert again.stats["engine"] == "compiled"
+    assert again.stats["compile_s"] == 0.0
+    assert traces == _engine.TRACES
+    # Other problem structures keep their own account: still eager (another f;
+    # another shape of the state, which torch would compile anew).
+    other_f = auto_solve(f=lambda u, p, t: lotka_volterra(u, p, t))
+    assert other_f.stats["engine"] == "eager"
+    batch = auto_solve(u0=((1.0, 1.0), (0.9, 1.1)))
+    assert batch.stats["engine"] == "eager"
+
+
+def test_auto_backward_pass_replays_on_the_forward_pass_engine(fresh_auto):
+    """The solve's account reaches the threshold at the end of its forward pass;
+    its backward pass still replays eagerly, as its forward pass ran."""
+    fresh_auto.threshold_s = 1e-9
+    grads = []
+    for mode in ("eager", "auto"):
+        with dkt.engine(mode):
+            sol, u0, p = solve(mode, sensealg=dk.CheckpointedAdjoint(checkpoints=3))
+        calls = _engine.COUNTS["calls"]
+        (sol.u**2).sum().backward()
+        assert _engine.COUNTS["calls"] == calls
+        assert sol.stats["engine"] == "eager"
+        grads.append((u0.grad, p.grad))
+    for got, want in zip(*grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_auto_falls_back_once_with_a_warning(fresh_auto):
+    @torch.compiler.disable
+    def opaque(u):
+        return u
+
+    def decay(u, p, t):
+        return -p[0] * opaque(u)
+
+    fresh_auto.threshold_s = 1e-9
+    first = auto_solve(f=decay, u0=(1.0,), p=(0.5,))
+    assert first.stats["engine"] == "eager"
+    with pytest.warns(_engine.EngineFallbackWarning, match="could not compile"):
+        second = auto_solve(f=decay, u0=(1.0,), p=(0.5,))
+    assert second.stats["engine"] == "eager"
+    torch.testing.assert_close(second.u, first.u, rtol=0, atol=0)
+    # Eager from then on, quietly (warnings are errors in the test suite).
+    assert auto_solve(f=decay, u0=(1.0,), p=(0.5,)).stats["engine"] == "eager"
+
+
+def test_a_bound_method_is_one_structure(fresh_auto):
+    """Each ``obj.method`` is a new bound method: the structure is its function
+    and object (an unhashable object too), so it compiles once."""
+
+    @dataclasses.dataclass
+    class Model:  # eq=True: unhashable
+        scale: float = 1.0
+
+        def rhs(self, u, p, t):
+            return self.scale * lotka_volterra(u, p, t)
+
+    model = Model()
+    fresh_auto.threshold_s = 1e-9
+    assert auto_solve(f=model.rhs).stats["engine"] == "eager"
+    first = auto_solve(f=model.rhs)
+    assert first.stats["engine"] == "compiled"
+    traces = dict(_engine.TRACES)
+    again = auto_solve(f=model.rhs, u0=(0.7, 1.1))
+    assert again.stats["engine"] == "compiled"
+    assert again.stats["compile_s"] == 0.0
+    assert traces == _engine.TRACES

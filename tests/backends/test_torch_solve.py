@@ -86,6 +86,99 @@ def test_torchdiffeq_is_left_untouched():
     assert all(cls.__module__.startswith("torchdiffeq") for cls in solvers.values())
 
 
+def _recording(record, f):
+    """`f` noting the time and a copy of the state of every call in `record`."""
+
+    def g(t, u):
+        record.append((float(t), u.detach().clone()))
+        return f(t, u)
+
+    return g
+
+
+def _lotka_volterra_calls(alg, method, record):
+    """dk's eager solve (`method` None) or torchdiffeq's of Lotka-Volterra,
+    landing on t1 (every save for dopri8), noting every call of f in `record`;
+    returns the values at the save times and, for dk, the solution."""
+    import diffeqkit.torch as dkt
+
+    p = torch.tensor([1.5, 1.0, 3.0, 1.0], dtype=torch.float64)
+
+    def lv(t, u):
+        x, y = u[0], u[1]
+        return torch.stack([p[0] * x - p[1] * x * y, -p[2] * y + p[3] * x * y])
+
+    f = _recording(record, lv)
+    u0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    tol = {"rtol": 1e-8, "atol": 1e-10}
+    if method is None:
+        prob = dk.ODEProblem(lambda u, p, t: f(t, u), u0, (0.0, 2.0))
+        with dkt.engine("eager"):
+            sol = dk.solve(prob, alg, backend="torch", saveat=SAVES, **tol)
+        return sol.u, sol
+    landings = SAVES[1:] if alg == "dopri8" else SAVES[-1:]
+    times = torch.tensor(SAVES, dtype=torch.float64)
+    step_t = torch.tensor(landings, dtype=torch.float64)
+    u = torchdiffeq.odeint(
+        f, u0, times, method=method, options={"step_t": step_t}, **tol
+    )
+    return u, None
+
+
+SAVES = [0.0, 0.5, 1.25, 2.0]
+
+
+@pytest.mark.parametrize("alg", ["bosh3", "dopri5", "dopri8"])
+def test_eager_driver_takes_torchdiffeqs_steps(alg, monkeypatch):
+    """The eager driver is torchdiffeq's RK solver class step for step: with the
+    shared tableau on torchdiffeq's class, f sees the same states in the same
+    order bit for bit, and step-end values agree to rounding. The one difference
+    by design: torchdiffeq evaluates the stages at c = 1 at the float just before
+    t1 (``Perturb.PREV``), dk at t1, as SciPy and diffrax do (f here is
+    autonomous). torchdiffeq's own bosh3 and dopri8 take the same steps (their
+    coefficients differ in the last bits); its own dopri5 estimates the error
+    with another embedded 4th-order formula than the shared tableau's (SciPy's
+    RK45: dk's dopri5 takes SciPy's steps on every backend), so its steps
+    differ (248 evaluations of f against 266 here)."""
+    from diffeqkit.backends.torch._rk import adaptive_tableau
+
+    rk_common = importlib.import_module("torchdiffeq._impl.rk_common")
+    tab, _ = adaptive_tableau(alg, torch.float64, torch.device("cpu"))
+
+    class Shared(rk_common.RKAdaptiveStepsizeODESolver):
+        order = get_tableau(alg).error_order + 1
+        tableau = rk_common._ButcherTableau(
+            alpha=tab.alpha,
+            beta=tab.beta,
+            c_sol=torch.cat([tab.beta[-1], torch.zeros(1, dtype=torch.float64)]),
+            c_error=tab.error,
+        )
+        # Only torchdiffeq's interpolant uses it; the values compared are at
+        # step ends.
+        mid = torch.zeros(len(tab.alpha) + 1, dtype=torch.float64)
+
+    solvers = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS
+    monkeypatch.setitem(solvers, "shared", Shared)
+    ours, theirs = [], []
+    u, sol = _lotka_volterra_calls(alg, None, ours)
+    ref, _ = _lotka_volterra_calls(alg, "shared", theirs)
+    assert sol.stats["engine"] == "eager"
+    assert sol.stats["nfev"] == len(ours) == len(theirs)
+    for (t, y), (t_ref, y_ref) in zip(ours, theirs, strict=True):
+        assert torch.equal(y, y_ref)
+        assert t_ref in (t, math.nextafter(t, -math.inf))
+    ends = [1, 2, 3] if alg == "dopri8" else [3]
+    np.testing.assert_allclose(u[ends].numpy(), ref[ends].numpy(), rtol=1e-14)
+    # torchdiffeq's own method.
+    own = []
+    ref, _ = _lotka_volterra_calls(alg, alg, own)
+    if alg == "dopri5":
+        assert len(own) != len(ours)
+    else:
+        assert len(own) == len(ours)
+        np.testing.assert_allclose(u[ends].numpy(), ref[ends].numpy(), rtol=1e-12)
+
+
 def test_continuous_adjoint_matches_closed_form_and_torchdiffeqs_adjoint():
     # d/dk exp(-2k) = -2 exp(-2k); both adjoint solves are accurate to ~rtol.
     k = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
@@ -139,6 +232,7 @@ def test_fixed_step_stats_count_every_stage(alg):
         "nfev": get_tableau(alg).n_stages * (grid.size - 1),
         "naccept": grid.size - 1,
         "nreject": 0,
+        "engine": "eager",
     }
 
 

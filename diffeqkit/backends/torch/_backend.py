@@ -28,10 +28,12 @@ from .._protocol import Pullback, SensealgTable, SolveRequest
 from . import (
     _adjoint,
     _checkpoint,
+    _engine,
     _ensemble,
     _events,
     _forward,
     _interpolating,
+    _policy,
     _replay,
 )
 from ._params import param_view
@@ -88,18 +90,16 @@ class TorchBackend:
         SolveError
             The integration failed and ``req.throw`` is True.
         """
-        sensealg = req.sensealg
-        grad = sensealg is not None and requires_grad(req) and not _empty(req.u0)
-        if req.events:
-            return _events.solve(
-                req,
-                SENSEALGS[type(sensealg)] if grad else None,
-                through=grad and isinstance(sensealg, ReverseThroughSolver),
-            )
-        if not grad:
-            # An empty state has nothing to differentiate: its solution is u0.
-            return solve_plain(req)
-        return SENSEALGS[type(sensealg)](req)
+        # ``stats["engine"]``: "compiled" where compiled code ran; the auto
+        # policy accounts the solve's time (`_policy`).
+        supported = _engine.supported(req) and not req.events
+        watch = _policy.Watch(req, _engine.COUNTS, supported)
+        try:
+            sol = _dispatch(req)
+        finally:
+            engine = watch.stop()
+        sol.stats["engine"] = engine
+        return sol
 
     def solve_ensemble(
         self, req: SolveRequest, u0: Any, p: Any, size: int, **options: Any
@@ -222,6 +222,22 @@ class TorchBackend:
     def describe(self) -> dict[str, Any]:
         """Visible devices and torch's intra-op thread count."""
         return {"devices": visible_devices(), "threads": torch.get_num_threads()}
+
+
+def _dispatch(req: SolveRequest) -> Solution:
+    """`TorchBackend.solve` by the request's sensealg (and events)."""
+    sensealg = req.sensealg
+    grad = sensealg is not None and requires_grad(req) and not _empty(req.u0)
+    if req.events:
+        return _events.solve(
+            req,
+            SENSEALGS[type(sensealg)] if grad else None,
+            through=grad and isinstance(sensealg, ReverseThroughSolver),
+        )
+    if not grad:
+        # An empty state has nothing to differentiate: its solution is u0.
+        return solve_plain(req)
+    return SENSEALGS[type(sensealg)](req)
 
 
 def _empty(u0: Any) -> bool:

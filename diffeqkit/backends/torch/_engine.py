@@ -18,8 +18,11 @@ guards them on shapes, dtypes and devices. ``u0``, tensors in ``p``, ``tspan``,
 save times and tolerances are tensor inputs and never recompile. `TRACES` counts
 traces (compilations), ``stats["compile_s"]`` the seconds a solve spent on them.
 
-Opt-in: the environment variable ``DIFFEQKIT_TORCH_ENGINE=compiled`` turns it on
-(default ``eager``: the reference drivers). Where compilation fails (no compiler,
+Which solves run here is `_policy`'s choice: the option ``"eager"`` (the reference
+drivers), ``"compiled"``, or ``"auto"`` (the default: a problem structure compiles
+once its eager solves have taken as long as a compile), set by
+``diffeqkit.torch.set_engine``, ``diffeqkit.torch.engine`` or the environment
+variable ``DIFFEQKIT_TORCH_ENGINE``. Where compilation fails (no compiler,
 an operation dynamo cannot trace) the solve runs on the reference driver, with
 one `EngineFallbackWarning` per problem structure saying why. Modules in ``p``
 are part of the structure (by identity): training one module never recompiles,
@@ -29,7 +32,6 @@ a new module instance compiles anew.
 from __future__ import annotations
 
 import math
-import os
 import time
 import types
 import warnings
@@ -43,6 +45,7 @@ import torch
 from ..._pytree import leaves, tree_map
 from ..._tableaux import get_tableau
 from .._protocol import SolveRequest
+from . import _policy
 from ._rk import (
     _DFACTOR,
     _IFACTOR,
@@ -57,15 +60,17 @@ from ._rk import (
     tableau_name,
 )
 
-__all__ = ["BLOCK", "ENV", "TRACES", "EngineFallbackWarning", "enabled"]
+__all__ = ["BLOCK", "COUNTS", "ENV", "TRACES", "EngineFallbackWarning", "enabled"]
 
-# The environment variable selecting the engine: "compiled" or "eager".
-ENV = "DIFFEQKIT_TORCH_ENGINE"
+# The environment variable selecting the engine (see `_policy`).
+ENV = _policy.ENV
 # Step attempts (adaptive) or steps (replays) per compiled call.
 BLOCK = 8
 # Traces of each kind of block ("adaptive", "replay", "fixed"); a trace happens
 # only when torch compiles (or, after a fallback, never).
 TRACES: dict[str, int] = {"adaptive": 0, "replay": 0, "fixed": 0}
+# Running totals: calls of compiled code, and seconds spent compiling.
+COUNTS: dict[str, float] = {"calls": 0, "compile_s": 0.0}
 
 # Status codes of an adaptive block.
 _RUNNING, _DONE, _MAX_STEPS, _TOO_SMALL, _NONFINITE = 0, 1, 2, 3, 4
@@ -91,14 +96,16 @@ class EngineFallbackWarning(UserWarning):
 
 
 def enabled(req: SolveRequest) -> bool:
-    """Whether `req` runs on the engine: asked for by `ENV`, and an explicit alg
-    from a shared tableau or a Rosenbrock alg (`_engine_rosenbrock`)."""
-    mode = os.environ.get(ENV, "eager").strip().lower()
-    if mode not in ("compiled", "eager"):
-        raise ValueError(f"{ENV} must be 'compiled' or 'eager', not {mode!r}")
-    return mode == "compiled" and (
-        req.alg.name in _EXPLICIT or req.alg.name in _ROSENBROCK
-    )
+    """Whether `req` runs on the engine: an alg it has (`supported`), and the
+    engine option's choice (`_policy.chosen`)."""
+    return supported(req) and _policy.chosen(req)
+
+
+def supported(req: SolveRequest) -> bool:
+    """Whether the engine has the alg of `req`: an explicit one from a shared
+    tableau, or a Rosenbrock alg (`_engine_rosenbrock`)."""
+    name = req.alg.name
+    return (not req.alg.implicit and name in _EXPLICIT) or name in _ROSENBROCK
 
 
 _EXPLICIT = frozenset(
@@ -387,21 +394,26 @@ def _call(entry: _Compiled, stats: dict[str, float], *args: Any) -> Any:
         warnings.warn(
             f"diffeqkit's compiled torch engine could not compile this problem "
             f"({entry.failed}); it runs on the eager reference driver. Set "
-            f"{ENV}=eager to skip the attempt.",
+            f"{ENV}=eager or diffeqkit.torch.set_engine('eager') to skip the "
+            "attempt.",
             EngineFallbackWarning,
             stacklevel=4,
         )
         raise _FallbackError(entry.failed) from exc
+    COUNTS["calls"] += 1
     if TRACES[entry.kind] != before:
-        stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        stats["compile_s"] = stats.get("compile_s", 0.0) + seconds
+        COUNTS["compile_s"] += seconds
     return out
 
 
 def _key(req: SolveRequest, backward: bool) -> tuple[Any, ...]:
     """The problem structure: f, the direction, and the modules in p (a bound f
-    calls them; `_params.bind`), by identity."""
+    calls them; `_params.bind`), by identity (a bound method f by its function
+    and object: `_policy.identity`; the entry's code keeps them alive)."""
     modules = tuple(x for x in leaves(req.p) if isinstance(x, torch.nn.Module))
-    return (req.f, backward, *modules)
+    return (*map(id, _policy.identity(req.f)), backward, *modules)
 
 
 # ---------------------------------------------------------------------------------
