@@ -480,6 +480,7 @@ def _run_adaptive(
     # or after it, as `AdaptiveRK.advance` reads it.
     read_from: list[int] = []  # per save row: its step's attempt number
     blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    accepted_masks: list[torch.Tensor] = []
     which, naccept, attempt = 0, 0, 0
     status, t_reached, t_end = "success", None, save_times[0]
     while True:
@@ -489,6 +490,7 @@ def _run_adaptive(
         )  # fmt: skip
         y, fy, t, dt, nsteps, nonfinite, code, acc, steps, dense = out
         blocks.append((steps, dense))
+        accepted_masks.append(acc)
         ends = steps[2].tolist()
         for n, ok in enumerate(acc.tolist()):
             if ok:
@@ -511,6 +513,13 @@ def _run_adaptive(
         if code_value != _RUNNING:
             status, t_reached = _STATUS[code_value], float(t)
             break
+    take = getattr(recorder, "engine_steps", None)
+    if take is not None and blocks:
+        # The accepted steps' times and dense output, for a recorder that keeps
+        # them (`_interpolating._DenseOutput`).
+        mask = torch.cat(accepted_masks)
+        take(torch.cat([b[0] for b in blocks], dim=1)[:, mask],
+             torch.cat([b[1] for b in blocks])[mask])  # fmt: skip
     rows = [y0.unsqueeze(0)]
     if read_from:
         all_steps = torch.cat([b[0] for b in blocks], dim=1)
