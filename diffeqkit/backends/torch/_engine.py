@@ -247,7 +247,9 @@ def _adaptive_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., A
             y1, f1, ks = _fsal_step(co, f, p, y, fy, t, h, t1)
             error = h.to(y.dtype) * _weighted(e, ks)
             scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
-            ratio = rms_norm(error / scale).abs().to(torch.float64)
+            # Under autograd (`_engine_adjoint.through`) no gradient flows
+            # through the step sizes, as in the reference driver.
+            ratio = rms_norm(error / scale).abs().to(torch.float64).detach()
             finite = torch.isfinite(ratio) & torch.isfinite(y1).all()
             ratio = torch.where(finite, ratio, inf)
             lowest = torch.where(ratio < 1, 1.0, _DFACTOR)
@@ -472,7 +474,7 @@ def _run_adaptive(
     # Steps land on every save time, or only on t1 (see `AdaptiveRK.run`).
     targets = times[1:] if req.land_on_saves else times[-1:]
     save_times = times.tolist()
-    y, dt = y0, dt.to(torch.float64)
+    y, dt = y0, dt.detach().to(torch.float64)
     nsteps = scalar(0, torch.int64)
     max_steps = scalar(min(req.max_steps, 2**62), torch.int64)
     nonfinite = scalar(False, torch.bool)

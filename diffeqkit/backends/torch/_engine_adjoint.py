@@ -1,9 +1,10 @@
-"""ForwardMode, ContinuousAdjoint and InterpolatingAdjoint on the compiled engine.
+"""The gradient methods on the compiled engine, beyond `_engine`'s replays.
 
 `_engine` runs the plain solve and the replays of ReverseThroughSolver and
-CheckpointedAdjoint in compiled blocks. Here the other three gradient methods
-get their backward (or tangent) integrations compiled the same way:
+CheckpointedAdjoint in compiled blocks. Here:
 
+- ReverseThroughSolver with an adaptive alg (`through`): the solve's own
+  adaptive blocks under autograd, one pass instead of a solve and a replay.
 - ForwardMode (`jacobians`): the recorded steps replayed on the state and its
   tangents together, ``z = [y, dy/dx_1, ..., dy/dx_m]``, whose vector field is
   ``[f(y), df . dz_k]`` by ``torch.func.vmap(torch.func.jvp(f))``. A Runge-Kutta
@@ -34,6 +35,7 @@ from typing import Any, cast
 import torch
 
 from ..._pytree import tree_map
+from ..._solution import Solution
 from .._protocol import SolveRequest
 from . import _engine
 from ._engine import (
@@ -49,9 +51,9 @@ from ._engine import (
     _weighted,
 )
 from ._rk import _DFACTOR, _IFACTOR, _SAFETY, initial_step, rms_norm
-from ._solve import replace_leaves
+from ._solve import finish, prepare, records_graph, replace_leaves
 
-__all__ = ["backsolve", "interpolating", "jacobians"]
+__all__ = ["backsolve", "interpolating", "jacobians", "through"]
 
 # The kinds of block this module compiles, counted in `_engine.TRACES`.
 for _kind in ("tangent", "adjoint", "adjoint_rhs"):
@@ -84,6 +86,38 @@ def _key(req: SolveRequest, backward: bool, p: Any, *extra: Any) -> tuple[Any, .
 
 def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+# ---------------------------------------------------------------------------------
+# ReverseThroughSolver: the adaptive blocks themselves under autograd.
+# ---------------------------------------------------------------------------------
+
+
+def through(req: SolveRequest) -> Solution | None:
+    """ReverseThroughSolver for an adaptive alg: the solve's own compiled blocks
+    run under autograd (step sizes held fixed, as the reference driver holds
+    them; a rejected or idle attempt is masked out of the gradient), instead
+    of a solve without a graph then its steps replayed: one pass, not two.
+    None where compilation failed."""
+    setup = prepare(req, graph=True)
+    p = tree_map(
+        lambda x: x.view_as(x) if isinstance(x, torch.nn.Parameter) else x, setup.p
+    )
+    y0, du0 = setup.y0, setup.du0
+    if records_graph(setup) and not y0.requires_grad:
+        # One trace for every solve: the compiled code is guarded on
+        # requires_grad (u0's gradient is dropped).
+        y0 = y0.detach().requires_grad_()
+        du0 = setup.f(y0, p, setup.times[0].to(setup.dtype))
+    stats: dict[str, float] = {"compile_s": 0.0}
+    try:
+        run = _engine._run_adaptive(
+            req, setup.f, p, y0, du0, setup.times, setup.backward, None, stats
+        )
+    except _engine._FallbackError:
+        return None
+    run = run._replace(compile_s=stats["compile_s"])
+    return finish(req, setup, run, run.u)
 
 
 # ---------------------------------------------------------------------------------
