@@ -103,3 +103,40 @@ def test_gradients_equal_eager_and_never_recompile(sensealg, kind):
             traces = dict(_engine.TRACES)
     # New u0, p, tspan and save times: no new trace.
     assert traces == _engine.TRACES
+
+
+@pytest.mark.parametrize(
+    "sensealg",
+    [dk.ForwardMode(), dk.ContinuousAdjoint(), dk.InterpolatingAdjoint()],
+    ids=["ForwardMode", "ContinuousAdjoint", "InterpolatingAdjoint"],
+)
+def test_failed_compilation_falls_back_to_the_eager_gradient(sensealg):
+    """An f dynamo cannot trace: every block warns once and the eager path
+    gives the gradient."""
+
+    @torch.compiler.disable
+    def opaque(u):
+        return u
+
+    def decay(u, p, t):
+        return -p * opaque(u)
+
+    def grad(mode):
+        p = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        u0 = torch.tensor([1.0], dtype=torch.float64)
+        prob = dk.ODEProblem(decay, u0, (0.0, 1.0), p)
+        os.environ[_engine.ENV] = mode
+        try:
+            sol = dk.solve(
+                prob, "dopri5", backend="torch", saveat=[0.0, 1.0], sensealg=sensealg
+            )
+            sol.u[-1].sum().backward()
+        finally:
+            del os.environ[_engine.ENV]
+        return p.grad
+
+    with pytest.warns(_engine.EngineFallbackWarning, match="could not compile"):
+        got = grad("compiled")
+    close(got, grad("eager"), rel=1e-12)
+    # -exp(-p): the gradient itself.
+    np.testing.assert_allclose(float(got), -np.exp(-0.5), rtol=1e-5)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -195,7 +196,11 @@ def jacobians(
                     z = states[-1]
             else:
                 t0 = steps[0, 0] if n else schedule.times[0]
-                fz = augmented(z, extra, t0.to(y0.dtype))
+                with warnings.catch_warnings():
+                    # torch's first jvp of a process loads its forward-AD
+                    # rules through the deprecated torch.jit.script.
+                    warnings.filterwarnings("ignore", "`torch.jit.script`")
+                    fz = augmented(z, extra, t0.to(y0.dtype))
                 for start in range(0, padded.shape[1], _engine.BLOCK):
                     block = padded[:, start : start + _engine.BLOCK].contiguous()
                     z, fz, dense = _engine._call(entry, stats, z, fz, block, extra)
