@@ -21,6 +21,7 @@ from ..._pytree import leaves
 from ..._sensealg import ContinuousAdjoint
 from ..._solution import Solution
 from .._protocol import SolveRequest
+from . import _engine, _engine_adjoint
 from ._rk import AdaptiveRK, FixedRK, Run, rms_norm
 from ._solve import Setup, finish, prepare, replace_leaves, run_steps, solver_for
 
@@ -142,6 +143,12 @@ def _backsolve(
     rtol = req.rtol if sensealg.rtol is None else sensealg.rtol
     atol = req.atol if sensealg.atol is None else sensealg.atol
     stop = functools.partial(backward_stopped, req, setup.backward)
+    if _engine.explicit(req) and not req.fixed_step:
+        found = _engine_adjoint.backsolve(
+            req, setup, run, inputs, wrt, grad_u, rtol, atol, stop
+        )
+        if found is not None:
+            return found
     times = setup.times
     rows = run.u.reshape(run.u.shape[0], -1)
     cot = grad_u.reshape(grad_u.shape[0], -1).to(rows.dtype)

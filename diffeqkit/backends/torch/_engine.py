@@ -101,6 +101,12 @@ def enabled(req: SolveRequest) -> bool:
     return supported(req) and _policy.chosen(req)
 
 
+def explicit(req: SolveRequest) -> bool:
+    """Whether `req` runs on the engine with an explicit Runge-Kutta alg (the
+    paths of `_engine_adjoint`; the Rosenbrock algs have `_engine_rosenbrock`)."""
+    return enabled(req) and not req.alg.implicit and req.alg.name in _EXPLICIT
+
+
 def supported(req: SolveRequest) -> bool:
     """Whether the engine has the alg of `req`: an explicit one from a shared
     tableau, or a Rosenbrock alg (`_engine_rosenbrock`)."""
@@ -263,7 +269,9 @@ def _adaptive_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., A
             y1, f1, ks = _fsal_step(co, f, p, y, fy, t, h, t1)
             error = h.to(y.dtype) * _weighted(e, ks)
             scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
-            ratio = rms_norm(error / scale).abs().to(torch.float64)
+            # Under autograd (`_engine_adjoint.through`) no gradient flows
+            # through the step sizes, as in the reference driver.
+            ratio = rms_norm(error / scale).abs().to(torch.float64).detach()
             finite = torch.isfinite(ratio) & torch.isfinite(y1).all()
             ratio = torch.where(finite, ratio, inf)
             lowest = torch.where(ratio < 1, 1.0, _DFACTOR)
@@ -493,7 +501,7 @@ def _run_adaptive(
     # Steps land on every save time, or only on t1 (see `AdaptiveRK.run`).
     targets = times[1:] if req.land_on_saves else times[-1:]
     save_times = times.tolist()
-    y, dt = y0, dt.to(torch.float64)
+    y, dt = y0, dt.detach().to(torch.float64)
     nsteps = scalar(0, torch.int64)
     max_steps = scalar(min(req.max_steps, 2**62), torch.int64)
     nonfinite = scalar(False, torch.bool)
@@ -501,6 +509,7 @@ def _run_adaptive(
     # or after it, as `AdaptiveRK.advance` reads it.
     read_from: list[int] = []  # per save row: its step's attempt number
     blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    accepted_masks: list[torch.Tensor] = []
     which, naccept, attempt = 0, 0, 0
     status, t_reached, t_end = "success", None, save_times[0]
     while True:
@@ -510,6 +519,7 @@ def _run_adaptive(
         )  # fmt: skip
         y, fy, t, dt, nsteps, nonfinite, code, acc, steps, dense = out
         blocks.append((steps, dense))
+        accepted_masks.append(acc)
         ends = steps[2].tolist()
         for n, ok in enumerate(acc.tolist()):
             if ok:
@@ -532,6 +542,13 @@ def _run_adaptive(
         if code_value != _RUNNING:
             status, t_reached = _STATUS[code_value], float(t)
             break
+    take = getattr(recorder, "engine_steps", None)
+    if take is not None and blocks:
+        # The accepted steps' times and dense output, for a recorder that keeps
+        # them (`_interpolating._DenseOutput`).
+        mask = torch.cat(accepted_masks)
+        take(torch.cat([b[0] for b in blocks], dim=1)[:, mask],
+             torch.cat([b[1] for b in blocks])[mask])  # fmt: skip
     rows = [y0.unsqueeze(0)]
     if read_from:
         all_steps = torch.cat([b[0] for b in blocks], dim=1)

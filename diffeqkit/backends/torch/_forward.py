@@ -21,6 +21,7 @@ from ..._errors import UnsupportedError
 from ..._pytree import leaves
 from ..._solution import Solution
 from .._protocol import SolveRequest
+from . import _engine, _engine_adjoint
 from ._replay import Plan, Replayer, Schedule, make_plan, record
 from ._rk import Lift
 from ._solve import replace_leaves
@@ -77,6 +78,10 @@ def _jacobians(
     (torch 2.13, measured: ~300 us against ~10 us per multiplication), which
     made the replay 3x slower.
     """
+    if _engine.explicit(plan.req):
+        found = _engine_adjoint.jacobians(plan, schedule, inputs, wrt)
+        if found is not None:
+            return found
     setup = plan.setup
     primal_at = [
         i

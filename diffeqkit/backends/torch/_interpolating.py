@@ -23,6 +23,7 @@ from ..._pytree import leaves
 from ..._sensealg import InterpolatingAdjoint, adjoint_atol
 from ..._solution import Solution
 from .._protocol import SolveRequest
+from . import _engine, _engine_adjoint
 from ._adjoint import backward_stopped, input_gradients
 from ._rk import AdaptiveRK, FixedRK, Rhs, Run, State
 from ._solve import Setup, finish, prepare, replace_leaves, run_steps, solver_for
@@ -66,6 +67,15 @@ class _DenseOutput:
         self.bounds: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.coeffs: list[list[torch.Tensor]] = []
         self.states: list[torch.Tensor] = []
+        self.tabulated = False
+
+    def engine_steps(self, steps: torch.Tensor, dense: torch.Tensor) -> None:
+        """The accepted steps of a run on the compiled engine: ``(start, size,
+        end)`` of shape ``(3, steps)`` and their dense outputs ``(steps,
+        degree + 1, *u0.shape)``, tabulated at once (`freeze` then keeps them)."""
+        self.starts, self.ends = steps[0], steps[2]
+        self.table = dense.movedim(1, 0)
+        self.tabulated = True
 
     def step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
         """Every accepted step's start: what fixed steps are read from."""
@@ -105,6 +115,9 @@ class _DenseOutput:
     def freeze(self) -> None:
         """Stack the steps: `starts`, `ends` of shape ``(steps,)`` and `table` of
         shape ``(degree + 1, steps, *u0.shape)``."""
+        if self.tabulated:
+            del self.bounds, self.coeffs, self.states
+            return
         self.starts = torch.stack([t0 for t0, _ in self.bounds])
         self.ends = torch.stack([t1 for _, t1 in self.bounds])
         self.table = torch.stack([torch.stack(c) for c in self.coeffs], dim=1)
@@ -193,6 +206,15 @@ def _adjoint(
         else sensealg.atol
     )
     stop = functools.partial(backward_stopped, req, setup.backward)
+    if dense.tabulated and not req.fixed_step and _engine.explicit(req):
+        found = _engine_adjoint.interpolating(
+            req, setup, dense, inputs, wrt, grad_u, rtol, atol, stop
+        )
+        if found is not None:
+            du0, dps, record = found
+            LAST_BACKWARD.clear()
+            LAST_BACKWARD.update(record)
+            return du0, dps
     times = setup.times.to(dtype=torch.float64).tolist()
     # Where the backward steps land, in tau: every forward step end.
     forward_ends = dense.ends.tolist()

@@ -19,7 +19,7 @@ import torch
 from ..._saveat import step_grid
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from . import _engine, _engine_rosenbrock
+from . import _engine, _engine_adjoint, _engine_rosenbrock
 from ._rk import Lift, Rhs, Run, _nan_rows, no_lift
 from ._solve import Setup, finish, prepare, run_steps, solve_plain, solver_for
 
@@ -244,10 +244,16 @@ class Replayer:
 
 def solve_through(req: SolveRequest) -> Solution:
     """ReverseThroughSolver: the plain solve, recording its graph; on the compiled
-    engine, the solve under ``no_grad`` then its steps replayed in compiled blocks
-    under autograd (the same steps, so the same gradient to rounding)."""
+    engine, its adaptive blocks under autograd (`_engine_adjoint.through`), or
+    (fixed steps, Rosenbrock algs) the solve under ``no_grad`` then its steps
+    replayed in compiled blocks under autograd (the same steps, so the same
+    gradient to rounding)."""
     if not _engine.enabled(req):
         return solve_plain(req)
+    if _engine.explicit(req) and not req.fixed_step:
+        solved = _engine_adjoint.through(req)
+        if solved is not None:
+            return solved
     plan = make_plan(req)
     run, schedule = record(plan)
     setup = plan.setup

@@ -277,7 +277,11 @@ def run_steps(req: SolveRequest, setup: Setup, recorder: Recorder | None = None)
     if (
         _engine.enabled(req)
         and not records_graph(setup)
-        and (recorder is None or not hasattr(recorder, "accepted"))
+        and (
+            recorder is None
+            or not hasattr(recorder, "accepted")
+            or hasattr(recorder, "engine_steps")
+        )
     ):
         # Rosenbrock algs take prob.jac too.
         out = (
