@@ -280,7 +280,8 @@ def run_steps(req: SolveRequest, setup: Setup, recorder: Recorder | None = None)
         and (
             recorder is None
             or not hasattr(recorder, "accepted")
-            or hasattr(recorder, "engine_steps")
+            # (the hook of the RK engine's dense output, `_engine_adjoint`)
+            or (hasattr(recorder, "engine_steps") and _engine.explicit(req))
         )
     ):
         # Rosenbrock algs take prob.jac too.
