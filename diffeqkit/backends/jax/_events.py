@@ -139,32 +139,28 @@ def _rate(g: Callable[..., Any], f: Callable[..., Any], u: Any, p: Any, t: Any) 
     return dg
 
 
-def _maybe_crossed(direction: int, before: Any, after: Any) -> Any:
-    """Whether a condition going from `before` to `after` may have crossed zero in
-    `direction`: true whenever diffrax's test is (and also when it only reached
-    zero), in one or two operations, for a test on every step."""
-    if direction == 0:
-        return before * after <= 0
-    if direction == 1:
-        return jnp.minimum(after, -before) >= 0
-    return jnp.minimum(before, -after) >= 0
-
-
 class _Watch(diffrax.AbstractAdaptiveStepSizeController):
     """A step-size controller around `controller` that watches the events'
     conditions at the end of every accepted step and stops the solve (diffrax's
-    ``event_occurred``) at the end of the first step where one crossed zero.
+    ``event_occurred``) at the end of the first step where one has left the sign
+    it had at t0.
 
     Only a sign test per step, no root finding and no copy of the step's dense
     output: the cheap first try of a solve whose events may never fire. Its
     steps are the plain solve's.
+
+    The test is against the sign at t0, not at the previous step: up to the
+    first change of sign the two are the same, and a value that is not updated
+    per step keeps the loop's carry as the plain solve's (on a small problem the
+    carried update cost more than the test: 1.35x the plain solve against
+    1.02x). It stops at a crossing in either direction, also one an event's
+    `direction` ignores: the loop of segments then sorts it out.
     """
 
     controller: Any
     start: tuple[Any, ...]  # per event, its value at t0 (at zero: the sign it
     # moves to)
     conditions: tuple[Callable[..., Any], ...] = eqx.field(static=True)
-    directions: tuple[int, ...] = eqx.field(static=True)
     sign: Any = 1  # of the direction of integration (diffrax's time is its own)
 
     @property
@@ -213,19 +209,17 @@ class _Watch(diffrax.AbstractAdaptiveStepSizeController):
         error_order: Any,
         controller_state: Any,
     ) -> tuple[Any, Any, Any, Any, Any, Any]:
-        inner, before = controller_state
+        inner, start = controller_state
         keep, next_t0, next_t1, jump, inner, result = self.controller.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, inner
         )
         y, p, t = jax.lax.stop_gradient((y1_candidate, args, t1 * self.sign))
-        after = tuple(g(y, p, t) for g in self.conditions)
         crossed = None
-        for d, b, a in zip(self.directions, before, after, strict=True):
-            this = _maybe_crossed(d, b, a)
+        for g, s0 in zip(self.conditions, start, strict=True):
+            this = g(y, p, t) * s0 <= 0
             crossed = this if crossed is None else crossed | this
         result = RESULTS.where(keep & crossed, RESULTS.event_occurred, result)
-        now = tuple(jnp.where(keep, a, b) for b, a in zip(before, after, strict=True))
-        return keep, next_t0, next_t1, jump, (inner, now), result
+        return keep, next_t0, next_t1, jump, (inner, start), result
 
 
 @dataclass(frozen=True)
@@ -623,7 +617,6 @@ def _first_try(
         controller=inner,
         start=tuple(jnp.asarray(x) for x in start),
         conditions=conditions,
-        directions=tuple(e.direction for e in ev.events),
     )
     sol = diffrax.diffeqsolve(
         method.term(cfg.f),
