@@ -6,6 +6,8 @@ Checked against closed forms in float64 at rtol = atol = 1e-12:
   their gradients with respect to h0 and e;
 - exponential decay ``u' = -k u`` stopped where ``u = c``: ``t* = ln(u0 / c) / k``,
   ``dt*/du0 = 1 / (k u0)``, ``dt*/dk = -t*/k``, with every sensealg;
+- fixed steps (rk4): the ball's impacts and heights, exact for rk4 there, under
+  jax.jit (traced once) and differentiated by ForwardMode;
 - a dose at t = 24 exactly (a time event); a condition zero at t0 that does not
   fire there; a Zeno ball stopping with "too_many_events".
 
@@ -298,10 +300,70 @@ def test_terminated_status_is_a_traced_code_under_jit():
     assert bool(success)
 
 
-def test_fixed_step_alg_is_refused():
-    prob = ball(jnp.asarray(H0), E)
-    with pytest.raises(dk.UnsupportedError, match="adaptive"):
-        dk.solve(prob, "rk4", dt0=0.01, events=[GROUND])
+# Fixed steps: rk4 is exact on the ball's quadratic flight, so the impacts
+# (located on the steps' cubic Hermite interpolant, also exact there) and the
+# heights after a bounce are the closed forms' to rounding.
+FIXED = {"backend": "jax", "dt0": 0.05, "sensealg": dk.ForwardMode()}
+FIXED_TRACES: list[int] = []
+
+
+@jax.jit
+def _fixed_ball(h0: Any, e: Any) -> Any:
+    FIXED_TRACES.append(1)
+    sol = dk.solve(ball(h0, e), "rk4", events=[GROUND], saveat=SAVES, **FIXED)
+    return sol.t_events[0], sol.u_events[0], sol.u
+
+
+@pytest.mark.parametrize("h0", [H0, 1.5])
+def test_fixed_step_ball_matches_closed_forms_and_traces_once(h0):
+    t_ev, u_ev, u = _fixed_ball(jnp.asarray(h0), jnp.asarray(E))
+    assert len(FIXED_TRACES) == 1  # a new h0 (another grid after t*) reuses it
+    want = impacts(h0, E, 3)
+    want = want[want < 2.0]
+    got = np.asarray(t_ev)
+    np.testing.assert_allclose(got[: len(want)], want, rtol=1e-13)
+    assert np.all(np.isnan(got[len(want) :]))  # padding under jit
+    speeds = np.sqrt(2 * G * h0) * E ** np.arange(len(want))
+    np.testing.assert_allclose(np.asarray(u_ev)[: len(want), 1], -speeds, rtol=1e-12)
+    t1 = np.sqrt(2 * h0 / G)
+    after = [s for s in SAVES if t1 < s < want[1]]
+    rows = np.asarray(u)[[SAVES.index(s) for s in after], 0]
+    np.testing.assert_allclose(
+        rows, [height_after_first(h0, E, s) for s in after], rtol=1e-12
+    )
+
+
+def test_fixed_step_ball_height_differentiates_as_the_closed_form():
+    # h(1.0) after the first bounce (h0 = 2: impacts at 0.639 and 1.660).
+    def height(h0: Any, e: Any) -> Any:
+        sol = dk.solve(ball(h0, e), "rk4", events=[GROUND], saveat=SAVES, **FIXED)
+        return sol.u[1, 0]
+
+    value, (dh0, de) = jax.value_and_grad(height, argnums=(0, 1))(
+        jnp.asarray(H0), jnp.asarray(E)
+    )
+    s, t1 = 1.0, np.sqrt(2 * H0 / G)  # dt1/dh0 = 1 / (G t1)
+    np.testing.assert_allclose(float(value), height_after_first(H0, E, s), rtol=1e-12)
+    np.testing.assert_allclose(float(de), G * t1 * (s - t1), rtol=1e-10)
+    want = (E * (s - 2 * t1) + (s - t1)) / t1
+    np.testing.assert_allclose(float(dh0), want, rtol=1e-10)
+
+
+def test_fixed_step_events_refuse_reverse_sensealgs():
+    def height(h0: Any) -> Any:
+        sol = dk.solve(
+            ball(h0, E),
+            "rk4",
+            events=[GROUND],
+            saveat=SAVES,
+            backend="jax",
+            dt0=0.05,
+            sensealg=dk.InterpolatingAdjoint(),
+        )
+        return sol.u[1, 0]
+
+    with pytest.raises(dk.UnsupportedError, match="ForwardMode"):
+        jax.grad(height)(jnp.asarray(H0))
 
 
 def test_every_step_kept_with_the_default_max_events():
