@@ -92,6 +92,7 @@ class Grid(diffrax.AbstractStepSizeController):
 
 class HermiteStep(diffrax.AbstractLocalInterpolation):
     """The cubic Hermite interpolant of a step through ``y0, f0`` and ``y1, f1``
+    (given as ``hf0 = h f0`` and ``hf1 = h f1``, `h` the step)
     (exactly `y0` and `y1` at its ends). Used only to locate events, without
     gradients with respect to the state."""
 
@@ -99,8 +100,8 @@ class HermiteStep(diffrax.AbstractLocalInterpolation):
     t1: Any
     y0: Any
     y1: Any
-    f0: Any
-    f1: Any
+    hf0: Any
+    hf1: Any
 
     def evaluate(self, t0: Any, t1: Any = None, left: bool = True) -> Any:
         del left
@@ -110,9 +111,9 @@ class HermiteStep(diffrax.AbstractLocalInterpolation):
         x = (t0 - self.t0) / h
         y = (
             (2 * x**3 - 3 * x**2 + 1) * self.y0
-            + (x**3 - 2 * x**2 + x) * h * self.f0
+            + (x**3 - 2 * x**2 + x) * self.hf0
             + (-2 * x**3 + 3 * x**2) * self.y1
-            + (x**3 - x**2) * h * self.f1
+            + (x**3 - x**2) * self.hf1
         )
         # Exactly the step values at its ends, with the polynomial's slope in t
         # there (a root finder iterating from the step's end needs it).
@@ -140,11 +141,14 @@ def _with_hermite(cls: type[diffrax.AbstractSolver]) -> type[diffrax.AbstractSol
             self, terms, t0, t1, y0, args, solver_state, made_jump
         )
         # Two more f calls a step: only the steps of a segment being located pay.
+        # The slopes times the step, in diffrax's time (its control carries
+        # the direction of integration).
+        control = terms.contr(t0, t1)
         dense = {
             "y0": y0,
             "y1": y1,
-            "f0": terms.vf(t0, y0, args),
-            "f1": terms.vf(t1, y1, args),
+            "hf0": terms.vf_prod(t0, y0, args, control),
+            "hf1": terms.vf_prod(t1, y1, args, control),
         }
         return y1, error, dense, state, result
 
