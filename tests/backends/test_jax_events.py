@@ -7,7 +7,8 @@ Checked against closed forms in float64 at rtol = atol = 1e-12:
 - exponential decay ``u' = -k u`` stopped where ``u = c``: ``t* = ln(u0 / c) / k``,
   ``dt*/du0 = 1 / (k u0)``, ``dt*/dk = -t*/k``, with every sensealg;
 - fixed steps (rk4): the ball's impacts and heights, exact for rk4 there, under
-  jax.jit (traced once) and differentiated by ForwardMode;
+  jax.jit (traced once) and differentiated by ForwardMode, ReverseThroughSolver
+  and CheckpointedAdjoint (the adjoints are refused there);
 - a dose at t = 24 exactly (a time event); a condition zero at t0 that does not
   fire there; a Zeno ball stopping with "too_many_events".
 
@@ -333,10 +334,15 @@ def test_fixed_step_ball_matches_closed_forms_and_traces_once(h0):
     )
 
 
-def test_fixed_step_ball_height_differentiates_as_the_closed_form():
+@pytest.mark.parametrize(
+    "sensealg", ["ForwardMode", "ReverseThroughSolver", "CheckpointedAdjoint"]
+)
+def test_fixed_step_ball_height_differentiates_as_the_closed_form(sensealg):
     # h(1.0) after the first bounce (h0 = 2: impacts at 0.639 and 1.660).
+    opts = {**FIXED, "sensealg": getattr(dk, sensealg)()}
+
     def height(h0: Any, e: Any) -> Any:
-        sol = dk.solve(ball(h0, e), "rk4", events=[GROUND], saveat=SAVES, **FIXED)
+        sol = dk.solve(ball(h0, e), "rk4", events=[GROUND], saveat=SAVES, **opts)
         return sol.u[1, 0]
 
     value, (dh0, de) = jax.value_and_grad(height, argnums=(0, 1))(
@@ -385,7 +391,8 @@ def decay_k(u: Any, p: Any, t: Any) -> Any:
     return -p * u
 
 
-def test_fixed_step_events_refuse_reverse_sensealgs():
+@pytest.mark.parametrize("sensealg", ["InterpolatingAdjoint", "ContinuousAdjoint"])
+def test_fixed_step_events_refuse_the_adjoints(sensealg):
     def height(h0: Any) -> Any:
         sol = dk.solve(
             ball(h0, E),
@@ -394,11 +401,11 @@ def test_fixed_step_events_refuse_reverse_sensealgs():
             saveat=SAVES,
             backend="jax",
             dt0=0.05,
-            sensealg=dk.InterpolatingAdjoint(),
+            sensealg=getattr(dk, sensealg)(),
         )
         return sol.u[1, 0]
 
-    with pytest.raises(dk.UnsupportedError, match="ForwardMode"):
+    with pytest.raises(dk.UnsupportedError, match="ReverseThroughSolver"):
         jax.grad(height)(jnp.asarray(H0))
 
 

@@ -838,16 +838,20 @@ def _check_batched(cfg: Config, ev: EventConfig) -> None:
 
 
 def _check_fixed(cfg: Config) -> None:
-    """Refuse the reverse sensealgs for events on a fixed grid (only ForwardMode
-    differentiates them: the reverse ones' backward passes step on a grid of
-    known length)."""
-    if not cfg.fixed_step:
+    """Refuse the adjoints for events on a fixed grid: their backward passes step
+    on a grid of known length; ForwardMode, ReverseThroughSolver and
+    CheckpointedAdjoint differentiate through the steps taken."""
+    from ..._sensealg import CheckpointedAdjoint, ReverseThroughSolver
+
+    through = isinstance(cfg.sensealg, ReverseThroughSolver | CheckpointedAdjoint)
+    if not cfg.fixed_step or through:
         return
     raise UnsupportedError(
         f"sensealg=dk.{type(cfg.sensealg).__name__}() on backend='jax' cannot "
         "differentiate a solve with events on a fixed grid (a fixed-step alg, or "
-        "adaptive=False). Use sensealg=dk.ForwardMode(), an adaptive alg such as "
-        "'tsit5', or backend='torch' or 'scipy'."
+        "adaptive=False). Use sensealg=dk.ForwardMode(), "
+        "dk.ReverseThroughSolver() or dk.CheckpointedAdjoint(); an adaptive alg "
+        "such as 'tsit5'; or backend='torch' or 'scipy'."
     )
 
 
