@@ -32,6 +32,14 @@ the events that fired, not `max_events`). Either way the reverse path is a
 custom VJP whose primal is the plain loop, so a jitted solve that is not
 differentiated costs no more than that.
 
+Fixed steps (a fixed-step alg, or ``adaptive=False``) follow SciPy's and torch's
+grid: ``t_s + k*dt0`` merged with the save times, restarting at each event
+time. Its length is data, so a step-size controller (`_grid.Grid`) builds it one
+step at a time instead of `diffrax.StepTo`; segments are located on the steps'
+cubic Hermite interpolant (`_grid.hermite_solver`) and the state at an event is
+the segment solved again on its grid (its last step one of the alg to t*), also
+without gradients. The adjoints step backward on an array grid and are refused.
+
 Under ``jax.jit`` the event outputs have static shapes: ``t_events[i]`` is
 ``(max_events,)`` and ``u_events[i]`` ``(max_events, *u0.shape)``, padded with
 NaN after the events that fired; an eager solve trims them to exact length.
