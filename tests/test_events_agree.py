@@ -7,6 +7,7 @@ differences)."""
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import pytest
@@ -358,3 +359,174 @@ def test_two_events_crossing_within_the_solve_error_both_fire_once(backend):
     np.testing.assert_allclose(times[0], [np.log(2.0)], rtol=1e-15)
     np.testing.assert_allclose(times[1], [np.log(2.0)], rtol=1e-9)
     assert times[1][0] >= times[0][0]
+
+
+# Events on a fixed grid: the grid is t0 + k*dt0 merged with the save times and
+# restarts at each event time; a crossing is located on the step's cubic Hermite
+# interpolant and the state at it is a step of the alg to it. A NumPy reference of
+# that convention (brentq to rounding on the interpolant) checks every backend.
+FIXED_G = 9.81
+
+
+def _fixed_step(alg, f, t, h, y):
+    if alg == "euler":
+        return h * f(y)
+    k1 = f(y)
+    k2 = f(y + h / 2 * k1)
+    k3 = f(y + h / 2 * k2)
+    k4 = f(y + h * k3)
+    return h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def _fixed_reference(alg, f, cond, direction, affect, terminal, u0, tspan, dt0, saves):
+    """(rows at `saves`, event times, states before the events) of the convention."""
+    from scipy.optimize import brentq
+
+    from diffeqkit._saveat import step_grid
+
+    t_s, y, t1 = tspan[0], np.asarray(u0, float), tspan[1]
+    rows = {}
+    t_ev, u_ev = [], []
+    while True:
+        sign = 1.0 if t1 > t_s else -1.0
+        later = [s for s in saves if sign * (s - t_s) > 0]
+        grid = step_grid(t_s, t1, dt0, np.array([t_s, *later, t1]))
+        fired = None
+        for a, b in itertools.pairwise(grid):
+            y_b = y + _fixed_step(alg, f, a, b - a, y)
+            before, after = cond(y), cond(y_b)
+            if before * after < 0 and (direction == 0 or np.sign(after) == direction):
+                f_a, f_b, h = f(y), f(y_b), b - a
+
+                def hermite(t, y=y, y_b=y_b, f_a=f_a, f_b=f_b, a=a, h=h):
+                    x = (t - a) / h
+                    return (
+                        (2 * x**3 - 3 * x**2 + 1) * y
+                        + (x**3 - 2 * x**2 + x) * h * f_a
+                        + (-2 * x**3 + 3 * x**2) * y_b
+                        + (x**3 - x**2) * h * f_b
+                    )
+
+                t_star = brentq(lambda t: cond(hermite(t)), a, b, xtol=1e-16)
+                fired = (t_star, y + _fixed_step(alg, f, a, t_star - a, y))
+                break
+            if b in saves:
+                rows[b] = y_b
+            y = y_b
+        if fired is None:
+            break
+        t_star, u = fired
+        t_ev.append(t_star)
+        u_ev.append(u)
+        if terminal:
+            break
+        t_s, y = t_star, affect(u)
+    return rows, np.array(t_ev), np.array(u_ev)
+
+
+def _fixed_fall(u, p, t):
+    xp = dk.array_namespace(u)
+    return xp.stack([u[1], -FIXED_G + 0.0 * u[0]])
+
+
+def _fixed_bounce(u, p, t):
+    xp = dk.array_namespace(u)
+    return xp.stack([u[0], -0.8 * u[1]])
+
+
+def _fixed_height(u, p, t):
+    return u[0]
+
+
+def _fixed_minus(u, p, t):
+    return -u
+
+
+def _fixed_half(u, p, t):
+    return u[0] - 0.5
+
+
+def _fixed_level(u, p, t):
+    return u[0] - 0.3
+
+
+FIXED_CASES = {
+    # name: (f, u0, p, tspan, event, NumPy f, condition, direction, affect)
+    "ball": (
+        _fixed_fall,
+        [1.0, 0.0],
+        None,
+        (0.0, 2.0),
+        dk.Event(_fixed_height, direction=-1, terminal=False, affect=_fixed_bounce),
+        lambda y: np.array([y[1], -FIXED_G]),
+        lambda y: y[0],
+        -1,
+        lambda y: np.array([y[0], -0.8 * y[1]]),
+    ),
+    "backward": (  # u = exp(-t) from t = 2 back to 0, doubling at u = 0.5
+        _fixed_minus,
+        [np.exp(-2.0)],
+        None,
+        (2.0, 0.0),
+        dk.Event(_fixed_half, terminal=False, affect=doubled),
+        lambda y: -y,
+        lambda y: y[0] - 0.5,
+        0,
+        lambda y: 2.0 * y,
+    ),
+    "decay": (
+        decay,
+        [1.0],
+        K,
+        (0.0, 3.0),
+        dk.Event(_fixed_level, terminal=True),
+        lambda y: -K * y,
+        lambda y: y[0] - 0.3,
+        0,
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("alg", ["rk4", "euler"])
+@pytest.mark.parametrize("case", sorted(FIXED_CASES))
+def test_fixed_step_events_follow_the_grid_convention(backend, alg, case):
+    # SciPy differs from this convention in two ways (torch and JAX follow it):
+    # it locates euler's crossings on the linear interpolant, and its state at an
+    # event is the interpolant's value there, not a step of the alg to it (rk4:
+    # 1e-9 apart at dt0 = 0.05, exact on the ball's quadratic flight).
+    if backend == "scipy" and alg == "euler":
+        pytest.skip("SciPy locates euler's events on its linear interpolant")
+    arr = _arrays(backend)
+    f, u0, p, tspan, event, f_np, cond, direction, affect = FIXED_CASES[case]
+    saves = {
+        "ball": [0.33, 0.9, 1.5, 2.0],
+        "decay": [0.33, 0.9, 1.5],
+        "backward": [1.5, 0.5, 0.0],
+    }[case]
+    prob = dk.ODEProblem(f, arr(u0), tspan, None if p is None else arr(p))
+    sol = dk.solve(prob, alg, dt0=0.05, events=[event], saveat=saves)
+    rows, t_ev, u_ev = _fixed_reference(
+        alg, f_np, cond, direction, affect, event.terminal, u0, tspan, 0.05, saves
+    )
+    got_t = np.asarray(sol.t_events[0].tolist(), dtype=float)
+    assert len(got_t) == len(t_ev) > 0
+    u = np.asarray(sol.u.tolist(), dtype=float)
+    sign = np.sign(tspan[1] - tspan[0])
+    # SciPy's state at an event (so all after it) is the interpolant's: it
+    # agrees up to the first event only.
+    exact = backend != "scipy"
+    np.testing.assert_allclose(
+        got_t[: None if exact else 1], t_ev[: None if exact else 1], rtol=1e-13
+    )
+    if exact:
+        got_u = np.asarray(sol.u_events[0].tolist(), dtype=float)
+        np.testing.assert_allclose(got_u, u_ev, rtol=1e-12, atol=1e-13)
+    for i, s in enumerate(saves):
+        if not exact and sign * (s - t_ev[0]) > 0:
+            continue
+        if s in rows:
+            np.testing.assert_allclose(u[i], rows[s], rtol=1e-12, atol=1e-13)
+        else:  # after a terminal event
+            assert np.all(np.isnan(u[i]))

@@ -169,7 +169,6 @@ class JaxBackend:
         transformation. Under one, ``t_events[i]`` has ``max_events`` entries,
         NaN after the events that fired, ``stats["nevents"]`` counts them, and the
         status is a traced code (`Solution.STATUS_CODES`) whatever `throw`."""
-        _check_adaptive(req)
         mode = "traced" if is_traced(req) else "eager"
         (u0, inputs, scalars, ts, _), params = traced_inputs(req, dtype)
         if mode == "eager":
@@ -430,7 +429,6 @@ class JaxBackend:
         ``k``, under a transformation ``max_events`` (static shapes), with
         ``stats["nevents"]`` a traced count per member and the status traced
         codes whatever `throw` (as for one solve with events)."""
-        _check_adaptive(req)
         traced = is_traced(req)
         (tu0, tinputs, scalars, ts, _), params = traced_inputs(req, dtype)
         bu0, inputs, batch = _ensemble.batch_inputs(
@@ -727,7 +725,7 @@ class JaxBackend:
         an ensemble, `batch` says which inputs carry the member axis."""
         sensealg = None if mode == "eager" else req.sensealg
         throw = req.throw if mode == "traced" else True
-        adaptive_dt0 = req.dt0 is not None
+        adaptive_dt0 = req.dt0 is not None and not req.fixed_step
         land = method.lands_on_saves or req.land_on_saves
         key = (
             "events",
@@ -740,6 +738,7 @@ class JaxBackend:
             tuple(signature(x) for x in inputs),
             len(ts),
             req.max_steps,
+            req.fixed_step,
             adaptive_dt0,
             land,
             device,
@@ -754,7 +753,7 @@ class JaxBackend:
             method,
             dtype,
             req.max_steps,
-            False,
+            req.fixed_step,
             adaptive_dt0,
             land,
             mode,
@@ -777,17 +776,6 @@ class JaxBackend:
             "default_backend": jax.default_backend(),
             "x64": x64(),
         }
-
-
-def _check_adaptive(req: SolveRequest) -> None:
-    """Refuse events with a fixed-step solve."""
-    if req.fixed_step:
-        raise UnsupportedError(
-            f"events=[...] on backend='jax' need an adaptive alg (they are "
-            f"located on its steps' interpolants); alg='{req.alg.name}' "
-            f"{'with adaptive=False ' if not req.adaptive else ''}steps on a "
-            "fixed grid. Use e.g. alg='tsit5' (adaptive=True)."
-        )
 
 
 # Empty event outputs, per shape, dtype and device: an event that did not fire

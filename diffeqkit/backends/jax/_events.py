@@ -32,6 +32,14 @@ the events that fired, not `max_events`). Either way the reverse path is a
 custom VJP whose primal is the plain loop, so a jitted solve that is not
 differentiated costs no more than that.
 
+Fixed steps (a fixed-step alg, or ``adaptive=False``) follow SciPy's and torch's
+grid: ``t_s + k*dt0`` merged with the save times, restarting at each event
+time. Its length is data, so a step-size controller (`_grid.Grid`) builds it one
+step at a time instead of `diffrax.StepTo`; segments are located on the steps'
+cubic Hermite interpolant (`_grid.hermite_solver`) and the state at an event is
+the segment solved again on its grid (its last step one of the alg to t*), also
+without gradients. The adjoints step backward on an array grid and are refused.
+
 Under ``jax.jit`` the event outputs have static shapes: ``t_events[i]`` is
 ``(max_events,)`` and ``u_events[i]`` ``(max_events, *u0.shape)``, padded with
 NaN after the events that fired; an eager solve trims them to exact length.
@@ -65,12 +73,14 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from ..._errors import UnsupportedError
 from ..._events import Event, check_affect_output, check_condition_output
 from ..._problem import check_rhs_output
+from ._grid import Grid, hermite_solver
 from ._solve import (
     RESULTS,
     STATUSES,
     Config,
     Job,
     all_finite,
+    diffeqsolve,
     failure_masked,
     fixed_inputs,
     solve_with,
@@ -163,17 +173,18 @@ class _Watch(diffrax.AbstractAdaptiveStepSizeController):
     conditions: tuple[Callable[..., Any], ...] = eqx.field(static=True)
     sign: Any = 1  # of the direction of integration (diffrax's time is its own)
 
+    # (A fixed grid's controller has no tolerances.)
     @property
     def rtol(self) -> Any:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.controller.rtol
+        return getattr(self.controller, "rtol", 0.0)
 
     @property
     def atol(self) -> Any:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.controller.atol
+        return getattr(self.controller, "atol", 0.0)
 
     @property
     def norm(self) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
-        return self.controller.norm
+        return getattr(self.controller, "norm", None)
 
     def wrap(self, direction: Any) -> Any:
         return eqx.tree_at(
@@ -297,15 +308,21 @@ def _locate(
         *(wrapped(g, enabled[i]) for i, g in enumerate(conditions)), strict=True
     )
     event = diffrax.Event(list(conds), root_finder=root_finder, direction=direction)
-    pid = method.controller(rtol, atol)
-    controller: Any = (
-        diffrax.ClipStepSizeController(pid, step_ts=ts) if cfg.land else pid
-    )
-    step0 = jnp.where(cap > t_s, dt0, -dt0) if cfg.adaptive_dt0 else None
     lo, hi = jnp.minimum(t_s, cap), jnp.maximum(t_s, cap)
+    if cfg.fixed_step:
+        # Located on the steps' cubic Hermite interpolants, as on SciPy and torch.
+        controller: Any = Grid(start=t_s, dt0=dt0, ts=jnp.clip(ts, lo, hi))
+        solver, step0 = hermite_solver(method.build(True)), None
+    else:
+        pid = method.controller(rtol, atol)
+        controller = (
+            diffrax.ClipStepSizeController(pid, step_ts=ts) if cfg.land else pid
+        )
+        solver = method.build()
+        step0 = jnp.where(cap > t_s, dt0, -dt0) if cfg.adaptive_dt0 else None
     sol = diffrax.diffeqsolve(
         method.term(cfg.f),
-        method.build(),
+        solver,
         t_s,
         cap,
         step0,
@@ -384,6 +401,19 @@ _FIELDS = [f for f in _Carry.__dataclass_fields__]
 jax.tree_util.register_dataclass(_Carry, data_fields=_FIELDS, meta_fields=[])
 
 
+def _grid_of(cfg: Config, t_s: Any, times: Any, ts: Any) -> Grid | None:
+    """The fixed-step grid from `t_s` (``t_s + k*dt0`` merged with `ts`), or None
+    for an adaptive solve."""
+    return Grid(start=t_s, dt0=times[4], ts=ts) if cfg.fixed_step else None
+
+
+def _plain_entry(job: Job) -> tuple[Any, Any]:
+    """A segment's solve on its fixed grid, not differentiated."""
+    sol, _ = diffeqsolve(job)
+    ys: Any = sol.ys
+    return (ys[0] if isinstance(ys, list | tuple) else ys), None
+
+
 def _jump(
     cfg: Config, ev: EventConfig, which: Any, u_minus: Any, p: Any, t_star: Any
 ) -> tuple[Any, Any, Any]:
@@ -437,12 +467,15 @@ def _segment(
     seg = _locate(cfg, ev, c.y_s, p, times, ts, c.t_s, c.cap, c.enabled)
     t_star = jax.lax.stop_gradient(seg.t_end)
     lo, hi = jnp.minimum(c.t_s, t_star), jnp.maximum(c.t_s, t_star)
-    if entry is None:
+    if entry is None and not cfg.fixed_step:
         rows, u_minus = seg.ys, seg.y_end
     else:
+        # On a fixed grid the state at the event is a step of the alg to it (the
+        # solve of [t_s, t*] on its grid), not the interpolant's value there.
         seg_ts = jnp.concatenate([jnp.clip(ts, lo, hi), t_star[None]])
-        job = Job(cfg, c.y_s, p, (c.t_s, t_star, *times[2:]), seg_ts, None)
-        out, _ = entry(job)
+        grid = _grid_of(cfg, c.t_s, times, seg_ts)
+        job = Job(cfg, c.y_s, p, (c.t_s, t_star, *times[2:]), seg_ts, grid)
+        out, _ = (entry or _plain_entry)(job)
         rows, u_minus = out[:-1], out[-1]
 
     ok = seg.code == _SUCCESS
@@ -565,7 +598,8 @@ def _loop(
     c = _watched(cfg, ev, None, y0_fixed, p_fixed, times, ts)
     t_star = c.t_end
     seg_ts = jnp.concatenate([jnp.clip(ts, times[0], t_star), t_star[None]])
-    out, _ = entry(Job(cfg, y0, p, (times[0], t_star, *times[2:]), seg_ts, None))
+    grid = _grid_of(cfg, times[0], times, seg_ts)
+    out, _ = entry(Job(cfg, y0, p, (times[0], t_star, *times[2:]), seg_ts, grid))
     rows, u_minus = out[:-1], out[-1]
     lo, hi = jnp.minimum(times[0], t_star), jnp.maximum(times[0], t_star)
     ys = _merge(c.ys, rows, ts, lo, hi, jnp.array(True))
@@ -609,8 +643,11 @@ def _first_try(
         rate = _rate(g, cfg.f, y_fixed, p_fixed, t0)
         at_zero = jnp.abs(g0) <= _AT_ZERO_ULPS * ulp * jnp.abs(rate)
         start.append(jnp.where(at_zero, jnp.where(rate >= 0, 1.0, -1.0), g0))
-    pid = method.controller(rtol, atol)
-    inner: Any = diffrax.ClipStepSizeController(pid, step_ts=ts) if cfg.land else pid
+    if cfg.fixed_step:
+        inner: Any = Grid(start=t0, dt0=dt0, ts=ts)
+    else:
+        pid = method.controller(rtol, atol)
+        inner = diffrax.ClipStepSizeController(pid, step_ts=ts) if cfg.land else pid
     # (pyright takes the base's abstract tolerances for fields; they are
     # properties of the wrapped controller.)
     controller = _Watch(  # pyright: ignore[reportCallIssue]
@@ -620,7 +657,7 @@ def _first_try(
     )
     sol = diffrax.diffeqsolve(
         method.term(cfg.f),
-        method.build(),
+        method.build(cfg.fixed_step),
         t0,
         t1,
         jnp.where(t1 > t0, dt0, -dt0) if cfg.adaptive_dt0 else None,
@@ -801,6 +838,24 @@ def _check_batched(cfg: Config, ev: EventConfig) -> None:
     )
 
 
+def _check_fixed(cfg: Config) -> None:
+    """Refuse the adjoints for events on a fixed grid: their backward passes step
+    on a grid of known length; ForwardMode, ReverseThroughSolver and
+    CheckpointedAdjoint differentiate through the steps taken."""
+    from ..._sensealg import CheckpointedAdjoint, ReverseThroughSolver
+
+    through = isinstance(cfg.sensealg, ReverseThroughSolver | CheckpointedAdjoint)
+    if not cfg.fixed_step or through:
+        return
+    raise UnsupportedError(
+        f"sensealg=dk.{type(cfg.sensealg).__name__}() on backend='jax' cannot "
+        "differentiate a solve with events on a fixed grid (a fixed-step alg, or "
+        "adaptive=False). Use sensealg=dk.ForwardMode(), "
+        "dk.ReverseThroughSolver() or dk.CheckpointedAdjoint(); an adaptive alg "
+        "such as 'tsit5'; or backend='torch' or 'scipy'."
+    )
+
+
 def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
     """The reverse sensealgs: a custom VJP whose primal is the plain loop (a
     jitted solve that is not differentiated pays nothing more) and whose forward
@@ -819,6 +874,7 @@ def _reverse(cfg: Config, ev: EventConfig, job: Job) -> tuple[Any, ...]:
 
     def fwd(y0: Any, p: Any, times: Any, ts: Any) -> Any:
         _check_batched(cfg, ev)
+        _check_fixed(cfg)
         times, ts = fixed_inputs((times, ts), _TIMES_REVERSE)
         y0, p = jax.tree_util.tree_map(lambda x: x.value, (y0, p))
         outs, pull, (info, t_end) = jax.vjp(

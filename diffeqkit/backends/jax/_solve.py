@@ -441,7 +441,8 @@ class Config:
 @dataclass(frozen=True)
 class Job:
     """One solve inside the compiled program: its `Config` and the traced inputs,
-    ``times = (t0, t1, rtol, atol, dt0)`` and `grid` the fixed-step grid or None.
+    ``times = (t0, t1, rtol, atol, dt0)`` and `grid` the fixed-step grid (an
+    array, or a step-size controller stepping on it) or None.
     The sensealg table's entries take it and return ``(ys, counts)``."""
 
     cfg: Config
@@ -485,8 +486,12 @@ def diffeqsolve(
     du0 = cfg.f(y0, p, t0)
     check_rhs_output(du0, y0, t0)  # shapes and dtypes, at trace time
     method = cfg.method
-    if grid is not None:
-        controller: diffrax.AbstractStepSizeController = StepTo(ts=grid)
+    if isinstance(grid, diffrax.AbstractStepSizeController):
+        # A grid built step by step (events on a fixed grid: `_grid.Grid`).
+        controller: diffrax.AbstractStepSizeController = grid
+        step0 = None
+    elif grid is not None:
+        controller = StepTo(ts=grid)
         t0, t1, step0 = grid[0], grid[-1], None
     else:
         pid = method.controller(rtol, atol)
