@@ -223,6 +223,64 @@ class _Cache:
 _CACHE = _Cache()
 
 
+def _begin(
+    status: torch.Tensor,
+    t: torch.Tensor,
+    dt: torch.Tensor,
+    target: torch.Tensor,
+    nsteps: torch.Tensor,
+    max_steps: torch.Tensor,
+    nonfinite: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The start of one masked step attempt of a compiled block: the status
+    (a step too small, max_steps, a non-finite state stop the block's solve),
+    whether this attempt is `active`, the step count, and the attempt's end `t1`
+    and size `h`, landing on `target` where the step would pass it (an idle
+    attempt has ``h = 0`` at ``t1 = t``: f is never evaluated beyond t1).
+    Returns ``(status, active, nsteps, t1, h, land)``."""
+    inf = torch.full_like(t, math.inf)
+    running = status == _RUNNING
+    ulp = torch.nextafter(t, inf) - t
+    # `not dt >= 10 ulp` is True for a NaN step too.
+    tiny = running & ~(dt >= 10 * ulp)
+    over = running & (nsteps >= max_steps)
+    stop = torch.where(nonfinite, torch.full_like(status, _NONFINITE), _TOO_SMALL)
+    status = torch.where(over, _MAX_STEPS, torch.where(tiny, stop, status))
+    active = status == _RUNNING
+    nsteps = nsteps + active.to(nsteps.dtype)
+    t1 = t + dt
+    land = (t < target) & (target < t1)
+    t1 = torch.where(land, target, t1)
+    h = torch.where(land, target - t, dt)
+    h = torch.where(active, h, torch.zeros_like(h))
+    t1 = torch.where(active, t1, t)
+    return status, active, nsteps, t1, h, land
+
+
+def _judge(
+    y: torch.Tensor,
+    y1: torch.Tensor,
+    error: torch.Tensor,
+    rtol: torch.Tensor,
+    atol: torch.Tensor,
+    active: torch.Tensor,
+    exponent: float,
+    norm: Callable[[torch.Tensor], torch.Tensor] = rms_norm,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The controller's verdict on an attempt (`AdaptiveRK`'s error norm and
+    factor): ``(ok, finite, factor)``, accepted where active with an error ratio
+    of at most 1, the next step ``h * factor``. No gradient flows through the
+    step sizes (under autograd, `_engine_adjoint.through`), as in the reference
+    driver."""
+    scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
+    ratio = norm(error / scale).abs().to(torch.float64).detach()
+    finite = torch.isfinite(ratio) & torch.isfinite(y1).all()
+    ratio = torch.where(finite, ratio, torch.full_like(ratio, math.inf))
+    lowest = torch.where(ratio < 1, 1.0, _DFACTOR)
+    factor = torch.clamp(torch.maximum(_SAFETY / ratio**exponent, lowest), max=_IFACTOR)
+    return active & (ratio <= 1), finite, factor
+
+
 def _adaptive_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., Any]:
     """`BLOCK` step attempts (see `AdaptiveRK._step` and `_attempt`)."""
     exponent = 1.0 / co.order
@@ -245,40 +303,14 @@ def _adaptive_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., A
     ) -> tuple[Any, ...]:
         _traced("adaptive")
         status = torch.zeros_like(nsteps)
-        inf = torch.full_like(t, float("inf"))
         starts, ends, sizes, accepted, dense = [], [], [], [], []
         for _ in range(BLOCK):
-            running = status == _RUNNING
-            ulp = torch.nextafter(t, inf) - t
-            # `not dt >= 10 ulp` is True for a NaN step too.
-            tiny = running & ~(dt >= 10 * ulp)
-            over = running & (nsteps >= max_steps)
-            stop = torch.where(
-                nonfinite, torch.full_like(status, _NONFINITE), _TOO_SMALL
+            status, active, nsteps, t1, h, _ = _begin(
+                status, t, dt, target, nsteps, max_steps, nonfinite
             )
-            status = torch.where(over, _MAX_STEPS, torch.where(tiny, stop, status))
-            active = status == _RUNNING
-            nsteps = nsteps + active.to(nsteps.dtype)
-            t1 = t + dt
-            land = (t < target) & (target < t1)
-            t1 = torch.where(land, target, t1)
-            h = torch.where(land, target - t, dt)
-            # An idle attempt evaluates f where the state is: never beyond t1.
-            h = torch.where(active, h, torch.zeros_like(h))
-            t1 = torch.where(active, t1, t)
             y1, f1, ks = _fsal_step(co, f, p, y, fy, t, h, t1)
             error = h.to(y.dtype) * _weighted(e, ks)
-            scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
-            # Under autograd (`_engine_adjoint.through`) no gradient flows
-            # through the step sizes, as in the reference driver.
-            ratio = rms_norm(error / scale).abs().to(torch.float64).detach()
-            finite = torch.isfinite(ratio) & torch.isfinite(y1).all()
-            ratio = torch.where(finite, ratio, inf)
-            lowest = torch.where(ratio < 1, 1.0, _DFACTOR)
-            factor = torch.clamp(
-                torch.maximum(_SAFETY / ratio**exponent, lowest), max=_IFACTOR
-            )
-            ok = active & (ratio <= 1)
+            ok, finite, factor = _judge(y, y1, error, rtol, atol, active, exponent)
             starts.append(t)
             ends.append(t1)
             sizes.append(h)

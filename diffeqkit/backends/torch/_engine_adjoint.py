@@ -41,17 +41,14 @@ from .._protocol import SolveRequest
 from . import _engine
 from ._engine import (
     _DONE,
-    _MAX_STEPS,
-    _NONFINITE,
     _RUNNING,
     _STATUS,
-    _TOO_SMALL,
     _Coefficients,
     _coefficients,
     _fsal_step,
     _weighted,
 )
-from ._rk import _DFACTOR, _IFACTOR, _SAFETY, initial_step, rms_norm
+from ._rk import initial_step, rms_norm
 from ._solve import finish, prepare, records_graph, replace_leaves
 
 __all__ = ["backsolve", "interpolating", "jacobians", "through"]
@@ -276,37 +273,17 @@ def _backward_block(
         _engine._traced("adjoint")
         status = torch.zeros_like(nsteps)
         landed = torch.zeros_like(nsteps)
-        inf = torch.full_like(t, float("inf"))
         accepted, ends = [], []
         for _ in range(size):
-            running = status == _RUNNING
-            ulp = torch.nextafter(t, inf) - t
-            tiny = running & ~(dt >= 10 * ulp)
-            over = running & (nsteps >= max_steps)
-            stop = torch.where(
-                nonfinite, torch.full_like(status, _NONFINITE), _TOO_SMALL
-            )
-            status = torch.where(over, _MAX_STEPS, torch.where(tiny, stop, status))
-            active = status == _RUNNING
-            nsteps = nsteps + active.to(nsteps.dtype)
             target = _pick(landings, landed.clamp(max=size - 1))
-            t1 = t + dt
-            land = (t < target) & (target < t1)
-            t1 = torch.where(land, target, t1)
-            h = torch.where(land, target - t, dt)
-            h = torch.where(active, h, torch.zeros_like(h))
-            t1 = torch.where(active, t1, t)
+            status, active, nsteps, t1, h, land = _engine._begin(
+                status, t, dt, target, nsteps, max_steps, nonfinite
+            )
             y1, f1, ks = _fsal_step(co, f, p, y, fy, t, h, t1)
             error = h.to(y.dtype) * _weighted(e, ks)
-            scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
-            ratio = norm(error / scale).abs().to(torch.float64)
-            finite = torch.isfinite(ratio) & torch.isfinite(y1).all()
-            ratio = torch.where(finite, ratio, inf)
-            lowest = torch.where(ratio < 1, 1.0, _DFACTOR)
-            factor = torch.clamp(
-                torch.maximum(_SAFETY / ratio**exponent, lowest), max=_IFACTOR
+            ok, finite, factor = _engine._judge(
+                y, y1, error, rtol, atol, active, exponent, norm
             )
-            ok = active & (ratio <= 1)
             accepted.append(ok)
             ends.append(t1)
             landed = landed + (ok & land).to(landed.dtype)

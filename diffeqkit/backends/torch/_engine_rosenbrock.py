@@ -30,9 +30,6 @@ from .._protocol import SolveRequest
 from . import _engine
 from ._implicit import IMPLICIT_SOLVERS
 from ._rk import (
-    _DFACTOR,
-    _IFACTOR,
-    _SAFETY,
     Recorder,
     Rhs,
     Run,
@@ -106,39 +103,15 @@ def _adaptive_block(alg: str, f: Callable[..., Any], jac: Any) -> Callable[..., 
         constants = solver._constants(y.dtype, y.device, no_lift)
         func = _Field(f, p, y.dtype, jac)
         status = torch.zeros_like(nsteps)
-        inf = torch.full_like(t, math.inf)
         starts, ends, sizes, accepted, dense = [], [], [], [], []
         for _ in range(size):
-            running = status == _engine._RUNNING
-            ulp = torch.nextafter(t, inf) - t
-            tiny = running & ~(dt >= 10 * ulp)
-            over = running & (nsteps >= max_steps)
-            stop = torch.where(
-                nonfinite,
-                torch.full_like(status, _engine._NONFINITE),
-                _engine._TOO_SMALL,
+            status, active, nsteps, t1, h, _ = _engine._begin(
+                status, t, dt, target, nsteps, max_steps, nonfinite
             )
-            status = torch.where(
-                over, _engine._MAX_STEPS, torch.where(tiny, stop, status)
-            )
-            active = status == _engine._RUNNING
-            nsteps = nsteps + active.to(nsteps.dtype)
-            t1 = t + dt
-            land = (t < target) & (target < t1)
-            t1 = torch.where(land, target, t1)
-            h = torch.where(land, target - t, dt)
-            h = torch.where(active, h, torch.zeros_like(h))
-            t1 = torch.where(active, t1, t)
             y1, f1, error, coeffs = step_fn(func, y, fy, t, h, t1, constants)
-            scale = atol + rtol * torch.maximum(y.abs(), y1.abs())
-            ratio = rms_norm(error / scale).abs().to(torch.float64)
-            finite = torch.isfinite(ratio) & torch.isfinite(y1).all()
-            ratio = torch.where(finite, ratio, inf)
-            lowest = torch.where(ratio < 1, 1.0, _DFACTOR)
-            factor = torch.clamp(
-                torch.maximum(_SAFETY / ratio**exponent, lowest), max=_IFACTOR
+            ok, finite, factor = _engine._judge(
+                y, y1, error, rtol, atol, active, exponent
             )
-            ok = active & (ratio <= 1)
             starts.append(t)
             ends.append(t1)
             sizes.append(h)
