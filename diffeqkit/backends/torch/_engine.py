@@ -281,12 +281,17 @@ def _judge(
     return active & (ratio <= 1), finite, factor
 
 
-def _adaptive_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., Any]:
-    """`BLOCK` step attempts (see `AdaptiveRK._step` and `_attempt`)."""
-    exponent = 1.0 / co.order
-    e = co.e
-    if e is None:  # pragma: no cover - adaptive algs have error weights
-        raise ValueError("no error weights")
+def attempts_block(
+    kind: str,
+    exponent: float,
+    prepare: Callable[[torch.Tensor, Any], Any],
+    attempt: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]],
+) -> Callable[..., Any]:
+    """A compiled block of `BLOCK` masked step attempts with the controller in
+    tensors (see `AdaptiveRK._step`), for any one-step method: ``context =
+    prepare(y, p)`` once per block, then per attempt ``attempt(context, y, f(t,
+    y), t, h, t1) -> (y1, f(t1, y1), error estimate, dense output)``. `kind`
+    names its traces in `TRACES`; `exponent` is one over the error's order."""
 
     def block(
         y: torch.Tensor,
@@ -301,21 +306,21 @@ def _adaptive_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., A
         nonfinite: torch.Tensor,
         p: Any,
     ) -> tuple[Any, ...]:
-        _traced("adaptive")
+        _traced(kind)
+        context = prepare(y, p)
         status = torch.zeros_like(nsteps)
         starts, ends, sizes, accepted, dense = [], [], [], [], []
         for _ in range(BLOCK):
             status, active, nsteps, t1, h, _ = _begin(
                 status, t, dt, target, nsteps, max_steps, nonfinite
             )
-            y1, f1, ks = _fsal_step(co, f, p, y, fy, t, h, t1)
-            error = h.to(y.dtype) * _weighted(e, ks)
+            y1, f1, error, coeffs = attempt(context, y, fy, t, h, t1)
             ok, finite, factor = _judge(y, y1, error, rtol, atol, active, exponent)
             starts.append(t)
             ends.append(t1)
             sizes.append(h)
             accepted.append(ok)
-            dense.append(_dense(co, y, ks, h))
+            dense.append(coeffs)
             nonfinite = torch.where(active, ~finite, nonfinite)
             y = torch.where(ok, y1, y)
             fy = torch.where(ok, f1, fy)
@@ -336,6 +341,19 @@ def _adaptive_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., A
         )
 
     return block
+
+
+def _adaptive_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., Any]:
+    """`BLOCK` step attempts of an explicit tableau (see `attempts_block`)."""
+    e = co.e
+    if e is None:  # pragma: no cover - adaptive algs have error weights
+        raise ValueError("no error weights")
+
+    def attempt(p: Any, y: Any, fy: Any, t: Any, h: Any, t1: Any) -> Any:
+        y1, f1, ks = _fsal_step(co, f, p, y, fy, t, h, t1)
+        return y1, f1, h.to(y.dtype) * _weighted(e, ks), _dense(co, y, ks, h)
+
+    return attempts_block("adaptive", 1.0 / co.order, lambda y, p: p, attempt)
 
 
 def _replay_block(co: _Coefficients, f: Callable[..., Any]) -> Callable[..., Any]:

@@ -80,63 +80,20 @@ class _Field:
 
 
 def _adaptive_block(alg: str, f: Callable[..., Any], jac: Any) -> Callable[..., Any]:
-    """`_engine.BLOCK` Rosenbrock step attempts (see `AdaptiveRK._attempt`)."""
+    """`_engine.BLOCK` Rosenbrock step attempts (`_engine.attempts_block` with
+    `_implicit`'s own trial step)."""
     solver = IMPLICIT_SOLVERS[alg]
     step_fn = solver._step_fn
-    exponent = 1.0 / solver.order
-    size = _engine.BLOCK
 
-    def block(
-        y: torch.Tensor,
-        fy: torch.Tensor,
-        t: torch.Tensor,
-        dt: torch.Tensor,
-        target: torch.Tensor,
-        rtol: torch.Tensor,
-        atol: torch.Tensor,
-        nsteps: torch.Tensor,
-        max_steps: torch.Tensor,
-        nonfinite: torch.Tensor,
-        p: Any,
-    ) -> tuple[Any, ...]:
-        _engine._traced(_ADAPTIVE)
-        constants = solver._constants(y.dtype, y.device, no_lift)
-        func = _Field(f, p, y.dtype, jac)
-        status = torch.zeros_like(nsteps)
-        starts, ends, sizes, accepted, dense = [], [], [], [], []
-        for _ in range(size):
-            status, active, nsteps, t1, h, _ = _engine._begin(
-                status, t, dt, target, nsteps, max_steps, nonfinite
-            )
-            y1, f1, error, coeffs = step_fn(func, y, fy, t, h, t1, constants)
-            ok, finite, factor = _engine._judge(
-                y, y1, error, rtol, atol, active, exponent
-            )
-            starts.append(t)
-            ends.append(t1)
-            sizes.append(h)
-            accepted.append(ok)
-            dense.append(torch.stack(coeffs))
-            nonfinite = torch.where(active, ~finite, nonfinite)
-            y = torch.where(ok, y1, y)
-            fy = torch.where(ok, f1, fy)
-            t = torch.where(ok, t1, t)
-            dt = torch.where(active, h * factor, dt)
-            status = torch.where(ok & (t >= target), _engine._DONE, status)
-        return (
-            y,
-            fy,
-            t,
-            dt,
-            nsteps,
-            nonfinite,
-            status,
-            torch.stack(accepted),
-            torch.stack([torch.stack(starts), torch.stack(sizes), torch.stack(ends)]),
-            torch.stack(dense),
-        )
+    def prepare(y: torch.Tensor, p: Any) -> Any:
+        return _Field(f, p, y.dtype, jac), solver._constants(y.dtype, y.device, no_lift)
 
-    return block
+    def attempt(context: Any, y: Any, fy: Any, t: Any, h: Any, t1: Any) -> Any:
+        func, constants = context
+        y1, f1, error, coeffs = step_fn(func, y, fy, t, h, t1, constants)
+        return y1, f1, error, torch.stack(coeffs)
+
+    return _engine.attempts_block(_ADAPTIVE, 1.0 / solver.order, prepare, attempt)
 
 
 def _replay_block(alg: str, f: Callable[..., Any], jac: Any) -> Callable[..., Any]:
