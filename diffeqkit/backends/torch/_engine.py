@@ -37,7 +37,7 @@ import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -533,6 +533,53 @@ def _run_adaptive(
     """`AdaptiveRK.run` on compiled blocks: the same steps, saves and stops."""
     entry = _entry("adaptive", req.alg.name, f, _key(req, backward))
     co = _coefficients(req.alg.name)
+    d = drive(req, entry, f, p, y0, du0, times, recorder, stats, co.order, True)
+    stages = len(co.c) + 1
+    return Run(
+        d.u,
+        d.status,
+        d.t_reached,
+        d.naccept,
+        d.total - d.naccept,
+        d.nfev + stages * d.total,
+        d.saved,
+        d.t_end,
+    )
+
+
+class Driven(NamedTuple):
+    """What `drive` found: the saves `u` (NaN rows past a failure), the status
+    and time it stopped at, accepted and all attempts, f calls before the first
+    block, rows saved, and the end of the last accepted step."""
+
+    u: torch.Tensor
+    status: str
+    t_reached: float | None
+    naccept: int
+    total: int
+    nfev: int
+    saved: int
+    t_end: float
+
+
+def drive(
+    req: SolveRequest,
+    entry: _Compiled,
+    f: Callable[..., Any],
+    p: Any,
+    y0: torch.Tensor,
+    du0: torch.Tensor,
+    times: torch.Tensor,
+    recorder: Recorder | None,
+    stats: dict[str, float],
+    order: int,
+    hand_dense: bool,
+) -> Driven:
+    """The Python loop around compiled blocks of attempts (`attempts_block`),
+    for any one-step method: the first step (`initial_step`, or ``dt0``), blocks
+    until t1 or a stop, the saves read off the accepted steps' dense output as
+    `AdaptiveRK.advance` reads them. With `hand_dense`, a recorder with
+    ``engine_steps`` gets the accepted steps' times and dense output."""
     device = y0.device
 
     def scalar(x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -543,11 +590,10 @@ def _run_adaptive(
     rhs = Rhs(f, p, y0.dtype, du0)
     fy = rhs(t, y0)
     if req.dt0 is None:
-        dt = initial_step(rhs, t, y0, fy, co.order - 1, rtol, atol, rms_norm)
+        dt = initial_step(rhs, t, y0, fy, order - 1, rtol, atol, rms_norm)
     else:
         dt = scalar(req.dt0)
     nfev = rhs.nfev
-    stages = len(co.c) + 1
     # Steps land on every save time, or only on t1 (see `AdaptiveRK.run`).
     targets = times[1:] if req.land_on_saves else times[-1:]
     save_times = times.tolist()
@@ -592,7 +638,7 @@ def _run_adaptive(
         if code_value != _RUNNING:
             status, t_reached = _STATUS[code_value], float(t)
             break
-    take = getattr(recorder, "engine_steps", None)
+    take = getattr(recorder, "engine_steps", None) if hand_dense else None
     if take is not None and blocks:
         # The accepted steps' times and dense output, for a recorder that keeps
         # them (`_interpolating._DenseOutput`).
@@ -614,16 +660,7 @@ def _run_adaptive(
         )
         u = torch.cat([u, nan])
     total = int(nsteps)
-    return Run(
-        u,
-        status,
-        t_reached,
-        naccept,
-        total - naccept,
-        nfev + stages * total,
-        len(read_from) + 1,
-        t_end,
-    )
+    return Driven(u, status, t_reached, naccept, total, nfev, len(read_from) + 1, t_end)
 
 
 def interpolate_many(

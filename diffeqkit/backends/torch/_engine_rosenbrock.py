@@ -19,7 +19,6 @@ and the direction; compilation failures fall back as there.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,11 +30,8 @@ from . import _engine
 from ._implicit import IMPLICIT_SOLVERS
 from ._rk import (
     Recorder,
-    Rhs,
     Run,
-    initial_step,
     no_lift,
-    rms_norm,
 )
 
 __all__ = ["ROSENBROCK", "replay", "run"]
@@ -175,87 +171,19 @@ def _run(
     """`_Rosenbrock.run` on compiled blocks: the same steps, saves and stops."""
     alg = req.alg.name
     entry = _entry(_ADAPTIVE, alg, f, jac, _engine._key(req, backward))
-    solver = IMPLICIT_SOLVERS[alg]
-    device = y0.device
-
-    def scalar(x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        return torch.as_tensor(x, dtype=dtype, device=device)
-
-    rtol, atol = scalar(req.rtol), scalar(req.atol)
-    t = times[0]
-    rhs = Rhs(f, p, y0.dtype, du0)
-    fy = rhs(t, y0)
-    if req.dt0 is None:
-        dt = initial_step(rhs, t, y0, fy, solver.order - 1, rtol, atol, rms_norm)
-    else:
-        dt = scalar(req.dt0)
-    nfev = rhs.nfev
-    targets = times[1:] if req.land_on_saves else times[-1:]
-    save_times = times.tolist()
-    y, dt = y0, dt.to(torch.float64)
-    nsteps = scalar(0, torch.int64)
-    max_steps = scalar(min(req.max_steps, 2**62), torch.int64)
-    nonfinite = scalar(False, torch.bool)
-    read_from: list[int] = []
-    blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
-    which, naccept, attempt = 0, 0, 0
-    status, t_reached, t_end = "success", None, save_times[0]
-    while True:
-        out = _engine._call(
-            entry, stats, y, fy, t, dt, targets[which], rtol, atol, nsteps,
-            max_steps, nonfinite, p,
-        )  # fmt: skip
-        y, fy, t, dt, nsteps, nonfinite, code, acc, steps, dense = out
-        blocks.append((steps, dense))
-        ends = steps[2].tolist()
-        for n, ok in enumerate(acc.tolist()):
-            if not ok:
-                continue
-            naccept += 1
-            t_end = ends[n]
-            if recorder is not None:
-                recorder.step(steps[0, n], dense[n, 0], steps[1, n])
-            while (
-                len(read_from) + 1 < len(save_times)
-                and save_times[len(read_from) + 1] <= t_end
-            ):
-                read_from.append(attempt + n)
-        attempt += len(ends)
-        code_value = int(code)
-        if code_value == _engine._DONE:
-            if which + 1 < targets.shape[0]:
-                which += 1
-                continue
-            break
-        if code_value != _engine._RUNNING:
-            status, t_reached = _engine._STATUS[code_value], float(t)
-            break
-    rows = [y0.unsqueeze(0)]
-    if read_from:
-        all_steps = torch.cat([b[0] for b in blocks], dim=1)
-        all_dense = torch.cat([b[1] for b in blocks])
-        index = torch.as_tensor(read_from, device=device)
-        at = all_steps[:, index]
-        reached = times[1 : len(read_from) + 1]
-        rows.append(_engine.interpolate_many(all_dense[index], at[0], at[2], reached))
-    u = torch.cat(rows)
-    if u.shape[0] < len(save_times):
-        nan = torch.full_like(y0, math.nan).expand(
-            len(save_times) - u.shape[0], *y0.shape
-        )
-        u = torch.cat([u, nan])
-    total = int(nsteps)
+    order = IMPLICIT_SOLVERS[alg].order
+    d = _engine.drive(req, entry, f, p, y0, du0, times, recorder, stats, order, False)
     return Run(
-        u,
-        status,
-        t_reached,
-        naccept,
-        total - naccept,
-        nfev + _calls_per_step(alg) * total,
-        len(read_from) + 1,
-        t_end,
-        total,
-        total,
+        d.u,
+        d.status,
+        d.t_reached,
+        d.naccept,
+        d.total - d.naccept,
+        d.nfev + _calls_per_step(alg) * d.total,
+        d.saved,
+        d.t_end,
+        d.total,
+        d.total,
     )
 
 
