@@ -306,14 +306,7 @@ class JaxBackend:
             dt0 = 0.0 if req.dt0 is None else req.dt0
             scalars = np.array([t0, t1, req.rtol, req.atol, dt0], dtype=dtype)
         args = (bu0, inputs, scalars, ts, grid)
-        device = None
-        if devices is not None:
-            args, _total = _ensemble.shard(
-                _ensemble.mesh_of(devices), batch, size, args
-            )
-        elif not traced:
-            device, put = placement(req, [x for x in inputs if x is not None])
-            args = jax.device_put(args, device) if put else args
+        args, device = _place_batch(req, devices, traced, batch, size, inputs, args)
         mode = "traced" if traced else "eager"
         run = self._program(
             req, method, dtype, tu0, tinputs, params, ts, grid, device, mode, batch
@@ -435,14 +428,7 @@ class JaxBackend:
             req, u0, p, dtype, (tu0, tinputs, params)
         )
         args = (bu0, inputs, scalars, ts, None)
-        device = None
-        if devices is not None:
-            args, _total = _ensemble.shard(
-                _ensemble.mesh_of(devices), batch, size, args
-            )
-        elif not traced:
-            device, put = placement(req, [x for x in inputs if x is not None])
-            args = jax.device_put(args, device) if put else args
+        args, device = _place_batch(req, devices, traced, batch, size, inputs, args)
         mode = "traced" if traced else "eager"
         run = self._events_program(
             req, method, dtype, tu0, tinputs, params, ts, device, mode, batch
@@ -791,6 +777,27 @@ def _first(padded: Any, i: int, k: int) -> Any:
     if key not in _EMPTY:
         _EMPTY[key] = padded[i, :0]
     return _EMPTY[key]
+
+
+def _place_batch(
+    req: SolveRequest,
+    devices: Any,
+    traced: bool,
+    batch: Any,
+    size: int,
+    inputs: list[Any],
+    args: tuple[Any, ...],
+) -> tuple[tuple[Any, ...], Any]:
+    """An ensemble's program arguments where they run: sharded over `devices`,
+    else (eager) on the inputs' device; and that device (None: sharded or
+    traced, where JAX places them)."""
+    if devices is not None:
+        args, _total = _ensemble.shard(_ensemble.mesh_of(devices), batch, size, args)
+        return args, None
+    if traced:
+        return args, None
+    device, put = placement(req, [x for x in inputs if x is not None])
+    return (jax.device_put(args, device) if put else args), device
 
 
 def _member_stats(method: Method, info: Any) -> dict[str, Any]:
