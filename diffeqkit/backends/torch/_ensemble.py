@@ -597,11 +597,6 @@ def integrate(
 ) -> tuple[Setup, EnsembleRun, BatchRhs]:
     """Integrate the ensemble: its template `Setup`, the run, and the field (for
     its evaluation counts)."""
-    if req.events:
-        raise UnsupportedError(
-            "backend='torch' does not solve an ensemble with events; solve its "
-            "members one by one with dk.solve, or drop events=."
-        )
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidProblemError(
             f"the ensemble's size must be a positive int, got {size!r}."
