@@ -150,6 +150,54 @@ def test_gradients_equal_reference(sensealg):
         close(got, want)
 
 
+def test_checkpointed_differentiates_a_short_solve_in_one_pass(monkeypatch):
+    """CheckpointedAdjoint() on the engine: a solve of at most KEEP_STEPS
+    attempts is differentiated through its blocks in one pass (no replay); a
+    longer one is solved again and replayed, and the structure's next solve
+    skips the first try until one fits again. Gradients equal eager's."""
+    from diffeqkit.backends.torch import _checkpoint, _engine_adjoint
+
+    tries, replays = [], []
+    through, apply = _engine_adjoint.through, _checkpoint._Checkpointed.apply
+
+    def spy_through(req, max_blocks=None):
+        tries.append(max_blocks)
+        return through(req, max_blocks)
+
+    def spy_apply(*args):
+        replays.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(_engine_adjoint, "through", spy_through)
+    monkeypatch.setattr(_checkpoint._Checkpointed, "apply", spy_apply)
+    monkeypatch.setattr(_checkpoint, "_LONG", {})
+    short = {"tspan": (0.0, 0.5), "saveat": [0.0, 0.2, 0.5]}
+    long = {"tspan": (0.0, 2.0), "saveat": SAVES}
+    sensealg = dk.CheckpointedAdjoint()
+
+    def gradients(mode, kw):
+        sol, u0, p = solve(mode, sensealg=sensealg, **kw)
+        (sol.u**2).sum().backward()
+        return sol, (sol.u, u0.grad, p.grad)
+
+    seen = []
+    for kw in (short, long, long, short, short):
+        _, want = gradients("eager", kw)
+        tries.clear(), replays.clear()
+        sol, got = gradients("compiled", kw)
+        for a, b in zip(got, want, strict=True):
+            close(a, b)
+        attempts = sol.stats["naccept"] + sol.stats["nreject"]
+        seen.append((attempts <= _checkpoint.KEEP_STEPS, len(tries), len(replays)))
+    limit = _checkpoint.KEEP_STEPS // _engine.BLOCK
+    assert tries == [limit]
+    # (fits, first tries, replays) per solve: short in one pass; long tried,
+    # then replayed; long again straight to the replay; short replayed once
+    # (the last solve was long), then in one pass again.
+    assert seen == [(True, 1, 0), (False, 1, 1), (False, 0, 1), (True, 0, 1),
+                    (True, 1, 0)]  # fmt: skip
+
+
 def test_module_training_equals_reference_and_never_recompiles():
     """p an nn.Module (the neural ODE): two Adam steps on each path give the same
     losses and parameters; the second step, with new parameter values and their

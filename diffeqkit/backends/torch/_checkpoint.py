@@ -12,8 +12,13 @@ one: those steps are not replayed. A solve of at most that many steps (a neural
 ODE's typical training solve) is then differentiated at the cost of
 `ReverseThroughSolver`, with no recomputation; a longer one replays only the
 steps after them, and holds that many steps' graph besides one segment's. On
-the compiled engine (`_engine`) the forward pass keeps no graph: a solve of at
-most `KEEP_STEPS` steps is then replayed as one segment.
+the compiled engine (`_engine`) a solve first runs as `ReverseThroughSolver`'s
+one pass through its adaptive blocks under autograd, for at most
+`KEEP_STEPS` attempts (whole blocks): a solve that fits is differentiated from
+that graph, with no replay (the spiral's training step: 1.3x faster than the
+solve then its replay). A longer one is started again without a graph and
+replayed from checkpoints; the structure's next solves skip the first try
+until one fits again.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ..._pytree import leaves
 from ..._sensealg import CheckpointedAdjoint
 from ..._solution import Solution
 from .._protocol import SolveRequest
-from . import _engine
+from . import _engine, _engine_adjoint
 from ._replay import Plan, Recorder, Replayer, Schedule, make_plan, record
 from ._rk import AdaptiveRK, State, interpolate
 from ._solve import replace_leaves, solver_for
@@ -38,10 +43,17 @@ from ._solve import replace_leaves, solver_for
 # went from 1.2x torchdiffeq.odeint + backward to the cost of ReverseThroughSolver.
 KEEP_STEPS = 16
 
+# Per problem structure on the compiled engine (`_engine._key`): whether its last
+# solve needed more than KEEP_STEPS attempts (see `_one_pass`).
+_LONG: dict[tuple[Any, ...], bool] = {}
+
 
 def solve(req: SolveRequest) -> Solution:
     """A solve whose gradients come from `_Checkpointed`."""
     sensealg = cast("CheckpointedAdjoint", req.sensealg)
+    solved = _one_pass(req, sensealg)
+    if solved is not None:
+        return solved
     # The compiled engine records no graph in its forward pass: it replays.
     keep = (
         sensealg.checkpoints is None
@@ -54,7 +66,45 @@ def solve(req: SolveRequest) -> Solution:
     if keep:
         plan = _aliased(plan)
     u = _Checkpointed.apply((plan, keep), *inputs)
-    return plan.solution(u)
+    sol = plan.solution(u)
+    if (key := _one_pass_key(req, sensealg)) is not None:
+        attempts = sol.stats.get("naccept", 0) + sol.stats.get("nreject", 0)
+        _LONG[key] = attempts > KEEP_STEPS
+    return sol
+
+
+def _one_pass_key(
+    req: SolveRequest, sensealg: CheckpointedAdjoint
+) -> tuple[Any, ...] | None:
+    """The structure's key where the compiled engine's one pass may serve
+    (default checkpoints, an adaptive explicit alg on the engine), else None."""
+    if (
+        sensealg.checkpoints is not None
+        or req.fixed_step
+        or not _engine.enabled(req)
+        or not _engine.explicit(req)
+    ):
+        return None
+    if len(_LONG) > 1024:  # a new f per call: forget the oldest structures
+        _LONG.clear()
+    # (The key is by identity, and ignores the direction: a heuristic's.)
+    return (req.alg.name, *_engine._key(req, False))
+
+
+def _one_pass(req: SolveRequest, sensealg: CheckpointedAdjoint) -> Solution | None:
+    """The solve differentiated in one pass through its compiled blocks (as
+    ReverseThroughSolver), if it takes at most `KEEP_STEPS` attempts: the
+    gradient of the replay from the same steps, and at most the graph the
+    eager `_Keeper` keeps. None where it does not fit (or the structure's last
+    solve did not), records no graph, or the engine does not serve."""
+    key = _one_pass_key(req, sensealg)
+    if key is None or _LONG.get(key, False):
+        return None
+    try:
+        return _engine_adjoint.through(req, max_blocks=KEEP_STEPS // _engine.BLOCK)
+    except _engine.TooLongError:
+        _LONG[key] = True
+        return None
 
 
 def _aliased(plan: Plan) -> Plan:

@@ -432,6 +432,10 @@ class _FallbackError(Exception):
     """Compilation failed: run the reference path."""
 
 
+class TooLongError(Exception):
+    """The solve needed more blocks than the caller's ``max_blocks``."""
+
+
 def _call(entry: _Compiled, stats: dict[str, float], *args: Any) -> Any:
     """Call the compiled block, timing compilations into ``stats["compile_s"]``;
     on a compilation failure, warn once and raise `_FallbackError`."""
@@ -529,11 +533,15 @@ def _run_adaptive(
     backward: bool,
     recorder: Recorder | None,
     stats: dict[str, float],
+    max_blocks: int | None = None,
 ) -> Run:
-    """`AdaptiveRK.run` on compiled blocks: the same steps, saves and stops."""
+    """`AdaptiveRK.run` on compiled blocks: the same steps, saves and stops
+    (`TooLongError` past `max_blocks` blocks)."""
     entry = _entry("adaptive", req.alg.name, f, _key(req, backward))
     co = _coefficients(req.alg.name)
-    d = drive(req, entry, f, p, y0, du0, times, recorder, stats, co.order, True)
+    d = drive(
+        req, entry, f, p, y0, du0, times, recorder, stats, co.order, True, max_blocks
+    )
     stages = len(co.c) + 1
     return Run(
         d.u,
@@ -574,12 +582,14 @@ def drive(
     stats: dict[str, float],
     order: int,
     hand_dense: bool,
+    max_blocks: int | None = None,
 ) -> Driven:
     """The Python loop around compiled blocks of attempts (`attempts_block`),
     for any one-step method: the first step (`initial_step`, or ``dt0``), blocks
     until t1 or a stop, the saves read off the accepted steps' dense output as
     `AdaptiveRK.advance` reads them. With `hand_dense`, a recorder with
-    ``engine_steps`` gets the accepted steps' times and dense output."""
+    ``engine_steps`` gets the accepted steps' times and dense output. A solve
+    that needs more than `max_blocks` blocks raises `TooLongError`."""
     device = y0.device
 
     def scalar(x: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -609,6 +619,8 @@ def drive(
     which, naccept, attempt = 0, 0, 0
     status, t_reached, t_end = "success", None, save_times[0]
     while True:
+        if max_blocks is not None and len(blocks) >= max_blocks:
+            raise TooLongError
         out = _call(
             entry, stats, y, fy, t, dt, targets[which], rtol, atol, nsteps,
             max_steps, nonfinite, p,

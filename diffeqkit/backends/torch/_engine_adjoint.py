@@ -91,13 +91,17 @@ def _detach(x: Any) -> Any:
 # ---------------------------------------------------------------------------------
 
 
-def through(req: SolveRequest) -> Solution | None:
+def through(req: SolveRequest, max_blocks: int | None = None) -> Solution | None:
     """ReverseThroughSolver for an adaptive alg: the solve's own compiled blocks
     run under autograd (step sizes held fixed, as the reference driver holds
     them; a rejected or idle attempt is masked out of the gradient), instead
     of a solve without a graph then its steps replayed: one pass, not two.
-    None where compilation failed."""
+    None where compilation failed, and with `max_blocks` (CheckpointedAdjoint's
+    one pass, `_checkpoint.solve`) where autograd is not recording; the solve
+    raises `_engine.TooLongError` where it needs more blocks than that."""
     setup = prepare(req, graph=True)
+    if max_blocks is not None and not records_graph(setup):
+        return None
     p = tree_map(
         lambda x: x.view_as(x) if isinstance(x, torch.nn.Parameter) else x, setup.p
     )
@@ -110,8 +114,9 @@ def through(req: SolveRequest) -> Solution | None:
     stats: dict[str, float] = {"compile_s": 0.0}
     try:
         run = _engine._run_adaptive(
-            req, setup.f, p, y0, du0, setup.times, setup.backward, None, stats
-        )
+            req, setup.f, p, y0, du0, setup.times, setup.backward, None, stats,
+            max_blocks,
+        )  # fmt: skip
     except _engine._FallbackError:
         return None
     run = run._replace(compile_s=stats["compile_s"])
