@@ -25,7 +25,14 @@ pytestmark = pytest.mark.torch
 
 FIRST = {"u0": (1.0, 1.0), "p": (1.5, 1.0, 3.0, 1.0), "tspan": (0.0, 2.0)}
 OTHER = {"u0": (0.8, 1.3), "p": (1.2, 0.9, 2.5, 1.1), "tspan": (0.5, 3.0)}
-SAVES = {id(FIRST): [0.0, 0.5, 1.25, 2.0], id(OTHER): [0.5, 0.7, 3.0]}
+# Dense saves: several between two forward steps, so one backward block
+# crosses save times (their cotangents join the adjoint inside the block).
+DENSE = {"u0": (1.0, 1.2), "p": (1.5, 1.0, 3.0, 1.0), "tspan": (0.0, 2.0)}
+SAVES = {
+    id(FIRST): [0.0, 0.5, 1.25, 2.0],
+    id(OTHER): [0.5, 0.7, 3.0],
+    id(DENSE): [0.1 * k for k in range(21)],
+}
 
 
 def lotka_volterra(u, p, t):
@@ -79,7 +86,7 @@ def close(a, b, rel=1e-10):
 )
 def test_gradients_equal_eager_and_never_recompile(sensealg, kind):
     before = dict(_engine.TRACES)
-    for case in (FIRST, OTHER):
+    for case in (FIRST, OTHER, DENSE):
         want = gradient("eager", sensealg, case)
         record = dict(_interpolating.LAST_BACKWARD)
         got = gradient("compiled", sensealg, case)

@@ -250,10 +250,16 @@ def _norm(bounds: tuple[int, ...] | None) -> Callable[[torch.Tensor], torch.Tens
 
 
 def _backward_block(
-    co: _Coefficients, f: Callable[..., Any], bounds: tuple[int, ...] | None
+    co: _Coefficients,
+    f: Callable[..., Any],
+    bounds: tuple[int, ...] | None,
+    jumping: bool,
 ) -> Callable[..., Any]:
     """`BLOCK` attempts of `AdaptiveRK._step` towards ``end``, landing on the
-    window ``landings`` (the next `BLOCK` landing times, the last repeated)."""
+    window ``landings`` (the next `BLOCK` landing times, the last repeated).
+    With `jumping`, a step that lands on ``landings[k]`` adds ``jumps[k]`` to
+    the state (a save time's cotangent) and evaluates f there afresh, as the
+    eager adjoint starts a new interval: one block runs across save times."""
     exponent = 1.0 / co.order
     e = co.e
     if e is None:  # pragma: no cover - adaptive algs have error weights
@@ -267,6 +273,7 @@ def _backward_block(
         t: torch.Tensor,
         dt: torch.Tensor,
         landings: torch.Tensor,
+        jumps: torch.Tensor,
         end: torch.Tensor,
         rtol: torch.Tensor,
         atol: torch.Tensor,
@@ -280,8 +287,9 @@ def _backward_block(
         landed = torch.zeros_like(nsteps)
         accepted, ends = [], []
         for _ in range(size):
-            target = _pick(landings, landed.clamp(max=size - 1))
-            status, active, nsteps, t1, h, land = _engine._begin(
+            k = landed.clamp(max=size - 1)
+            target = _pick(landings, k)
+            status, active, nsteps, t1, h, _ = _engine._begin(
                 status, t, dt, target, nsteps, max_steps, nonfinite
             )
             y1, f1, ks = _fsal_step(co, f, p, y, fy, t, h, t1)
@@ -289,14 +297,19 @@ def _backward_block(
             ok, finite, factor = _engine._judge(
                 y, y1, error, rtol, atol, active, exponent, norm
             )
+            # (A step that ends on the target exactly lands too.)
+            reach = ok & (t1 == target)
             accepted.append(ok)
             ends.append(t1)
-            landed = landed + (ok & land).to(landed.dtype)
             nonfinite = torch.where(active, ~finite, nonfinite)
             y = torch.where(ok, y1, y)
             fy = torch.where(ok, f1, fy)
             t = torch.where(ok, t1, t)
             dt = torch.where(active, h * factor, dt)
+            if jumping:
+                y = torch.where(reach, y + _pick(jumps, k), y)
+                fy = torch.where(reach, f(y, p, t), fy)
+            landed = landed + reach.to(landed.dtype)
             status = torch.where(ok & (t >= end), _DONE, status)
         return (
             y,
@@ -341,12 +354,13 @@ class _Backward:
         dynamics: Callable[..., Any],
         bounds: tuple[int, ...] | None,
         stop: Callable[[str, float, int], Exception],
+        jumping: bool = False,
     ) -> None:
         alg = req.alg.name
         self.co = _coefficients(alg)
         self.block = _entry(
-            "adjoint", alg, (*key, bounds),
-            lambda: _backward_block(self.co, dynamics, bounds),
+            "adjoint", alg, (*key, bounds, jumping),
+            lambda: _backward_block(self.co, dynamics, bounds, jumping),
         )  # fmt: skip
         self.rhs = _entry("adjoint_rhs", alg, key, lambda: _rhs_block(dynamics))
         self.norm = _norm(bounds)
@@ -372,11 +386,13 @@ class _Backward:
         atol: torch.Tensor,
         dt: torch.Tensor | None,
         window: Callable[[torch.Tensor], Any] | None = None,
+        jumps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """From `z` at time `start` to ``landings[-1]``, landing on each of
         `landings` (increasing, all after `start`); the first step `dt`, or
         the first-step rule's for None. `window(t)` gives the part of p that
-        depends on where the block starts. Returns ``(z at the end, the next
+        depends on where the block starts. `jumps` (a jumping solver's): per
+        landing, what its step adds to z. Returns ``(z at the end, the next
         step size)``."""
         device = z.device
         t = torch.tensor(start, dtype=torch.float64, device=device)
@@ -398,17 +414,23 @@ class _Backward:
         stages = len(self.co.c) + 1
         size = _engine.BLOCK
         at = 0  # landings reached
+        last = len(landings) - 1
         while True:
             ahead = list(landings[at : at + size])
             ahead += [ahead[-1]] * (size - len(ahead))
             window_now = torch.tensor(ahead, dtype=torch.float64, device=device)
+            if jumps is None:
+                jumps_now = z.new_zeros(size, 1)
+            else:
+                index = torch.arange(at, at + size, device=device).clamp(max=last)
+                jumps_now = jumps[index]
             full = p if window is None else (*p, window(t))
             out = _engine._call(
-                self.block, self.stats, z, fz, t, dt, window_now, end, rtol, atol,
-                nsteps, max_steps, nonfinite, full,
+                self.block, self.stats, z, fz, t, dt, window_now, jumps_now, end,
+                rtol, atol, nsteps, max_steps, nonfinite, full,
             )  # fmt: skip
             z, fz, t, dt, nsteps, nonfinite, code, landed, acc, t1s = out
-            at = min(at + int(landed), len(landings) - 1)
+            at = min(at + int(landed), last)
             for ok, t1 in zip(acc.tolist(), t1s.tolist(), strict=True):
                 if ok:
                     self.naccept += 1
@@ -575,20 +597,25 @@ def interpolating(
     landings = sorted({-s for s in forward_ends} | {-s for s in times})
     cot = grad_u.reshape(grad_u.shape[0], -1).to(dtype)
     z = torch.cat([cot[-1], cot.new_zeros(sum(sizes))])
+    # One backward solve from t1 to t0 across the save times (integration times
+    # are strictly increasing: `build_request`): at each earlier save time its
+    # cotangent joins the adjoint, inside the compiled blocks.
+    landings = landings[bisect.bisect_right(landings, -times[-1]) :]
+    jumps = z.new_zeros(len(landings), z.numel())
+    for i in range(len(times) - 1):
+        jumps[bisect.bisect_left(landings, -times[i]), :n] = cot[i]
     tol = _tolerances(z, rtol, atol)
     p = (fixed, params)
     try:
-        solver = _Backward(req, key, dynamics, None, stop)
-        dt = None
-        with torch.no_grad():
-            for i in range(len(times) - 1, 0, -1):
-                start, end = -times[i], -times[i - 1]
-                lo_i = bisect.bisect_right(landings, start)
-                hi_i = bisect.bisect_right(landings, end)
-                z, dt = solver.integrate(
-                    z, p, start, landings[lo_i:hi_i], *tol, dt, window
+        solver = _Backward(req, key, dynamics, None, stop, jumping=True)
+        if landings:
+            with torch.no_grad():
+                z, _ = solver.integrate(
+                    z, p, -times[-1], landings, *tol, None, window, jumps
                 )
-                z = torch.cat([z[:n] + cot[i - 1], z[n:]])
+            # Each save time before t0 began a new interval of the eager
+            # adjoint with an evaluation of f, here a fresh one in the block.
+            solver.nfev += len(times) - 2
     except _engine._FallbackError:
         return None
     counts = {
