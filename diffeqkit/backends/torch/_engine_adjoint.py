@@ -31,7 +31,7 @@ import bisect
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -253,13 +253,15 @@ def _backward_block(
     co: _Coefficients,
     f: Callable[..., Any],
     bounds: tuple[int, ...] | None,
-    jumping: bool,
+    restart: bool,
 ) -> Callable[..., Any]:
     """`BLOCK` attempts of `AdaptiveRK._step` towards ``end``, landing on the
     window ``landings`` (the next `BLOCK` landing times, the last repeated).
-    With `jumping`, a step that lands on ``landings[k]`` adds ``jumps[k]`` to
-    the state (a save time's cotangent) and evaluates f there afresh, as the
-    eager adjoint starts a new interval: one block runs across save times."""
+    A step that lands on ``landings[k]`` jumps to ``keep * z + jumps[k]`` (a
+    save time's cotangent joins the adjoint) and evaluates f there afresh, as
+    the eager adjoint starts a new interval there: one block runs across save
+    times. With `restart`, the step size after a jump is the first-step rule's,
+    as a new interval of the eager backsolve takes it."""
     exponent = 1.0 / co.order
     e = co.e
     if e is None:  # pragma: no cover - adaptive algs have error weights
@@ -274,6 +276,7 @@ def _backward_block(
         dt: torch.Tensor,
         landings: torch.Tensor,
         jumps: torch.Tensor,
+        keep: torch.Tensor,
         end: torch.Tensor,
         rtol: torch.Tensor,
         atol: torch.Tensor,
@@ -306,9 +309,15 @@ def _backward_block(
             fy = torch.where(ok, f1, fy)
             t = torch.where(ok, t1, t)
             dt = torch.where(active, h * factor, dt)
-            if jumping:
-                y = torch.where(reach, y + _pick(jumps, k), y)
-                fy = torch.where(reach, f(y, p, t), fy)
+            y = torch.where(reach, keep * y + _pick(jumps, k), y)
+            fy = torch.where(reach, f(y, p, t), fy)
+            if restart:
+
+                def probe(tt: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+                    return f(yy, p, tt)
+
+                fresh = initial_step(probe, t, y, fy, co.order - 1, rtol, atol, norm)
+                dt = torch.where(reach, fresh.to(dt.dtype), dt)
             landed = landed + reach.to(landed.dtype)
             status = torch.where(ok & (t >= end), _DONE, status)
         return (
@@ -354,13 +363,13 @@ class _Backward:
         dynamics: Callable[..., Any],
         bounds: tuple[int, ...] | None,
         stop: Callable[[str, float, int], Exception],
-        jumping: bool = False,
+        restart: bool,
     ) -> None:
         alg = req.alg.name
         self.co = _coefficients(alg)
         self.block = _entry(
-            "adjoint", alg, (*key, bounds, jumping),
-            lambda: _backward_block(self.co, dynamics, bounds, jumping),
+            "adjoint", alg, (*key, bounds, restart),
+            lambda: _backward_block(self.co, dynamics, bounds, restart),
         )  # fmt: skip
         self.rhs = _entry("adjoint_rhs", alg, key, lambda: _rhs_block(dynamics))
         self.norm = _norm(bounds)
@@ -384,29 +393,29 @@ class _Backward:
         landings: Sequence[float],
         rtol: torch.Tensor,
         atol: torch.Tensor,
-        dt: torch.Tensor | None,
+        jumps: torch.Tensor,
+        keep: torch.Tensor,
         window: Callable[[torch.Tensor], Any] | None = None,
-        jumps: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """From `z` at time `start` to ``landings[-1]``, landing on each of
-        `landings` (increasing, all after `start`); the first step `dt`, or
-        the first-step rule's for None. `window(t)` gives the part of p that
-        depends on where the block starts. `jumps` (a jumping solver's): per
-        landing, what its step adds to z. Returns ``(z at the end, the next
-        step size)``."""
+        `landings` (increasing, all after `start`) and jumping there to
+        ``keep * z + jumps[k]`` (`_backward_block`); the first step the
+        first-step rule's. `window(t)` gives the part of p that depends on
+        where the block starts. Returns z at the end. (The f calls after a
+        jump are not counted here: the caller knows which were new intervals
+        of the eager adjoint.)"""
         device = z.device
         t = torch.tensor(start, dtype=torch.float64, device=device)
         end = torch.tensor(landings[-1], dtype=torch.float64, device=device)
         full = p if window is None else (*p, window(t))
         fz = self.evaluate(z, full, t)
-        if dt is None:
 
-            def probe(tt: torch.Tensor, zz: torch.Tensor) -> torch.Tensor:
-                at = p if window is None else (*p, window(tt))
-                return self.evaluate(zz, at, tt)
+        def probe(tt: torch.Tensor, zz: torch.Tensor) -> torch.Tensor:
+            at = p if window is None else (*p, window(tt))
+            return self.evaluate(zz, at, tt)
 
-            order = self.co.order - 1
-            dt = initial_step(probe, t, z, fz, order, rtol, atol, self.norm)
+        order = self.co.order - 1
+        dt = initial_step(probe, t, z, fz, order, rtol, atol, self.norm)
         dt = dt.to(torch.float64)
         nsteps = torch.zeros((), dtype=torch.int64, device=device)
         max_steps = torch.tensor(self.max_steps, dtype=torch.int64, device=device)
@@ -419,15 +428,11 @@ class _Backward:
             ahead = list(landings[at : at + size])
             ahead += [ahead[-1]] * (size - len(ahead))
             window_now = torch.tensor(ahead, dtype=torch.float64, device=device)
-            if jumps is None:
-                jumps_now = z.new_zeros(size, 1)
-            else:
-                index = torch.arange(at, at + size, device=device).clamp(max=last)
-                jumps_now = jumps[index]
+            index = torch.arange(at, at + size, device=device).clamp(max=last)
             full = p if window is None else (*p, window(t))
             out = _engine._call(
-                self.block, self.stats, z, fz, t, dt, window_now, jumps_now, end,
-                rtol, atol, nsteps, max_steps, nonfinite, full,
+                self.block, self.stats, z, fz, t, dt, window_now, jumps[index], keep,
+                end, rtol, atol, nsteps, max_steps, nonfinite, full,
             )  # fmt: skip
             z, fz, t, dt, nsteps, nonfinite, code, landed, acc, t1s = out
             at = min(at + int(landed), last)
@@ -444,7 +449,7 @@ class _Backward:
                 raise self.stop(_STATUS[code_value], float(t), int(nsteps))
         self.nfev += stages * int(nsteps)
         self.nsteps += int(nsteps)
-        return z, cast("torch.Tensor", dt)
+        return z
 
 
 def _tolerances(z: torch.Tensor, rtol: Any, atol: Any) -> tuple[Any, Any]:
@@ -496,27 +501,28 @@ def backsolve(
         return -torch.cat([x.reshape(-1).to(z.dtype) for x in parts])
 
     key = _key(req, setup.backward, template, "backsolve", at)
+    times = setup.times.tolist()
+    rows = run.u.reshape(run.u.shape[0], -1)
+    cot = grad_u.reshape(grad_u.shape[0], -1).to(rows.dtype)
+    z = torch.cat([rows.new_zeros(1), rows[-1], cot[-1], rows.new_zeros(sum(sizes))])
+    # One backward solve from t1 to t0 (see `interpolating`): at each earlier
+    # save time the state restarts from the forward one and its cotangent
+    # joins the adjoint; the step size restarts too, as each interval of the
+    # eager backsolve starts with the first-step rule.
+    keep = torch.ones_like(z)
+    keep[1 : 1 + n] = 0
+    jumps = z.new_zeros(len(times) - 1, z.numel())
+    for k, i in enumerate(range(len(times) - 2, -1, -1)):
+        jumps[k, 1 : 1 + n] = rows[i]
+        jumps[k, 1 + n : 1 + 2 * n] = cot[i]
+    landings = [-t for t in reversed(times[:-1])]
+    tol = _tolerances(z, rtol, atol)
+    p = (fixed, params)
     try:
-        solver = _Backward(req, key, dynamics, tuple(bounds), stop)
-        times = setup.times.tolist()
-        rows = run.u.reshape(run.u.shape[0], -1)
-        cot = grad_u.reshape(grad_u.shape[0], -1).to(rows.dtype)
-        z = torch.cat(
-            [rows.new_zeros(1), rows[-1], cot[-1], rows.new_zeros(sum(sizes))]
-        )
-        tol = _tolerances(z, rtol, atol)
-        p = (fixed, params)
-        with torch.no_grad():
-            for i in range(len(times) - 1, 0, -1):
-                z, _ = solver.integrate(z, p, -times[i], [-times[i - 1]], *tol, None)
-                z = torch.cat(
-                    [
-                        z[:1],
-                        rows[i - 1],
-                        z[1 + n : 1 + 2 * n] + cot[i - 1],
-                        z[1 + 2 * n :],
-                    ]
-                )
+        solver = _Backward(req, key, dynamics, tuple(bounds), stop, restart=True)
+        if landings:
+            with torch.no_grad():
+                z = solver.integrate(z, p, -times[-1], landings, *tol, jumps, keep)
     except _engine._FallbackError:
         return None
     du0 = z[1 + n : 1 + 2 * n].reshape(shape)
@@ -607,14 +613,15 @@ def interpolating(
     tol = _tolerances(z, rtol, atol)
     p = (fixed, params)
     try:
-        solver = _Backward(req, key, dynamics, None, stop, jumping=True)
+        solver = _Backward(req, key, dynamics, None, stop, restart=False)
         if landings:
             with torch.no_grad():
-                z, _ = solver.integrate(
-                    z, p, -times[-1], landings, *tol, None, window, jumps
-                )
+                z = solver.integrate(
+                    z, p, -times[-1], landings, *tol, jumps, torch.ones_like(z),
+                    window,
+                )  # fmt: skip
             # Each save time before t0 began a new interval of the eager
-            # adjoint with an evaluation of f, here a fresh one in the block.
+            # adjoint, with a call to f (in the block, after the jump).
             solver.nfev += len(times) - 2
     except _engine._FallbackError:
         return None

@@ -368,19 +368,20 @@ def initial_step(
 ) -> torch.Tensor:
     """The first step size of Hairer, Norsett & Wanner (Solving ODEs I, II.4):
     from the sizes of ``y0``, ``f0`` and a difference quotient of ``f`` after one
-    Euler step, for a method of local error order ``order + 1``."""
+    Euler step, for a method of local error order ``order + 1``. Branch-free
+    (no host sync; compiled blocks call it too)."""
     scale = atol + torch.abs(y0) * rtol
     d0 = norm(y0 / scale).abs()
     d1 = norm(f0 / scale).abs()
     small = torch.tensor(1e-6, dtype=y0.dtype, device=y0.device)
-    h0 = small if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    h0 = h0.abs()
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), small, 0.01 * d0 / d1).abs()
     f1 = func(t0 + h0, y0 + h0 * f0)
     d2 = torch.abs(norm((f1 - f0) / scale) / h0)
-    if d1 <= 1e-15 and d2 <= 1e-15:
-        h1 = torch.max(small, h0 * 1e-3)
-    else:
-        h1 = (0.01 / torch.max(d1, d2)) ** (1.0 / float(order + 1))
+    h1 = torch.where(
+        (d1 <= 1e-15) & (d2 <= 1e-15),
+        torch.max(small, h0 * 1e-3),
+        (0.01 / torch.max(d1, d2)) ** (1.0 / float(order + 1)),
+    )
     return torch.min(100 * h0, h1.abs()).to(t0.dtype)
 
 
