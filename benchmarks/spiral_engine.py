@@ -5,8 +5,10 @@ neural ODE of issue 15: MLP 2 -> 50 -> 2 on u**3, 252 parameters as a dict of
 tensors, dopri5, rtol 1e-7, atol 1e-9, 30 saves, float64, MSE loss) against
 ``torchdiffeq.odeint`` + backward, with each sensealg on the engine, and
 ReverseThroughSolver also by its former path (the solve under ``no_grad``, then
-its steps replayed under autograd) for comparison. Interleaved rounds, one
-torch thread, medians, ratios to odeint; first calls (compilation) apart.
+its steps replayed under autograd) for comparison, and
+``torchdiffeq.odeint_adjoint`` (the reference for the two adjoints' rows).
+Interleaved rounds, one torch thread, medians, ratios to odeint; first calls
+(compilation) apart.
 
 Run: python benchmarks/spiral_engine.py [--quick]
 Writes benchmarks/results/spiral_engine.md.
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 import torch_engine as te
+import torchdiffeq
 from overhead import interleaved  # this directory is on sys.path when run
 from torch_engine import spiral_group, with_engine
 
@@ -36,6 +39,32 @@ OUT = Path(__file__).parent / "results" / "spiral_engine.md"
 def variants() -> dict[str, Any]:
     out = {"odeint + backward": spiral_group()["odeint + backward"]}
     data = te.spiral_data()
+
+    def adjoint_trainer() -> Any:
+        """torchdiffeq's own continuous adjoint: the reference for dk's
+        ContinuousAdjoint and InterpolatingAdjoint rows."""
+        p = te.spiral_params()
+        opt = torch.optim.Adam(list(p.values()), lr=1e-3)
+
+        def step() -> float:
+            opt.zero_grad()
+            u = torchdiffeq.odeint_adjoint(
+                lambda t, u: te.mlp(u, p, t),
+                te.SPIRAL_U0,
+                te.SPIRAL_TS,
+                method="dopri5",
+                options={"step_t": te.SPIRAL_TS[-1:]},
+                adjoint_params=tuple(p.values()),
+                **te.SPIRAL_TOL,
+            )
+            loss = ((u - data) ** 2).mean()
+            loss.backward()
+            opt.step()
+            return float(loss)
+
+        return step
+
+    out["odeint_adjoint + backward"] = adjoint_trainer()
 
     def trainer(sensealg: Any, replay: bool = False) -> Any:
         p = te.spiral_params()

@@ -258,5 +258,12 @@ def traced_inputs(
     else:
         ts = np.asarray(req.saveat, dtype=dtype)
     dt0 = 0.0 if req.dt0 is None else req.dt0
-    scalars = (req.t0, req.t1, req.rtol, req.atol, dt0)
+    values = (req.t0, req.t1, req.rtol, req.atol, dt0)
+    # One array, as the eager path passes them: five separate Python floats
+    # reach XLA as separate constants, and a solve with events then ran 1.5x
+    # the plain one on XLA's CPU scheduler (1.05x with one array).
+    if any(isinstance(x, jax.Array) for x in values):
+        scalars: Any = jnp.stack([jnp.asarray(x, dtype) for x in values])
+    else:
+        scalars = np.array(values, dtype=dtype)
     return (u0, inputs, scalars, ts, grid), params
