@@ -281,6 +281,29 @@ def _judge(
     return active & (ratio <= 1), finite, factor
 
 
+def _commit(
+    active: torch.Tensor,
+    ok: torch.Tensor,
+    finite: torch.Tensor,
+    factor: torch.Tensor,
+    h: torch.Tensor,
+    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    old: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, ...]:
+    """The end of a masked attempt: ``(y, f(y), t)`` move to `new` where it was
+    accepted, the next step is ``h * factor`` where it was active, and a
+    non-finite verdict is kept. Returns ``(y, fy, t, dt, nonfinite)``."""
+    y1, f1, t1 = new
+    y, fy, t, dt, nonfinite = old
+    return (
+        torch.where(ok, y1, y),
+        torch.where(ok, f1, fy),
+        torch.where(ok, t1, t),
+        torch.where(active, h * factor, dt),
+        torch.where(active, ~finite, nonfinite),
+    )
+
+
 def attempts_block(
     kind: str,
     exponent: float,
@@ -321,11 +344,9 @@ def attempts_block(
             sizes.append(h)
             accepted.append(ok)
             dense.append(coeffs)
-            nonfinite = torch.where(active, ~finite, nonfinite)
-            y = torch.where(ok, y1, y)
-            fy = torch.where(ok, f1, fy)
-            t = torch.where(ok, t1, t)
-            dt = torch.where(active, h * factor, dt)
+            y, fy, t, dt, nonfinite = _commit(
+                active, ok, finite, factor, h, (y1, f1, t1), (y, fy, t, dt, nonfinite)
+            )
             status = torch.where(ok & (t >= target), _DONE, status)
         return (
             y,
@@ -542,17 +563,7 @@ def _run_adaptive(
     d = drive(
         req, entry, f, p, y0, du0, times, recorder, stats, co.order, True, max_blocks
     )
-    stages = len(co.c) + 1
-    return Run(
-        d.u,
-        d.status,
-        d.t_reached,
-        d.naccept,
-        d.total - d.naccept,
-        d.nfev + stages * d.total,
-        d.saved,
-        d.t_end,
-    )
+    return d.run(len(co.c) + 1)
 
 
 class Driven(NamedTuple):
@@ -568,6 +579,21 @@ class Driven(NamedTuple):
     nfev: int
     saved: int
     t_end: float
+
+    def run(self, calls: int, *implicit: int) -> Run:
+        """The `Run`, with `calls` evaluations of f per attempt; `implicit`:
+        its njev and nlu."""
+        return Run(
+            self.u,
+            self.status,
+            self.t_reached,
+            self.naccept,
+            self.total - self.naccept,
+            self.nfev + calls * self.total,
+            self.saved,
+            self.t_end,
+            *implicit,
+        )
 
 
 def drive(

@@ -309,11 +309,9 @@ def _backward_block(
             reach = ok & (t1 == target)
             accepted.append(ok)
             ends.append(t1)
-            nonfinite = torch.where(active, ~finite, nonfinite)
-            y = torch.where(ok, y1, y)
-            fy = torch.where(ok, f1, fy)
-            t = torch.where(ok, t1, t)
-            dt = torch.where(active, h * factor, dt)
+            y, fy, t, dt, nonfinite = _engine._commit(
+                active, ok, finite, factor, h, (y1, f1, t1), (y, fy, t, dt, nonfinite)
+            )
             y = torch.where(reach, keep * y + _pick(jumps, k), y)
             fy = torch.where(reach, f(y, p, t), fy)
             if restart:

@@ -173,18 +173,7 @@ def _run(
     entry = _entry(_ADAPTIVE, alg, f, jac, _engine._key(req, backward))
     order = IMPLICIT_SOLVERS[alg].order
     d = _engine.drive(req, entry, f, p, y0, du0, times, recorder, stats, order, False)
-    return Run(
-        d.u,
-        d.status,
-        d.t_reached,
-        d.naccept,
-        d.total - d.naccept,
-        d.nfev + _calls_per_step(alg) * d.total,
-        d.saved,
-        d.t_end,
-        d.total,
-        d.total,
-    )
+    return d.run(_calls_per_step(alg), d.total, d.total)
 
 
 def replay(
